@@ -1,0 +1,95 @@
+"""The embedded SFM: a small SEEM-like promptable segmenter that runs on a 2-core CPU.
+
+Assembled from one component a file under ``modeling/``; pretrained by ``ssprompt pretrain``;
+weights shipped in ``weights/embedded_sfm.safetensors`` and loaded with safetensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from .base import Features, Outputs, freeze
+from .modeling.image_encoder import ImageEncoder
+from .modeling.mask_decoder import MaskDecoder
+from .modeling.prompt_encoder import PointEncoder
+from .modeling.text_encoder import TextEncoder
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "embedded_sfm.safetensors"
+
+
+class EmbeddedSFM(nn.Module):
+    def __init__(self, embed_dim: int = 128, mask_dim: int = 64, layers: int = 3,
+                 image_size: int = 96):
+        super().__init__()
+        self.config = {"embed_dim": embed_dim, "mask_dim": mask_dim, "layers": layers,
+                       "image_size": image_size}
+        self.embed_dim, self.image_size = embed_dim, image_size
+        self.image_encoder = ImageEncoder(embed_dim, mask_dim)
+        self.point_encoder = PointEncoder(embed_dim, self.image_encoder.pos)
+        self.text_encoder = TextEncoder(embed_dim)
+        self.decoder = MaskDecoder(embed_dim, mask_dim, layers)
+        self._hash = "untrained"
+
+    # -- the backend seam ------------------------------------------------------------------
+    def encode_image(self, images: Tensor) -> Features:
+        return Features(self.image_encoder(images))
+
+    def encode_points(self, points: Tensor) -> Tensor:
+        return self.point_encoder(points)
+
+    def encode_texts(self, names: list[str]) -> Tensor:
+        return self.text_encoder(names)
+
+    def decode(self, feats: Features, spatial: Tensor, semantic: Tensor | None) -> Outputs:
+        t = feats.tensors
+        h = w = int(round(t["tokens"].shape[1] ** 0.5))
+        preds = self.decoder(t["tokens"], t["pos"], t["mask_features"], spatial, semantic,
+                             (h, w))
+        return Outputs(preds[-1][0], preds[-1][1], aux=preds[:-1])
+
+    def weights_hash(self) -> str:
+        return self._hash
+
+    # -- weights ---------------------------------------------------------------------------
+    def save(self, path: str | Path) -> str:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tmp = path.with_suffix(".tmp")
+        save_file(state, str(tmp), metadata={"config": json.dumps(self.config)})
+        tmp.replace(path)
+        return file_hash(path)
+
+
+def file_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def load_embedded(path: str | Path | None = None, device: str = "cpu") -> EmbeddedSFM:
+    """Load the frozen embedded SFM from a safetensors file (default: the committed weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    if not path.exists():
+        raise UserError(f"{path}: SFM weights file not found (run `ssprompt pretrain` or pass "
+                        "--weights)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        config = json.loads(meta.get("config", "{}"))
+        model = EmbeddedSFM(**config)
+        model.load_state_dict(state)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        msg = str(e).splitlines()[0][:160]
+        raise UserError(f"{path}: corrupt or incompatible SFM weights ({msg})") from None
+    model._hash = file_hash(path)
+    return freeze(model.to(device))
