@@ -1,12 +1,47 @@
-"""The ``ssprompt`` command line: pretrain, eval, train, study, bench."""
+"""The ``ssprompt`` command line: pretrain, eval, train, study, bench.
+
+Every command writes its results as files next to the run; bad input ends in one line on
+stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import sys
 from pathlib import Path
 
 from .errors import UserError
+
+
+def _table(rows: list[tuple[str, dict]]) -> str:
+    out = [f"{'':24s} {'mIoU':>7s} {'AP50':>7s} {'PQ':>7s}"]
+    for name, m in rows:
+        cells = [f"{m[k]:7.2f}" if isinstance(m.get(k), (int, float)) else f"{'n/a':>7s}"
+                 for k in ("mIoU", "AP50", "PQ")]
+        out.append(f"{name:24s} " + " ".join(cells))
+    return "\n".join(out)
+
+
+def _add_sfm_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--sfm", default="embedded", help="backend: embedded (default) or sam")
+    s.add_argument("--checkpoint", default=None,
+                   help="embedded: weights .safetensors (default: the committed weights); "
+                        "sam: a local transformers SamModel directory")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def _workspace(a: argparse.Namespace):
+    import torch
+
+    from .experiment import Workspace
+    from .features import FeatureCache
+    from .sfm import load_sfm
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    sfm = load_sfm(a.sfm, a.checkpoint, a.device)
+    return Workspace(sfm, FeatureCache(getattr(a, "cache_dir", None)))
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> None:
@@ -17,8 +52,88 @@ def _cmd_pretrain(a: argparse.Namespace) -> None:
     print(info)
 
 
+def _cmd_eval(a: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+    from .io import write_json
+    from .prompts.promptset import load_prompts
+    from .prompts.semantic import default_semantic
+    from .prompts.spatial import default_spatial
+
+    ws = _workspace(a)
+    test = ws.dataset(a.data or a.task, "test", n_test=a.n_test)
+    if a.prompts:
+        spatial, semantic, meta = load_prompts(a.prompts)
+        if meta.get("sfm") and meta["sfm"] != ws.sfm.weights_hash():
+            raise UserError(f"{a.prompts}: learned for SFM weights {meta['sfm']}, but this SFM "
+                            f"is {ws.sfm.weights_hash()}")
+        if semantic is not None and semantic.shape[0] != len(test.class_names):
+            raise UserError(f"{a.prompts}: has {semantic.shape[0]} class prompts but "
+                            f"{a.data or a.task} has {len(test.class_names)} classes")
+        name = Path(a.prompts).parent.name or "prompts"
+    else:
+        spatial = default_spatial(ws.sfm, a.n_prompts)
+        has_text = ws.sfm.encode_texts(test.class_names[:1]) is not None
+        semantic = default_semantic(ws.sfm, test.class_names) if has_text else None
+        meta, name = {}, "zero-shot"
+    dev = next(ws.sfm.parameters()).device
+    metrics = evaluate(ws.sfm, spatial.to(dev), None if semantic is None else semantic.to(dev),
+                       test, ws.cache)
+    print(f"task {a.data or a.task}, {len(test)} test images, SFM {ws.sfm.weights_hash()}")
+    print(_table([(name, metrics)]))
+    out = {**metrics, "task": a.data or a.task, "n_test": len(test),
+           "sfm": ws.sfm.weights_hash(), "prompts": a.prompts, "prompt_meta": meta}
+    if a.out:
+        write_json(Path(a.out) / "metrics.json", out)
+        print(f"wrote {Path(a.out) / 'metrics.json'}")
+
+
+def _cmd_train(a: argparse.Namespace) -> None:
+    from .experiment import CellSpec, run_cell
+    from .io import write_json, write_text
+    from .prompts.promptset import PromptConfig, save_prompts
+    from .train import TrainConfig
+
+    ws = _workspace(a)
+    spec = CellSpec(task=a.data or a.task,
+                    prompt=PromptConfig(a.mode, a.learners, a.n_prompts, a.init, a.weight),
+                    train=TrainConfig(steps=a.steps, lr=a.lr, batch=a.batch, seed=a.seed),
+                    shots=a.shots, seed=a.seed, n_test=a.n_test)
+    result, prompts, log = run_cell(ws, spec, progress=True)
+    out = Path(a.out)
+    meta = {"config": spec.as_dict(), "seed": a.seed, "sfm": ws.sfm.weights_hash(),
+            "metrics": {k: result[k] for k in ("mIoU", "AP50", "PQ")}}
+    save_prompts(out / "prompts.safetensors", prompts, meta)
+    if log:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(log[0]))
+        w.writeheader()
+        w.writerows(log)
+        write_text(out / "loss.csv", buf.getvalue())
+    write_json(out / "config.json", meta)
+    write_json(out / "metrics.json", result)
+    print(_table([(a.mode, result)]))
+    print(f"trained {result['trained_params']} prompt parameters in {result['wall_s']} s; "
+          f"wrote {out}/prompts.safetensors, metrics.json")
+
+
+def _cmd_study(a: argparse.Namespace) -> None:
+    from .study import run_study
+
+    run_study(a.config, a.out, quick=a.quick, force=a.force, sfm=a.sfm,
+              checkpoint=a.checkpoint, device=a.device)
+
+
+def _cmd_bench(a: argparse.Namespace) -> None:
+    try:
+        from bench.__main__ import main as bench_main
+    except ImportError:
+        raise UserError("bench: run from the repository root (python -m bench)") from None
+    bench_main([] if not a.quick else ["--quick"])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ssprompt", description=__doc__)
+    p = argparse.ArgumentParser(prog="ssprompt", description="Spatial-semantic prompt learning "
+                                "for frozen segmentation foundation models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("pretrain", help="pretrain the embedded SFM on the source corpus")
@@ -30,6 +145,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pool", type=int, default=6000, help="source scenes composed up front")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_pretrain)
+
+    s = sub.add_parser("eval", help="evaluate the frozen SFM (zero-shot or with a prompts file)")
+    s.add_argument("--task", default="shift", help="source | shift | novel | stuff")
+    s.add_argument("--data", default=None, help="coco:PATH instead of a named task")
+    s.add_argument("--prompts", default=None, help="a prompts.safetensors from `ssprompt train`")
+    s.add_argument("--n-prompts", type=int, default=100)
+    s.add_argument("--n-test", type=int, default=None, help="first N test images (default all)")
+    s.add_argument("--out", default=None, help="folder for metrics.json")
+    _add_sfm_args(s)
+    s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("train", help="learn prompts few-shot on a task, then evaluate")
+    s.add_argument("--task", default="shift")
+    s.add_argument("--data", default=None, help="coco:PATH instead of a named task")
+    s.add_argument("--mode", default="weighted", help="default | average | weighted | "
+                   "learned_only | prompt_engineering | vanilla_2d")
+    s.add_argument("--learners", default="spatial,semantic")
+    s.add_argument("--n-prompts", type=int, default=100)
+    s.add_argument("--init", default="random", help="random | default (z_learned start)")
+    s.add_argument("--weight", default="prompt", help="prompt | dim (fusion weight shape)")
+    s.add_argument("--shots", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=150)
+    s.add_argument("--lr", type=float, default=5e-3)
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--n-test", type=int, default=None)
+    s.add_argument("--out", required=True)
+    _add_sfm_args(s)
+    s.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("study", help="the whole ablation study (variants x tasks x seeds)")
+    s.add_argument("--config", default=None, help="YAML (default: configs/default.yaml)")
+    s.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    s.add_argument("--quick", action="store_true", help="configs/quick.yaml: a fast smoke run")
+    s.add_argument("--force", action="store_true",
+                   help="reuse a run folder whose config differs (finished cells are dropped)")
+    _add_sfm_args(s)
+    s.set_defaults(fn=_cmd_study)
+
+    s = sub.add_parser("bench", help="speed / memory benchmark (writes bench/results.json)")
+    s.add_argument("--quick", action="store_true")
+    s.set_defaults(fn=_cmd_bench)
     return p
 
 
@@ -40,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"ssprompt: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ssprompt: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

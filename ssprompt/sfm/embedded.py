@@ -62,7 +62,7 @@ class EmbeddedSFM(nn.Module):
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().clone().contiguous() for k, v in self.state_dict().items()}
         tmp = path.with_suffix(".tmp")
         save_file(state, str(tmp), metadata={"config": json.dumps(self.config)})
         tmp.replace(path)

@@ -1,0 +1,69 @@
+"""One experiment cell: few-shot prompt learning of one variant on one task and seed, then
+evaluation. Shared by ``ssprompt train`` and ``ssprompt study``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .data import open_dataset
+from .features import FeatureCache
+from .prompts.promptset import PromptConfig, PromptSet, config_dict
+from .sfm.base import PromptableSFM
+from .train import TrainConfig, train_prompts
+from .evaluate import evaluate
+
+
+@dataclass
+class CellSpec:
+    task: str
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    shots: int = 16
+    seed: int = 0
+    n_test: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"task": self.task, "prompt": config_dict(self.prompt), "train": asdict(self.train),
+                "shots": self.shots, "seed": self.seed, "n_test": self.n_test}
+
+
+class Workspace:
+    """Datasets and image features shared by every cell of one process."""
+
+    def __init__(self, sfm: PromptableSFM, cache: FeatureCache | None = None):
+        self.sfm = sfm
+        self.cache = cache if cache is not None else FeatureCache()
+        self._data: dict[tuple, object] = {}
+
+    def dataset(self, task: str, split: str, shots: int = 16, seed: int = 0,
+                n_test: int | None = None):
+        key = (task, split, shots if split == "train" else None,
+               seed if split == "train" else None, n_test if split == "test" else None)
+        if key not in self._data:
+            self._data[key] = open_dataset(task, split, shots=shots, seed=seed, n_test=n_test,
+                                           size=self.sfm.image_size)
+        return self._data[key]
+
+
+def run_cell(ws: Workspace, spec: CellSpec, progress: bool = False):
+    """Returns (result dict, prompts, loss log)."""
+    t0 = time.time()
+    torch.manual_seed(spec.seed)
+    g = torch.Generator().manual_seed(spec.seed)
+    test = ws.dataset(spec.task, "test", n_test=spec.n_test)
+    prompts = PromptSet(ws.sfm, test.class_names, spec.prompt, generator=g)
+    log: list[dict] = []
+    if prompts.num_trainable():
+        train = ws.dataset(spec.task, "train", shots=spec.shots, seed=spec.seed)
+        tcfg = TrainConfig(**{**asdict(spec.train), "seed": spec.seed})
+        log = train_prompts(ws.sfm, prompts, train, tcfg, ws.cache, progress=progress)
+    with torch.no_grad():
+        spatial, semantic = prompts()
+    metrics = evaluate(ws.sfm, spatial, semantic, test, ws.cache)
+    result = {**metrics, "trained_params": prompts.num_trainable(),
+              "wall_s": round(time.time() - t0, 2), "sfm": ws.sfm.weights_hash(),
+              "final_loss": log[-1]["loss"] if log else None, "spec": spec.as_dict()}
+    return result, prompts, log

@@ -1,0 +1,126 @@
+"""Study plots (matplotlib, PNG): metric vs N, all variants, learned fusion weights, losses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("mIoU", "AP50", "PQ")
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_study(run: Path, cfg, rows: list[dict], summary: dict) -> None:
+    plt = _plt()
+    tasks = cfg.tasks
+    # 1. ablation 2: metric vs N for full SSPrompt (weighted, both learners)
+    n_rows = {v.prompt.n_prompts: v.name for v in cfg.variants
+              if v.prompt.mode == "weighted" and len(v.prompt.learners) == 2
+              and v.prompt.init == "random" and v.prompt.weight == "prompt"}
+    if len(n_rows) > 1:
+        ns = sorted(n_rows)
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+        for ax, t in zip(axes[0], tasks):
+            for m in METRICS:
+                mean = [summary[n_rows[n]][t][m][0] for n in ns]
+                std = [summary[n_rows[n]][t][m][1] for n in ns]
+                ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, label=m)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ns, [str(n) for n in ns])
+            ax.set_xlabel("N spatial prompts")
+            ax.set_title(t)
+        axes[0][0].set_ylabel("percent")
+        axes[0][0].legend()
+        fig.suptitle("Ablation 2: SSPrompt vs number of spatial prompts")
+        fig.tight_layout()
+        fig.savefig(run / "ablation_n_prompts.png", dpi=100)
+        plt.close(fig)
+
+    # 2. every variant, grouped by task, one panel a metric
+    names = [v.name for v in cfg.variants]
+    fig, axes = plt.subplots(len(METRICS), 1, figsize=(max(8, 0.7 * len(names) * len(tasks) / 2),
+                                                       8), squeeze=False)
+    width = 0.8 / len(tasks)
+    x = np.arange(len(names))
+    for ax, m in zip(axes[:, 0], METRICS):
+        for i, t in enumerate(tasks):
+            mean = [summary[n][t][m][0] for n in names]
+            std = [summary[n][t][m][1] for n in names]
+            ax.bar(x + i * width, mean, width, yerr=std, capsize=2, label=t)
+        ax.set_ylabel(m)
+        ax.set_xticks(x + width * (len(tasks) - 1) / 2, names, rotation=35, ha="right",
+                      fontsize=8)
+    axes[0, 0].legend(ncol=len(tasks))
+    fig.tight_layout()
+    fig.savefig(run / "variants.png", dpi=100)
+    plt.close(fig)
+
+    # 3. learned fusion weights of full SSPrompt (N = 100 row, else the first weighted row)
+    target = next((v.name for v in cfg.variants if v.prompt.mode == "weighted"
+                   and len(v.prompt.learners) == 2 and v.prompt.n_prompts == 100),
+                  next((v.name for v in cfg.variants if v.prompt.mode == "weighted"), None))
+    if target is not None:
+        _plot_weights(run, plt, [r for r in rows if r["variant"] == target], tasks, target)
+
+    # 4. loss curves: convergence of every trained variant (mean over seeds), one panel a task
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for n in names:
+            logs = [r.get("loss_log") or [] for r in rows if r["variant"] == n and r["task"] == t]
+            logs = [lg for lg in logs if lg]
+            if not logs:
+                continue
+            steps = [e["step"] for e in logs[0]]
+            loss = np.mean([[e["loss"] for e in lg] for lg in logs], axis=0)
+            ax.plot(steps, loss, label=n, lw=1)
+        ax.set_yscale("log")
+        ax.set_title(t)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("training loss")
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(run / "loss_curves.png", dpi=100)
+    plt.close(fig)
+
+
+def _plot_weights(run: Path, plt, rows: list[dict], tasks, name: str) -> None:
+    from .data import open_dataset
+    from .prompts.layout import grid_layout
+
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7), squeeze=False)
+    for j, t in enumerate(tasks):
+        sel = [r["fusion_weights"] for r in rows if r["task"] == t and r.get("fusion_weights")]
+        if not sel:
+            continue
+        ax = axes[0, j]
+        if "semantic" in sel[0]:
+            sem = np.mean([s["semantic"] for s in sel], axis=0)
+            try:
+                ds = open_dataset(t, "test", n_test=1)
+                labels, things = ds.class_names, ds.is_thing
+            except Exception:  # a dataset that cannot be opened here: plot without names
+                labels, things = [str(i) for i in range(len(sem))], [True] * len(sem)
+            colours = ["tab:blue" if th else "tab:orange" for th in things]
+            ax.bar(range(len(sem)), sem, color=colours)
+            ax.set_xticks(range(len(sem)), labels, rotation=70, fontsize=6)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{t}: semantic w (blue thing, orange stuff)", fontsize=9)
+        ax = axes[1, j]
+        if "spatial" in sel[0]:
+            spa = np.mean([s["spatial"] for s in sel], axis=0)
+            pts = grid_layout(len(spa)).numpy()
+            sc = ax.scatter(pts[:, 0], pts[:, 1], c=spa, cmap="viridis", vmin=0, vmax=1, s=60)
+            ax.invert_yaxis()
+            ax.set_aspect("equal")
+            ax.set_title(f"{t}: spatial w at each default point", fontsize=9)
+            fig.colorbar(sc, ax=ax, fraction=0.046)
+    fig.suptitle(f"Learned fusion weights of {name} (mean over seeds; 1 = learned, 0 = default)")
+    fig.tight_layout()
+    fig.savefig(run / "fusion_weights.png", dpi=100)
+    plt.close(fig)

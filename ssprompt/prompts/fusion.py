@@ -1,0 +1,75 @@
+"""Fusion of a learned prompt embedding with the frozen encoder's default one.
+
+``z = w * z_learned + (1 - w) * z_default``, one switch for both learners:
+
+===============  ====================================================================
+``default``      zero-shot: ``z = z_default``, nothing learned
+``average``      learned embedding, fixed ``w = 0.5`` (the paper's "learnable embedding")
+``weighted``     learned embedding and learned ``w = sigmoid(logit)`` in [0, 1] (SSPrompt)
+``learned_only`` ``z = z_learned``; the default embedding is dropped (ablation 1)
+===============  ====================================================================
+
+``w`` is one scalar per prompt (``weight="prompt"``) or one per prompt and dimension
+(``weight="dim"``). ``z_learned`` starts as Gaussian noise whose per-dimension mean and scale
+match ``z_default`` (``init="random"``) or as a copy of ``z_default`` (``init="default"``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+
+MODES = ("default", "average", "weighted", "learned_only")
+INITS = ("random", "default")
+WEIGHTS = ("prompt", "dim")
+
+
+class FusedPrompt(nn.Module):
+    def __init__(self, default: Tensor, mode: str = "weighted", init: str = "random",
+                 weight: str = "prompt", weight_init: float = 0.5,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise UserError(f"--mode {mode}: unknown fusion mode; choose one of {', '.join(MODES)}")
+        if init not in INITS:
+            raise UserError(f"init {init}: unknown; choose one of {', '.join(INITS)}")
+        if weight not in WEIGHTS:
+            raise UserError(f"weight {weight}: unknown; choose one of {', '.join(WEIGHTS)}")
+        if not 0.0 < weight_init < 1.0:
+            raise UserError(f"weight_init {weight_init}: must lie strictly between 0 and 1")
+        self.mode, self.init, self.weight_kind = mode, init, weight
+        self.register_buffer("default", default.detach().clone())
+        if mode != "default":
+            if init == "default":
+                start = default.detach().clone()
+            else:
+                noise = torch.randn(default.shape, generator=generator)
+                mean = default.mean(0, keepdim=True) if default.shape[0] > 1 else 0.0
+                std = default.std(0, keepdim=True) if default.shape[0] > 1 else default.std()
+                start = mean + noise * std
+            self.learned = nn.Parameter(start.detach().clone())
+        if mode == "weighted":
+            shape = (default.shape[0], 1) if weight == "prompt" else tuple(default.shape)
+            logit = torch.logit(torch.tensor(weight_init))
+            self.weight_logit = nn.Parameter(torch.full(shape, float(logit)))
+
+    def weight(self) -> Tensor:
+        """The fusion weight ``w`` (shape (P, 1) or (P, D)); 0 for ``default``, 1 for
+        ``learned_only``."""
+        p = self.default.shape[0]
+        if self.mode == "weighted":
+            return torch.sigmoid(self.weight_logit)
+        value = {"default": 0.0, "average": 0.5, "learned_only": 1.0}[self.mode]
+        return torch.full((p, 1), value, device=self.default.device)
+
+    def forward(self) -> Tensor:
+        if self.mode == "default":
+            return self.default
+        if self.mode == "learned_only":
+            return self.learned
+        if self.mode == "average":
+            return 0.5 * self.learned + 0.5 * self.default
+        w = torch.sigmoid(self.weight_logit)
+        return w * self.learned + (1 - w) * self.default

@@ -1,0 +1,48 @@
+"""Spatial prompt learners: SpaPrompt (learned embeddings fused with the defaults) and the
+vanilla baseline that learns the points' 2-D coordinates instead."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..sfm.base import PromptableSFM
+from .fusion import FusedPrompt
+from .layout import grid_layout
+
+
+def default_spatial(sfm: PromptableSFM, n: int) -> Tensor:
+    """The frozen prompt encoder's embeddings (N, D) of the default N-point layout."""
+    with torch.no_grad():
+        return sfm.encode_points(grid_layout(n).to(_device(sfm))).float()
+
+
+def _device(sfm) -> torch.device:
+    try:
+        return next(sfm.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+class SpaPrompt(FusedPrompt):
+    """N spatial prompts in the encoder's embedding space."""
+
+    def __init__(self, sfm: PromptableSFM, n: int, mode: str = "weighted", **kw):
+        super().__init__(default_spatial(sfm, n), mode, **kw)
+
+
+class Vanilla2DPrompt(nn.Module):
+    """Learn the N points' (x, y) and pass them through the frozen prompt encoder; a sigmoid
+    keeps every point inside the image."""
+
+    def __init__(self, sfm: PromptableSFM, n: int):
+        super().__init__()
+        self.sfm_encode = sfm.encode_points
+        grid = grid_layout(n).to(_device(sfm))
+        self.point_logit = nn.Parameter(torch.logit(grid))
+
+    def points(self) -> Tensor:
+        return torch.sigmoid(self.point_logit)
+
+    def forward(self) -> Tensor:
+        return self.sfm_encode(self.points())

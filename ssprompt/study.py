@@ -1,0 +1,271 @@
+"""``ssprompt study``: the whole ablation study, (variant x task x seed) cells, in one command.
+
+The run folder holds ``config.yaml`` (the resolved config), ``cells/`` (one JSON and one prompts
+file per finished cell, each written atomically) and the aggregates: ``results.csv``,
+``results.json``, ``summary.md`` and plots. A study killed at any point and run again with the
+same config skips finished cells; a different config refuses to mix into the folder unless
+``--force``. Under ``torchrun`` the cells are shared out over the ranks and rank 0 aggregates.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from .errors import UserError
+from .io import write_json, write_text
+from .prompts.promptset import PromptConfig
+from .train import TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+METRICS = ("mIoU", "AP50", "PQ")
+TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "train", "variants"}
+VARIANT_KEYS = {"name", "mode", "learners", "n_prompts", "init", "weight", "group", "train"}
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"seed"}
+
+
+@dataclass
+class Variant:
+    name: str
+    prompt: PromptConfig
+    group: str = "main"
+    train: dict = field(default_factory=dict)
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    tasks: list[str]
+    seeds: list[int]
+    shots: int
+    n_test: int | None
+    train: dict
+    variants: list[Variant]
+    raw: dict
+
+    def cells(self) -> list[tuple[Variant, str, int]]:
+        return [(v, t, s) for t in self.tasks for v in self.variants for s in self.seeds]
+
+
+def _check_keys(where: str, got: dict, allowed: set[str]) -> None:
+    bad = sorted(set(got) - allowed)
+    if bad:
+        raise UserError(f"{where}: unknown key(s) {', '.join(bad)}; allowed: "
+                        f"{', '.join(sorted(allowed))}")
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: study config not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a study config must be a mapping")
+    _check_keys(str(path), raw, TOP_KEYS)
+    for key in ("tasks", "seeds", "variants"):
+        if not raw.get(key):
+            raise UserError(f"{path}: '{key}' must be a non-empty list")
+    train = dict(raw.get("train") or {})
+    _check_keys(f"{path}: train", train, TRAIN_KEYS)
+    variants, names = [], set()
+    for i, v in enumerate(raw["variants"]):
+        where = f"{path}: variants[{i}]"
+        if not isinstance(v, dict) or "name" not in v or "mode" not in v:
+            raise UserError(f"{where}: each variant needs a name and a mode")
+        _check_keys(where, v, VARIANT_KEYS)
+        _check_keys(f"{where}.train", v.get("train") or {}, TRAIN_KEYS)
+        if v["name"] in names:
+            raise UserError(f"{where}: duplicate variant name {v['name']!r}")
+        names.add(v["name"])
+        try:
+            prompt = PromptConfig(mode=v["mode"],
+                                  learners=tuple(v.get("learners", ("spatial", "semantic"))),
+                                  n_prompts=v.get("n_prompts", 100), init=v.get("init", "random"),
+                                  weight=v.get("weight", "prompt"))
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        variants.append(Variant(v["name"], prompt, v.get("group", "main"), v.get("train") or {}))
+    shots = raw.get("shots", 16)
+    if not isinstance(shots, int) or shots <= 0:
+        raise UserError(f"{path}: shots must be a positive integer")
+    return StudyConfig(raw.get("name", path.stem), list(raw["tasks"]), list(raw["seeds"]),
+                       shots, raw.get("n_test"), train, variants, raw)
+
+
+def cell_id(variant: Variant, task: str, seed: int) -> str:
+    return f"{variant.name}__{task}__s{seed}"
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def run_study(config: str | None, out: str | None, quick: bool = False, force: bool = False,
+              sfm: str = "embedded", checkpoint: str | None = None, device: str = "auto") -> Path:
+    import torch
+
+    from .distributed import init_from_env
+    from .experiment import CellSpec, Workspace, run_cell
+    from .features import FeatureCache
+    from .prompts.promptset import save_prompts
+    from .sfm import load_sfm
+
+    cfg_path = Path(config) if config else CONFIG_DIR / ("quick.yaml" if quick else "default.yaml")
+    cfg = load_config(cfg_path)
+    run = Path(out) if out else Path("runs") / cfg.name
+    init_from_env()
+    rank, world = _dist()
+    cells_dir = run / "cells"
+    resolved = yaml.safe_dump(cfg.raw, sort_keys=True)
+    stored = run / "config.yaml"
+    if rank == 0:
+        if stored.exists() and stored.read_text() != resolved:
+            if not force:
+                raise UserError(f"{run}: holds a study with a different config; use a new --out, "
+                                "or --force to discard its finished cells")
+            for p in cells_dir.glob("*"):
+                p.unlink()
+        cells_dir.mkdir(parents=True, exist_ok=True)
+        write_text(stored, resolved)
+    _barrier()
+
+    model = load_sfm(sfm, checkpoint, device)
+    ws = Workspace(model, FeatureCache())
+    todo = cfg.cells()
+    mine = [c for i, c in enumerate(todo) if i % world == rank]
+    done = {p.stem for p in cells_dir.glob("*.json")}
+    bar = tqdm(total=len(mine), desc=f"study {cfg.name}", disable=rank != 0, unit="cell",
+               initial=sum(cell_id(*c) in done for c in mine))
+    memo: dict[tuple[str, str], dict] = {}
+    t_study = time.time()
+    for variant, task, seed in mine:
+        cid = cell_id(variant, task, seed)
+        if cid in done:
+            continue
+        bar.set_postfix_str(cid)
+        spec = CellSpec(task=task, prompt=variant.prompt,
+                        train=TrainConfig(**{**cfg.train, **variant.train}), shots=cfg.shots,
+                        seed=seed, n_test=cfg.n_test)
+        key = (variant.name, task)
+        if key in memo:  # nothing learned: the result cannot depend on the seed
+            result = {**memo[key], "spec": spec.as_dict(), "wall_s": 0.0}
+        else:
+            torch.manual_seed(seed)
+            result, prompts, log = run_cell(ws, spec)
+            result["loss_log"] = log
+            result["fusion_weights"] = {k: v.tolist() for k, v in prompts.fusion_weights().items()}
+            if result["trained_params"] == 0:
+                memo[key] = result
+            else:
+                save_prompts(cells_dir / f"{cid}.safetensors", prompts,
+                             {"config": spec.as_dict(), "seed": seed, "sfm": result["sfm"],
+                              "metrics": {m: result[m] for m in METRICS}})
+        result.update({"variant": variant.name, "group": variant.group, "task": task,
+                       "seed": seed})
+        write_json(cells_dir / f"{cid}.json", result)
+        bar.update(1)
+    bar.close()
+    _barrier()
+    if rank == 0:
+        aggregate(run, cfg, wall_s=time.time() - t_study)
+        print(f"study {cfg.name}: {len(todo)} cells; results in {run}/summary.md")
+    return run
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------ aggregation
+def load_cells(run: Path, cfg: StudyConfig) -> list[dict]:
+    rows = []
+    for variant, task, seed in cfg.cells():
+        p = run / "cells" / f"{cell_id(variant, task, seed)}.json"
+        if not p.exists():
+            raise UserError(f"{p}: cell missing; rerun the study to finish it")
+        rows.append(json.loads(p.read_text()))
+    return rows
+
+
+def _mean_std(vals: list) -> tuple[float, float]:
+    v = np.array([x for x in vals if x is not None], dtype=float)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None) -> dict:
+    rows = load_cells(run, cfg)
+    cols = ["variant", "group", "task", "seed", *METRICS, "SQ", "RQ", "PQ_th", "PQ_st",
+            "trained_params", "wall_s", "final_loss"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(run / "results.csv", buf.getvalue())
+
+    summary: dict = {}
+    for v in cfg.variants:
+        for t in cfg.tasks:
+            sel = [r for r in rows if r["variant"] == v.name and r["task"] == t]
+            summary.setdefault(v.name, {})[t] = {
+                m: _mean_std([r.get(m) for r in sel]) for m in METRICS}
+            summary[v.name][t]["trained_params"] = sel[0]["trained_params"]
+            summary[v.name][t]["wall_s"] = float(np.mean([r["wall_s"] for r in sel]))
+    total_wall = sum(r["wall_s"] for r in rows)
+    write_json(run / "results.json", {"config": cfg.raw, "cells": rows, "summary": summary,
+                                      "study_wall_s": wall_s, "cells_wall_s": total_wall})
+    write_text(run / "summary.md", summary_markdown(cfg, summary, wall_s))
+    from .plots import plot_study
+    plot_study(run, cfg, rows, summary)
+    return summary
+
+
+def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None) -> str:
+    zs = cfg.variants[0].name
+    lines = [f"# Study `{cfg.name}`", "",
+             f"{len(cfg.variants)} variants x {len(cfg.tasks)} tasks x {len(cfg.seeds)} seeds "
+             f"(seeds {cfg.seeds}), {cfg.shots}-shot, test images per task: "
+             f"{cfg.n_test or 'all'}. Mean ± std over seeds, in percent; **bold** = best in "
+             f"the column; (Δ) = difference to `{zs}`."
+             + (f" Wall time of this run: {wall_s / 60:.1f} min." if wall_s else ""), ""]
+    head = "| variant | params |" + "".join(f" {t} {m} |" for t in cfg.tasks for m in METRICS)
+    lines += [head, "|---|---:|" + "---:|" * (len(cfg.tasks) * len(METRICS))]
+    best = {(t, m): max((summary[v.name][t][m][0] for v in cfg.variants
+                         if not np.isnan(summary[v.name][t][m][0])), default=np.nan)
+            for t in cfg.tasks for m in METRICS}
+    for v in cfg.variants:
+        cells = []
+        for t in cfg.tasks:
+            for m in METRICS:
+                mean, std = summary[v.name][t][m]
+                if np.isnan(mean):
+                    cells.append("n/a")
+                    continue
+                s = f"{mean:.1f} ± {std:.1f}"
+                if mean == best[(t, m)]:
+                    s = f"**{s}**"
+                if v.name != zs:
+                    s += f" ({mean - summary[zs][t][m][0]:+.1f})"
+                cells.append(s)
+        params = summary[v.name][cfg.tasks[0]]["trained_params"]
+        lines.append(f"| {v.name} | {params} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,158 @@
+"""SpaPrompt / SemPrompt / fusion modes / baselines: behaviours the method rests on."""
+
+import pytest
+import torch
+
+from ssprompt.data.scenes import SceneSplit
+from ssprompt.errors import UserError
+from ssprompt.features import FeatureCache
+from ssprompt.prompts.fusion import FusedPrompt
+from ssprompt.prompts.layout import grid_layout
+from ssprompt.prompts.promptset import PromptConfig, PromptSet
+from ssprompt.prompts.spatial import Vanilla2DPrompt, default_spatial
+from ssprompt.prompts.semantic import default_semantic, engineered_semantic
+from ssprompt.train import TrainConfig, train_prompts
+
+NAMES = ["t-shirt", "trouser", "grass", "brick wall"]
+
+
+@pytest.fixture(scope="module")
+def train_split():
+    return SceneSplit("shift", "train", shots=4, seed=0)
+
+
+def test_default_mode_reproduces_frozen_sfm_bit_for_bit(tiny_sfm, train_split):
+    scenes = [train_split[i] for i in range(2)]
+    feats = FeatureCache().get(tiny_sfm, [s.image for s in scenes])
+    ps = PromptSet(tiny_sfm, train_split.class_names, PromptConfig("default", n_prompts=36))
+    spatial, semantic = ps()
+    got = tiny_sfm.decode(feats, spatial, semantic)
+    with torch.no_grad():
+        ref = tiny_sfm.decode(feats, tiny_sfm.encode_points(grid_layout(36)),
+                              tiny_sfm.encode_texts(train_split.class_names))
+    assert torch.equal(got.mask_logits, ref.mask_logits)
+    assert torch.equal(got.class_logits, ref.class_logits)
+    assert ps.num_trainable() == 0
+
+
+def test_learned_only_ignores_default():
+    d1, d2 = torch.randn(5, 8), torch.randn(5, 8)
+    a = FusedPrompt(d1, "learned_only", generator=torch.Generator().manual_seed(0))
+    b = FusedPrompt(d1, "learned_only", generator=torch.Generator().manual_seed(0))
+    b.default.copy_(d2)  # change z_def after construction: the output must not move
+    assert torch.equal(a(), b())
+    assert not torch.equal(a(), d1)
+
+
+def test_average_weight_is_half_and_fixed():
+    d = torch.randn(6, 8)
+    f = FusedPrompt(d, "average", generator=torch.Generator().manual_seed(0))
+    assert torch.all(f.weight() == 0.5)
+    assert torch.allclose(f(), 0.5 * f.learned + 0.5 * d)
+    assert [n for n, p in f.named_parameters()] == ["learned"]
+
+
+def test_fusion_stays_between_inputs_and_weight_in_unit_interval():
+    d = torch.randn(4, 3)
+    f = FusedPrompt(d, "weighted", weight="dim", generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        f.weight_logit.copy_(torch.randn(4, 3) * 5)
+    w = f.weight()
+    assert torch.all((w >= 0) & (w <= 1))
+    lo, hi = torch.minimum(d, f.learned), torch.maximum(d, f.learned)
+    z = f()
+    assert torch.all(z >= lo - 1e-6) and torch.all(z <= hi + 1e-6)
+
+
+def test_random_init_matches_default_scale():
+    d = torch.randn(200, 16) * 3 + 1
+    f = FusedPrompt(d, "weighted", generator=torch.Generator().manual_seed(0))
+    assert abs(f.learned.std().item() - d.std().item()) < 0.5
+    assert not torch.allclose(f.learned, d)
+    g = FusedPrompt(d, "weighted", init="default")
+    assert torch.equal(g.learned, d)
+
+
+def test_bad_mode_is_user_error():
+    with pytest.raises(UserError):
+        FusedPrompt(torch.zeros(2, 2), "sometimes")
+    with pytest.raises(UserError):
+        PromptConfig("weighted", n_prompts=0)
+
+
+def test_gradients_reach_only_prompt_parameters(tiny_sfm, train_split):
+    ps = PromptSet(tiny_sfm, train_split.class_names, PromptConfig("weighted", n_prompts=25),
+                   generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in tiny_sfm.state_dict().items()}
+    log = train_prompts(tiny_sfm, ps, train_split, TrainConfig(steps=3, batch=2, log_every=1))
+    assert len(log) == 3
+    assert all(p.grad is None and not p.requires_grad for p in tiny_sfm.parameters())
+    assert all(torch.equal(before[k], v) for k, v in tiny_sfm.state_dict().items())
+    grads = [p.grad for p in ps.trainable()]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_weighted_mode_moves_w_and_average_does_not(tiny_sfm, train_split):
+    ps = PromptSet(tiny_sfm, train_split.class_names, PromptConfig("weighted", n_prompts=25),
+                   generator=torch.Generator().manual_seed(0))
+    w0 = {k: v.clone() for k, v in ps.fusion_weights().items()}
+    train_prompts(tiny_sfm, ps, train_split, TrainConfig(steps=5, batch=2, lr=0.05))
+    w1 = ps.fusion_weights()
+    assert not torch.allclose(w0["spatial"], w1["spatial"])
+    assert not torch.allclose(w0["semantic"], w1["semantic"])
+    avg = PromptSet(tiny_sfm, train_split.class_names, PromptConfig("average", n_prompts=25),
+                    generator=torch.Generator().manual_seed(0))
+    train_prompts(tiny_sfm, avg, train_split, TrainConfig(steps=3, batch=2, lr=0.05))
+    assert all(torch.all(w == 0.5) for w in avg.fusion_weights().values())
+
+
+def test_vanilla_2d_points_stay_inside_image(tiny_sfm, train_split):
+    ps = PromptSet(tiny_sfm, train_split.class_names,
+                   PromptConfig("vanilla_2d", learners=("spatial",), n_prompts=25))
+    assert isinstance(ps.spatial, Vanilla2DPrompt)
+    start = ps.spatial.points().detach().clone()
+    with torch.no_grad():  # push the points far outside, as a huge step would
+        ps.spatial.point_logit.add_(torch.randn_like(ps.spatial.point_logit) * 50)
+    train_prompts(tiny_sfm, ps, train_split, TrainConfig(steps=3, batch=2, lr=1.0))
+    pts = ps.spatial.points()
+    assert torch.all((pts >= 0) & (pts <= 1))
+    assert not torch.allclose(pts, start)
+    assert ps.num_trainable() == 50  # only the coordinates train
+
+
+def test_encoder_runs_once_per_training_image(tiny_sfm, train_split):
+    calls = {"n": 0}
+    orig = tiny_sfm.encode_image
+
+    def counting(images):
+        calls["n"] += images.shape[0]
+        return orig(images)
+
+    tiny_sfm.encode_image = counting
+    try:
+        ps = PromptSet(tiny_sfm, train_split.class_names, PromptConfig("weighted", n_prompts=25),
+                       generator=torch.Generator().manual_seed(0))
+        train_prompts(tiny_sfm, ps, train_split, TrainConfig(steps=8, batch=2))
+    finally:
+        del tiny_sfm.encode_image
+    assert calls["n"] == len(train_split)
+
+
+def test_prompt_engineering_differs_from_bare_names(tiny_sfm):
+    bare = default_semantic(tiny_sfm, NAMES)
+    eng = engineered_semantic(tiny_sfm, NAMES)
+    assert eng.shape == bare.shape
+    assert not torch.allclose(eng, bare)
+    assert torch.allclose(eng.norm(dim=-1), bare.norm(dim=-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [25, 50, 100, 200])
+def test_any_n_decodes(tiny_sfm, train_split, n):
+    feats = FeatureCache().get(tiny_sfm, [train_split[0].image])
+    z = default_spatial(tiny_sfm, n)
+    out = tiny_sfm.decode(feats, z, default_semantic(tiny_sfm, NAMES))
+    assert out.mask_logits.shape[:2] == (1, n)
+    assert out.class_logits.shape == (1, n, len(NAMES) + 1)
+    # and arbitrary (not encoder-made) embeddings of any N are accepted
+    out = tiny_sfm.decode(feats, torch.randn(n, z.shape[1]), torch.randn(3, z.shape[1]))
+    assert out.class_logits.shape == (1, n, 4)
