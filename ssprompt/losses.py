@@ -39,8 +39,7 @@ def hungarian_match(mask_logits: Tensor, class_logits: Tensor, labels: Tensor, t
     logits = mask_logits.flatten(1).float()                          # (N, P)
     tgt = targets.flatten(1)                                         # (S, P)
     p = logits.shape[1]
-    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    pos, neg = F.softplus(-logits), F.softplus(logits)  # BCE against 1 and against 0
     bce = (pos @ tgt.T + neg @ (1 - tgt).T) / p
     sig = logits.sigmoid()
     dice = 1 - (2 * sig @ tgt.T + 1) / (sig.sum(-1, keepdim=True) + tgt.sum(-1)[None] + 1)
@@ -54,18 +53,21 @@ def _layer_loss(mask_logits: Tensor, class_logits: Tensor, targets: list[tuple[T
     b, n, c1 = class_logits.shape
     hw = tuple(mask_logits.shape[-2:])
     target_cls = torch.full((b, n), c1 - 1, dtype=torch.long, device=class_logits.device)
-    pm, tm = [], []
+    flat, tm = [], []
     for i, (labels, masks) in enumerate(targets):
         soft = _fit(masks, hw)
         qi, ti = hungarian_match(mask_logits[i], class_logits[i], labels, soft, w)
         target_cls[i, qi] = labels[ti]
-        pm.append(mask_logits[i, qi])
+        flat.append(qi + i * n)
         tm.append(soft[ti])
     weight = torch.ones(c1, device=class_logits.device)
     weight[-1] = w.no_object
     loss_cls = F.cross_entropy(class_logits.flatten(0, 1).float(), target_cls.flatten(),
                                weight=weight)
-    pm_t, tm_t = torch.cat(pm).flatten(1).float(), torch.cat(tm).flatten(1)
+    # one gather for the whole batch: per-image indexing would zero-fill a full-size gradient
+    # buffer once per image in the backward pass
+    pm_t = mask_logits.flatten(0, 1)[torch.cat(flat).to(mask_logits.device)].flatten(1).float()
+    tm_t = torch.cat(tm).flatten(1)
     if pm_t.shape[0] == 0:
         zero = mask_logits.sum() * 0
         return {"cls": loss_cls, "bce": zero, "dice": zero}

@@ -99,7 +99,7 @@ def pretrain(out: Path, minutes: float = 40.0, steps: int = 100_000, batch: int 
         n = N_CHOICES[int(torch.randint(len(N_CHOICES), (1,), generator=g))]
         spatial = model.encode_points(jittered_layout(n, g))
         semantic = model.text_encoder.embed_sentences(sent)
-        outputs = model.decode(model.encode_image(images), spatial, semantic)
+        outputs = model.decode(model.encode_image(images), spatial, semantic, aux=True)
         loss, parts = set_loss(outputs, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -46,11 +46,14 @@ class EmbeddedSFM(nn.Module):
     def encode_texts(self, names: list[str]) -> Tensor:
         return self.text_encoder(names)
 
-    def decode(self, feats: Features, spatial: Tensor, semantic: Tensor | None) -> Outputs:
+    def decode(self, feats: Features, spatial: Tensor, semantic: Tensor | None,
+               aux: bool = False) -> Outputs:
+        """``aux=True`` also returns every earlier decoder layer's predictions (pretraining's
+        deep supervision); prompt learning and inference use the last layer only."""
         t = feats.tensors
         h = w = int(round(t["tokens"].shape[1] ** 0.5))
         preds = self.decoder(t["tokens"], t["pos"], t["mask_features"], spatial, semantic,
-                             (h, w))
+                             (h, w), aux=aux)
         return Outputs(preds[-1][0], preds[-1][1], aux=preds[:-1])
 
     def weights_hash(self) -> str:

@@ -41,36 +41,40 @@ class MaskDecoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(2.5))  # exp -> ~12
         self.heads = heads
 
-    def predict(self, q: Tensor, mask_features: Tensor, semantic: Tensor | None,
-                token_hw: tuple[int, int]):
-        q = self.norm(q)
-        masks = torch.einsum("bnd,bdhw->bnhw", self.mask_embed(q), mask_features)
+    def classify(self, q: Tensor, semantic: Tensor | None) -> Tensor:
+        """(B, N, D) normalised queries -> class logits (B, N, C + 1), last = no object."""
         if semantic is None:  # class-agnostic: only "object" vs "no object"
-            cls = torch.cat([torch.zeros_like(self.no_object(q)), self.no_object(q)], -1)
-        else:
-            ce = F.normalize(self.class_embed(q), dim=-1)
-            sem = F.normalize(semantic, dim=-1)
-            sim = torch.einsum("bnd,bcd->bnc", ce, sem.expand(q.shape[0], -1, -1)
-                               if sem.dim() == 3 else sem.unsqueeze(0).expand(q.shape[0], -1, -1))
-            cls = torch.cat([sim * self.logit_scale.exp(), self.no_object(q)], -1)
+            return torch.cat([torch.zeros_like(self.no_object(q)), self.no_object(q)], -1)
+        ce = F.normalize(self.class_embed(q), dim=-1)
+        sem = F.normalize(semantic, dim=-1)
+        sem = sem if sem.dim() == 3 else sem.unsqueeze(0)
+        sim = torch.einsum("bnd,bcd->bnc", ce, sem.expand(q.shape[0], -1, -1))
+        return torch.cat([sim * self.logit_scale.exp(), self.no_object(q)], -1)
+
+    def attention_mask(self, q: Tensor, pooled_features: Tensor) -> Tensor:
+        """Masked attention: each query attends where its mask, predicted at token resolution,
+        is on. Average pooling commutes with the (linear) mask head, so predicting on pooled
+        mask features equals pooling the full-resolution prediction, 16x cheaper."""
         with torch.no_grad():
-            small = F.adaptive_avg_pool2d(masks.detach(), token_hw).flatten(2)  # (B, N, L)
+            small = torch.einsum("bnd,bdl->bnl", self.mask_embed(q), pooled_features)
             attn = small < 0  # True = may not attend
             attn[attn.all(-1)] = False
-            attn = attn.repeat_interleave(self.heads, dim=0)
-        return masks, cls, attn
+            return attn.repeat_interleave(self.heads, dim=0)
 
     def forward(self, tokens: Tensor, pos: Tensor, mask_features: Tensor, spatial: Tensor,
-                semantic: Tensor | None, token_hw: tuple[int, int]):
+                semantic: Tensor | None, token_hw: tuple[int, int], aux: bool = True):
+        """Predictions of every layer (``aux``) or of the last only: list of (masks, classes)."""
         b = tokens.shape[0]
         qpos = spatial if spatial.dim() == 3 else spatial.unsqueeze(0)
         qpos = qpos.expand(b, -1, -1)
+        pooled = F.adaptive_avg_pool2d(mask_features, token_hw).flatten(2)
         q = qpos
         preds = []
-        masks, cls, attn = self.predict(q, mask_features, semantic, token_hw)
-        preds.append((masks, cls))
-        for layer in self.layers:
-            q = layer(q, qpos, tokens, pos, attn)
-            masks, cls, attn = self.predict(q, mask_features, semantic, token_hw)
-            preds.append((masks, cls))
+        for i in range(len(self.layers) + 1):
+            qn = self.norm(q)
+            if aux or i == len(self.layers):
+                masks = torch.einsum("bnd,bdhw->bnhw", self.mask_embed(qn), mask_features)
+                preds.append((masks, self.classify(qn, semantic)))
+            if i < len(self.layers):
+                q = self.layers[i](q, qpos, tokens, pos, self.attention_mask(qn, pooled))
         return preds

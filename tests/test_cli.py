@@ -1,0 +1,67 @@
+"""Bad input through the real command line: one line on stderr naming the problem, exit 2, and
+no partial output file."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ssprompt(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "ssprompt.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, r.stderr[-1500:]
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ssprompt: error:"), r.stderr[-1500:]
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_unknown_task(tmp_path):
+    r = ssprompt("eval", "--task", "mars", "--out", str(tmp_path / "o"))
+    assert_one_line_error(r, "mars")
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_corrupt_weights_file(tmp_path):
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"\x00\x01not a safetensors file" * 10)
+    r = ssprompt("eval", "--task", "shift", "--checkpoint", str(bad), "--out", str(tmp_path / "o"))
+    assert_one_line_error(r, str(bad))
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_weights_file(tmp_path):
+    r = ssprompt("eval", "--task", "shift", "--checkpoint", str(tmp_path / "none.safetensors"))
+    assert_one_line_error(r, "none.safetensors")
+
+
+def test_missing_and_corrupt_prompts_file(tmp_path):
+    r = ssprompt("eval", "--task", "shift", "--prompts", str(tmp_path / "p.safetensors"))
+    assert_one_line_error(r, "p.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("{}")
+    r = ssprompt("eval", "--task", "shift", "--prompts", str(bad), "--n-test", "2")
+    assert_one_line_error(r, "bad.safetensors")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--n-prompts", "0"], "--n-prompts"),
+    (["--n-prompts", "-5"], "--n-prompts"),
+    (["--shots", "5000"], "--shots"),
+    (["--mode", "sometimes"], "--mode"),
+])
+def test_bad_train_arguments(tmp_path, args, needle):
+    out = tmp_path / "o"
+    r = ssprompt("train", "--task", "shift", "--steps", "1", "--n-test", "2", "--out", str(out),
+                 *args)
+    assert_one_line_error(r, needle)
+    assert not out.exists() or not any(out.iterdir())

@@ -1,0 +1,94 @@
+"""The study end to end (quick config): outputs, determinism, and resume after a real SIGKILL."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ssprompt.errors import UserError
+from ssprompt.study import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC_COLS = ("variant", "task", "seed", "mIoU", "AP50", "PQ")
+
+
+def _study(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ssprompt.cli", "study", "--quick",
+                             "--device", "cpu", "--out", str(out), *extra], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _metrics(run: Path) -> list[tuple]:
+    with open(run / "results.csv") as f:
+        return [tuple(r[c] for c in METRIC_COLS) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "full"
+    p = _study(out)
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-2000:]
+    return out
+
+
+def test_quick_study_writes_every_output(full_run):
+    for name in ("results.csv", "results.json", "summary.md", "config.yaml", "variants.png",
+                 "ablation_n_prompts.png", "fusion_weights.png", "loss_curves.png"):
+        assert (full_run / name).exists(), name
+    cfg = load_config(ROOT / "configs" / "quick.yaml")
+    rows = _metrics(full_run)
+    assert len(rows) == len(cfg.cells())
+    summary = (full_run / "summary.md").read_text()
+    assert "ssprompt" in summary and "**" in summary
+    assert not list(full_run.rglob("*.tmp"))
+
+
+def test_killed_study_resumes_to_identical_numbers(full_run, tmp_path):
+    out = tmp_path / "killed"
+    p = _study(out)
+    cells = out / "cells"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(cells.glob("*.json"))) < 3:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    finished = {f.name: f.stat().st_mtime_ns for f in cells.glob("*.json")}
+    assert 3 <= len(finished) < len(load_config(ROOT / "configs" / "quick.yaml").cells())
+    assert not (out / "results.csv").exists()
+
+    p = _study(out)
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-2000:]
+    for name, mtime in finished.items():  # finished cells were not redone
+        assert (cells / name).stat().st_mtime_ns == mtime
+    assert _metrics(out) == _metrics(full_run)  # same config + seeds -> identical numbers
+
+
+def test_changed_config_refuses_to_mix(full_run, tmp_path):
+    cfg = tmp_path / "other.yaml"
+    text = (ROOT / "configs" / "quick.yaml").read_text().replace("shots: 4", "shots: 3")
+    cfg.write_text(text)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "ssprompt.cli", "study", "--config", str(cfg),
+                        "--out", str(full_run)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert "different config" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text((ROOT / "configs" / "quick.yaml").read_text() + "learning_rate: 3\n")
+    with pytest.raises(UserError, match="learning_rate"):
+        load_config(cfg)
+    cfg.write_text((ROOT / "configs" / "quick.yaml").read_text().replace(
+        "mode: default}", "mode: default, colour: red}"))
+    with pytest.raises(UserError, match="colour"):
+        load_config(cfg)
