@@ -12,7 +12,7 @@ from .data import open_dataset
 from .features import FeatureCache
 from .prompts.promptset import PromptConfig, PromptSet, config_dict
 from .sfm.base import PromptableSFM
-from .train import TrainConfig, train_prompts
+from .train import TrainConfig, train_many
 from .evaluate import evaluate
 
 
@@ -50,20 +50,34 @@ class Workspace:
 
 def run_cell(ws: Workspace, spec: CellSpec, progress: bool = False):
     """Returns (result dict, prompts, loss log)."""
+    return run_cells(ws, [spec], progress)[0]
+
+
+def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False):
+    """Several cells of one variant and task (e.g. its seeds), trained together in shared
+    decoder passes (see ``train_many``), then evaluated one by one. Returns a list of
+    (result dict, prompts, loss log)."""
     t0 = time.time()
-    torch.manual_seed(spec.seed)
-    g = torch.Generator().manual_seed(spec.seed)
-    test = ws.dataset(spec.task, "test", n_test=spec.n_test)
-    prompts = PromptSet(ws.sfm, test.class_names, spec.prompt, generator=g)
-    log: list[dict] = []
-    if prompts.num_trainable():
-        train = ws.dataset(spec.task, "train", shots=spec.shots, seed=spec.seed)
-        tcfg = TrainConfig(**{**asdict(spec.train), "seed": spec.seed})
-        log = train_prompts(ws.sfm, prompts, train, tcfg, ws.cache, progress=progress)
-    with torch.no_grad():
-        spatial, semantic = prompts()
-    metrics = evaluate(ws.sfm, spatial, semantic, test, ws.cache)
-    result = {**metrics, "trained_params": prompts.num_trainable(),
-              "wall_s": round(time.time() - t0, 2), "sfm": ws.sfm.weights_hash(),
-              "final_loss": log[-1]["loss"] if log else None, "spec": spec.as_dict()}
-    return result, prompts, log
+    jobs = []
+    for spec in specs:
+        torch.manual_seed(spec.seed)
+        g = torch.Generator().manual_seed(spec.seed)
+        test = ws.dataset(spec.task, "test", n_test=spec.n_test)
+        prompts = PromptSet(ws.sfm, test.class_names, spec.prompt, generator=g)
+        train = ws.dataset(spec.task, "train", shots=spec.shots, seed=spec.seed) \
+            if prompts.num_trainable() else None
+        jobs.append((prompts, train, TrainConfig(**{**asdict(spec.train), "seed": spec.seed})))
+    logs = train_many(ws.sfm, jobs, ws.cache, progress=progress)
+    train_s = (time.time() - t0) / len(specs)
+    out = []
+    for spec, (prompts, _, _), log in zip(specs, jobs, logs):
+        t1 = time.time()
+        test = ws.dataset(spec.task, "test", n_test=spec.n_test)
+        with torch.no_grad():
+            spatial, semantic = prompts()
+        metrics = evaluate(ws.sfm, spatial, semantic, test, ws.cache)
+        result = {**metrics, "trained_params": prompts.num_trainable(),
+                  "wall_s": round(train_s + time.time() - t1, 2), "sfm": ws.sfm.weights_hash(),
+                  "final_loss": log[-1]["loss"] if log else None, "spec": spec.as_dict()}
+        out.append((result, prompts, log))
+    return out

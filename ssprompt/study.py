@@ -30,6 +30,7 @@ METRICS = ("mIoU", "AP50", "PQ")
 TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "train", "variants"}
 VARIANT_KEYS = {"name", "mode", "learners", "n_prompts", "init", "weight", "group", "train"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"seed"}
+FIXED_MODES = ("default", "prompt_engineering")  # variants with nothing to learn
 
 
 @dataclass
@@ -120,7 +121,7 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
     import torch
 
     from .distributed import init_from_env
-    from .experiment import CellSpec, Workspace, run_cell
+    from .experiment import CellSpec, Workspace, run_cells
     from .features import FeatureCache
     from .prompts.promptset import save_prompts
     from .sfm import load_sfm
@@ -151,34 +152,35 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
     done = {p.stem for p in cells_dir.glob("*.json")}
     bar = tqdm(total=len(mine), desc=f"study {cfg.name}", disable=rank != 0, unit="cell",
                initial=sum(cell_id(*c) in done for c in mine))
-    memo: dict[tuple[str, str], dict] = {}
     t_study = time.time()
-    for variant, task, seed in mine:
-        cid = cell_id(variant, task, seed)
-        if cid in done:
-            continue
-        bar.set_postfix_str(cid)
-        spec = CellSpec(task=task, prompt=variant.prompt,
-                        train=TrainConfig(**{**cfg.train, **variant.train}), shots=cfg.shots,
-                        seed=seed, n_test=cfg.n_test)
-        key = (variant.name, task)
-        if key in memo:  # nothing learned: the result cannot depend on the seed
-            result = {**memo[key], "spec": spec.as_dict(), "wall_s": 0.0}
+    groups: dict[tuple[str, str], list[tuple[Variant, str, int]]] = {}
+    for c in mine:  # the seeds of one (variant, task) train together in shared decoder passes
+        if cell_id(*c) not in done:
+            groups.setdefault((c[0].name, c[1]), []).append(c)
+    for (vname, task), cells in groups.items():
+        variant = cells[0][0]
+        bar.set_postfix_str(f"{vname} / {task} / seeds {[s for _, _, s in cells]}")
+        specs = [CellSpec(task=task, prompt=variant.prompt,
+                          train=TrainConfig(**{**cfg.train, **variant.train}), shots=cfg.shots,
+                          seed=seed, n_test=cfg.n_test) for _, _, seed in cells]
+        if variant.prompt.mode in FIXED_MODES:  # nothing learned: one evaluation serves all
+            first = run_cells(ws, specs[:1])[0]
+            outs = [first] + [({**first[0], "spec": sp.as_dict(), "wall_s": 0.0}, first[1], [])
+                              for sp in specs[1:]]
         else:
-            torch.manual_seed(seed)
-            result, prompts, log = run_cell(ws, spec)
+            outs = run_cells(ws, specs)
+        for (_, _, seed), spec, (result, prompts, log) in zip(cells, specs, outs):
+            cid = cell_id(variant, task, seed)
             result["loss_log"] = log
             result["fusion_weights"] = {k: v.tolist() for k, v in prompts.fusion_weights().items()}
-            if result["trained_params"] == 0:
-                memo[key] = result
-            else:
+            if result["trained_params"]:
                 save_prompts(cells_dir / f"{cid}.safetensors", prompts,
                              {"config": spec.as_dict(), "seed": seed, "sfm": result["sfm"],
                               "metrics": {m: result[m] for m in METRICS}})
-        result.update({"variant": variant.name, "group": variant.group, "task": task,
-                       "seed": seed})
-        write_json(cells_dir / f"{cid}.json", result)
-        bar.update(1)
+            result.update({"variant": vname, "group": variant.group, "task": task,
+                           "seed": seed})
+            write_json(cells_dir / f"{cid}.json", result)
+            bar.update(1)
     bar.close()
     _barrier()
     if rank == 0:

@@ -2,6 +2,11 @@
 
 Only prompt parameters train; every SFM parameter is frozen and in eval mode. Image features of
 the k training images come from the feature cache, so the image encoder runs once per image.
+
+Several prompt sets (say, the seeds of one variant) can train together: their batches are
+concatenated into one decoder pass, and since every sample is decoded independently and each
+set's loss only reaches its own parameters, each set follows the same trajectory it would
+alone, at a fraction of the wall time.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from .errors import UserError
 from .features import FeatureCache
 from .losses import set_loss
 from .prompts.promptset import PromptSet
-from .sfm.base import PromptableSFM
+from .sfm.base import Features, PromptableSFM
 
 
 class NonFiniteLoss(UserError):
@@ -35,44 +40,89 @@ class TrainConfig:
     log_every: int = 10
 
 
+class _Run:
+    """One prompt set's data, optimiser and batch order."""
+
+    def __init__(self, sfm, prompts: PromptSet, dataset, cfg: TrainConfig, cache: FeatureCache):
+        self.prompts, self.cfg = prompts, cfg
+        scenes = [dataset[i] for i in range(len(dataset))]
+        self.feats = cache.get(sfm, [s.image for s in scenes])
+        device = next(iter(self.feats.tensors.values())).device
+        self.targets = []
+        for s in scenes:
+            labels, masks = s.targets()
+            self.targets.append((torch.from_numpy(labels).to(device),
+                                 torch.from_numpy(masks).to(device)))
+        self.params = prompts.trainable()
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.g = torch.Generator().manual_seed(cfg.seed)
+        self.batch = min(cfg.batch, len(scenes))
+        self.order: list[int] = []
+        self.log: list[dict] = []
+
+    def next_batch(self) -> list[int]:
+        if len(self.order) < self.batch:
+            self.order += torch.randperm(len(self.targets), generator=self.g).tolist()
+        idx, self.order = self.order[:self.batch], self.order[self.batch:]
+        rank, world = rank_world()
+        return idx[rank::world] or idx[:1]  # torchrun: each rank takes its share of the batch
+
+
 def train_prompts(sfm: PromptableSFM, prompts: PromptSet, dataset, cfg: TrainConfig,
                   cache: FeatureCache | None = None, progress: bool = False) -> list[dict]:
     """Optimise ``prompts`` on every scene of ``dataset``; returns the loss log."""
-    params = prompts.trainable()
-    if not params:
-        return []
+    return train_many(sfm, [(prompts, dataset, cfg)], cache, progress)[0]
+
+
+def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConfig]],
+               cache: FeatureCache | None = None, progress: bool = False) -> list[list[dict]]:
+    """Train several prompt sets in shared decoder passes; jobs must agree on ``steps``."""
     cache = cache if cache is not None else FeatureCache()
-    scenes = [dataset[i] for i in range(len(dataset))]
-    feats = cache.get(sfm, [s.image for s in scenes])
-    device = next(iter(feats.tensors.values())).device
-    targets = []
-    for s in scenes:
-        labels, masks = s.targets()
-        targets.append((torch.from_numpy(labels).to(device), torch.from_numpy(masks).to(device)))
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    g = torch.Generator().manual_seed(cfg.seed)
-    batch = min(cfg.batch, len(scenes))
-    log: list[dict] = []
-    order: list[int] = []
-    for step in tqdm(range(cfg.steps), desc="prompt learning", disable=not progress, leave=False):
-        lr_scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_scale
-        if len(order) < batch:
-            order += torch.randperm(len(scenes), generator=g).tolist()
-        idx, order = order[:batch], order[batch:]
-        rank, world = rank_world()
-        idx = idx[rank::world] or idx[:1]  # torchrun: each rank takes its share of the batch
-        spatial, semantic = prompts()
-        out = sfm.decode(feats.index(idx), spatial, semantic)
-        loss, parts = set_loss(out, [targets[i] for i in idx])
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"step {step}: loss is {float(loss)}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        all_reduce_mean_(params)
-        opt.step()
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log.append({"step": step, "loss": round(float(loss.detach()), 5),
-                        **{k: round(v, 5) for k, v in parts.items()}})
-    return log
+    runs = [_Run(sfm, p, d, c, cache) for p, d, c in jobs if p.trainable()]
+    if not runs:
+        return [[] for _ in jobs]
+    steps = runs[0].cfg.steps
+    if any(r.cfg.steps != steps for r in runs):
+        raise UserError("train_many: every job must use the same number of steps")
+    for step in tqdm(range(steps), desc="prompt learning", disable=not progress, leave=False):
+        batches = [r.next_batch() for r in runs]
+        spatial, semantic = [], []
+        for r, idx in zip(runs, batches):
+            scale = min(1.0, (step + 1) / r.cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            for group in r.opt.param_groups:
+                group["lr"] = r.cfg.lr * scale
+            sp, se = r.prompts()
+            spatial.append(sp.expand(len(idx), -1, -1) if sp.dim() == 2 else sp)
+            semantic.append(None if se is None else se.expand(len(idx), -1, -1))
+        feats = Features.cat([r.feats.index(idx) for r, idx in zip(runs, batches)])
+        sem = None if semantic[0] is None else torch.cat(semantic)
+        out = sfm.decode(feats, torch.cat(spatial), sem) if len(runs) > 1 else \
+            sfm.decode(feats, spatial[0][0], None if sem is None else sem[0])
+        total, start = 0.0, 0
+        parts_all = []
+        for r, idx in zip(runs, batches):
+            sl = slice(start, start + len(idx))
+            start += len(idx)
+            loss, parts = set_loss(_slice(out, sl), [r.targets[i] for i in idx])
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"step {step}: loss is {float(loss)}; lower --lr")
+            total = total + loss
+            parts_all.append((loss, parts))
+        for r in runs:
+            r.opt.zero_grad(set_to_none=True)
+        total.backward()
+        for r, (loss, parts) in zip(runs, parts_all):
+            all_reduce_mean_(r.params)
+            r.opt.step()
+            if step % r.cfg.log_every == 0 or step == steps - 1:
+                r.log.append({"step": step, "loss": round(float(loss.detach()), 5),
+                              **{k: round(v, 5) for k, v in parts.items()}})
+    logs = iter(r.log for r in runs)
+    return [next(logs) if p.trainable() else [] for p, _, _ in jobs]
+
+
+def _slice(out, sl: slice):
+    from .sfm.base import Outputs
+
+    return Outputs(out.mask_logits[sl], out.class_logits[sl],
+                   [(m[sl], c[sl]) for m, c in out.aux])

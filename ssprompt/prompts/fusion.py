@@ -46,8 +46,10 @@ class FusedPrompt(nn.Module):
                 start = default.detach().clone()
             else:
                 noise = torch.randn(default.shape, generator=generator)
-                mean = default.mean(0, keepdim=True) if default.shape[0] > 1 else 0.0
-                std = default.std(0, keepdim=True) if default.shape[0] > 1 else default.std()
+                if default.shape[0] > 1:
+                    mean, std = default.mean(0, keepdim=True), default.std(0, keepdim=True)
+                else:  # one prompt: no spread to match, use its typical magnitude
+                    mean, std = 0.0, default.abs().mean().clamp_min(1e-6)
                 start = mean + noise * std
             self.learned = nn.Parameter(start.detach().clone())
         if mode == "weighted":

@@ -1,0 +1,1 @@
+"""ssprompt's benchmark: ``python -m bench`` (or ``ssprompt bench``)."""

@@ -1,0 +1,218 @@
+"""Speed and memory of ssprompt on this machine: prints a table, writes bench/results.json.
+
+Every comparison is a ratio measured in the same run, median of >= 5 repeats. Peak memory of a
+configuration is measured in a fresh subprocess (CPU: peak RSS; CUDA: max allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results.json"
+
+
+def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _setup(n: int = 100, n_classes: int | None = None, batch: int = 8):
+    from ssprompt.data.scenes import SceneSplit
+    from ssprompt.features import FeatureCache, to_tensor
+    from ssprompt.losses import set_loss
+    from ssprompt.prompts.promptset import PromptConfig, PromptSet
+    from ssprompt.sfm import load_sfm
+
+    sfm = load_sfm("embedded", device="cpu")
+    data = SceneSplit("shift", "train", shots=16, seed=0)
+    scenes = [data[i] for i in range(batch)]
+    names = data.class_names
+    targets = []
+    for s in scenes:
+        labels, masks = s.targets()
+        targets.append((torch.from_numpy(labels), torch.from_numpy(masks)))
+    if n_classes is not None:  # C synthetic class prompts; labels folded into range(C)
+        names = [f"class number {i}" for i in range(n_classes)]
+        targets = [(lab % n_classes, m) for lab, m in targets]
+    prompts = PromptSet(sfm, names, PromptConfig("weighted", n_prompts=n),
+                        generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(prompts.trainable(), lr=1e-3)
+    cache = FeatureCache()
+    feats = cache.get(sfm, [s.image for s in scenes])
+    images = to_tensor([s.image for s in scenes])
+
+    def step(recompute: bool = False):
+        f = sfm.encode_image(images) if recompute else feats
+        sp, se = prompts()
+        loss, _ = set_loss(sfm.decode(f, sp, se), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return sfm, prompts, step
+
+
+def _peak_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(kind: str, value: int, repeats: int, q) -> None:
+    torch.set_num_threads(2)
+    if kind == "n":
+        _, _, step = _setup(n=value)
+    else:
+        _, _, step = _setup(n_classes=value)
+    base = _peak_mb()
+    t = _median_time(step, repeats)
+    q.put({"step_s": t, "peak_mb": _peak_mb(), "baseline_mb": base})
+
+
+def _isolated(kind: str, value: int, repeats: int) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(kind, value, repeats, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def bench_eval(repeats: int) -> dict:
+    from ssprompt.data.scenes import SceneSplit
+    from ssprompt.evaluate import evaluate
+    from ssprompt.features import FeatureCache
+    from ssprompt.prompts.semantic import default_semantic
+    from ssprompt.prompts.spatial import default_spatial
+    from ssprompt.sfm import load_sfm
+
+    sfm = load_sfm("embedded", device="cpu")
+    test = SceneSplit("shift", "test", n=200)
+    _ = [test[i] for i in range(len(test))]  # compose scenes outside the timing
+    sp, se = default_spatial(sfm, 100), default_semantic(sfm, test.class_names)
+    cold = []
+    for _ in range(max(1, repeats // 2)):
+        t = time.perf_counter()
+        evaluate(sfm, sp, se, test, FeatureCache())
+        cold.append(time.perf_counter() - t)
+    cache = FeatureCache()
+    evaluate(sfm, sp, se, test, cache)
+    warm = _median_time(lambda: evaluate(sfm, sp, se, test, cache), repeats, warmup=0)
+    return {"images": len(test), "img_per_s_with_encoder": len(test) / statistics.median(cold),
+            "img_per_s_cached_features": len(test) / warm}
+
+
+def bench_params() -> dict:
+    from ssprompt.data.scenes import SceneSplit
+    from ssprompt.prompts.promptset import PromptConfig, PromptSet
+    from ssprompt.sfm import load_sfm
+
+    sfm = load_sfm("embedded", device="cpu")
+    names = SceneSplit("shift", "test", n=1).class_names
+    decoder = sum(p.numel() for p in sfm.decoder.parameters())
+    rows = {}
+    for name, cfg in [("vanilla_2d", PromptConfig("vanilla_2d", ("spatial",))),
+                      ("spa-weighted", PromptConfig("weighted", ("spatial",))),
+                      ("sem-weighted", PromptConfig("weighted", ("semantic",))),
+                      ("ssprompt (N=100)", PromptConfig("weighted")),
+                      ("ssprompt N=200", PromptConfig("weighted", n_prompts=200)),
+                      ("ssprompt dim-weights", PromptConfig("weighted", weight="dim"))]:
+        n = PromptSet(sfm, names, cfg, generator=torch.Generator().manual_seed(0)).num_trainable()
+        rows[name] = {"params": n, "ratio_to_decoder": n / decoder}
+    return {"decoder_params": decoder, "variants": rows}
+
+
+def bench_study(quick_only: bool) -> dict:
+    out = {}
+    t = time.perf_counter()
+    tmp = ROOT / "runs" / "bench-quick"
+    subprocess.run([sys.executable, "-m", "ssprompt.cli", "study", "--quick", "--force",
+                    "--device", "cpu", "--out", str(tmp)], cwd=ROOT, check=True,
+                   capture_output=True)
+    out["quick_study_s_fresh"] = time.perf_counter() - t
+    default = ROOT / "runs" / "default" / "results.json"
+    if default.exists():
+        out["default_study_s"] = json.loads(default.read_text()).get("study_wall_s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7; skip studies")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    repeats = 3 if a.quick else 7
+    res: dict = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                             "threads": torch.get_num_threads(),
+                             "cuda": torch.cuda.is_available()}, "repeats": repeats}
+
+    _, _, step = _setup()
+    cached = _median_time(step, repeats)
+    recompute = _median_time(lambda: step(True), repeats)
+    res["cache"] = {"step_s_cached": cached, "step_s_recompute": recompute,
+                    "speedup": recompute / cached, "target": ">= 10x"}
+    res["n_prompts"] = {n: _isolated("n", n, repeats) for n in (25, 50, 100, 200)}
+    res["n_prompts_ratio_200_25"] = res["n_prompts"][200]["step_s"] / res["n_prompts"][25]["step_s"]
+    res["n_classes"] = {c: _isolated("c", c, repeats) for c in (10, 50, 150)}
+    res["eval"] = bench_eval(repeats)
+    res["params"] = bench_params()
+    if not a.quick:
+        res["study"] = bench_study(False)
+    res["peak_rss_mb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    OUT.parent.mkdir(exist_ok=True)
+    tmp = OUT.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(OUT)
+    print(render(res))
+
+
+def render(r: dict) -> str:
+    lines = ["| measurement | value | target |", "|---|---:|---|"]
+    c = r["cache"]
+    lines.append(f"| prompt step, cached features | {c['step_s_cached'] * 1e3:.1f} ms | |")
+    lines.append(f"| prompt step, encoder recomputed | {c['step_s_recompute'] * 1e3:.1f} ms | |")
+    lines.append(f"| cache speed-up | {c['speedup']:.1f}x | >= 10x |")
+    for n, v in r["n_prompts"].items():
+        lines.append(f"| step, N = {n} | {v['step_s'] * 1e3:.1f} ms, peak {v['peak_mb']:.0f} MB | |")
+    lines.append(f"| step time N=200 / N=25 | {r['n_prompts_ratio_200_25']:.2f}x | <= 2x |")
+    for cnum, v in r["n_classes"].items():
+        lines.append(f"| step, C = {cnum} classes | {v['step_s'] * 1e3:.1f} ms, peak "
+                     f"{v['peak_mb']:.0f} MB | |")
+    e = r["eval"]
+    lines.append(f"| evaluation, with image encoder | {e['img_per_s_with_encoder']:.0f} img/s | >= 50 |")
+    lines.append(f"| evaluation, cached features | {e['img_per_s_cached_features']:.0f} img/s | |")
+    p = r["params"]
+    for name, v in p["variants"].items():
+        lines.append(f"| trained params, {name} | {v['params']} "
+                     f"({100 * v['ratio_to_decoder']:.2f}% of decoder's {p['decoder_params']}) "
+                     f"| <= 1% |")
+    if "study" in r:
+        s = r["study"]
+        lines.append(f"| quick study wall | {s['quick_study_s_fresh']:.0f} s | <= 120 s |")
+        if s.get("default_study_s"):
+            lines.append(f"| default study wall (runs/default) | {s['default_study_s'] / 60:.1f} "
+                         f"min | <= 15 min |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
