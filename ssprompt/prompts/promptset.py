@@ -95,13 +95,13 @@ def save_prompts(path: Path, prompts: PromptSet, meta: dict) -> None:
     from safetensors.torch import save_file
 
     spatial, semantic = prompts()
-    tensors = {"spatial": spatial.detach().float().contiguous()}
+    tensors = {"spatial": spatial.detach().float().clone().contiguous()}
     if semantic is not None:
-        tensors["semantic"] = semantic.detach().float().contiguous()
+        tensors["semantic"] = semantic.detach().float().clone().contiguous()
     for k, v in prompts.state_dict().items():
-        tensors[f"learner.{k}"] = v.detach().float().contiguous()
+        tensors[f"learner.{k}"] = v.detach().float().clone().contiguous()
     for k, v in prompts.fusion_weights().items():
-        tensors[f"weight.{k}"] = v.float().contiguous()
+        tensors[f"weight.{k}"] = v.float().clone().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"ssprompt": json.dumps(meta)})
