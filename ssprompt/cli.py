@@ -48,7 +48,8 @@ def _cmd_pretrain(a: argparse.Namespace) -> None:
     from .pretrain import pretrain
 
     info = pretrain(Path(a.out), minutes=a.minutes, steps=a.steps, batch=a.batch, lr=a.lr,
-                    pool_size=a.pool, seed=a.seed)
+                    pool_size=a.pool, seed=a.seed,
+                    init_from=Path(a.init_from) if a.init_from else None, warmup=a.warmup)
     print(info)
 
 
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=5e-4)
     s.add_argument("--pool", type=int, default=6000, help="source scenes composed up front")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--init-from", default=None, help="continue from these weights")
+    s.add_argument("--warmup", type=int, default=200)
     s.set_defaults(fn=_cmd_pretrain)
 
     s = sub.add_parser("eval", help="evaluate the frozen SFM (zero-shot or with a prompts file)")

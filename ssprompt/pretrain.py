@@ -66,13 +66,21 @@ def batch_targets(pool, idx, flips):
 
 
 def pretrain(out: Path, minutes: float = 40.0, steps: int = 100_000, batch: int = 16,
-             lr: float = 5e-4, pool_size: int = 6000, seed: int = 0, log_every: int = 50) -> dict:
+             lr: float = 5e-4, pool_size: int = 6000, seed: int = 0, log_every: int = 50,
+             init_from: Path | None = None, warmup: int = 200) -> dict:
+    """Pretrain for ``minutes`` of wall time (or ``steps``); ``init_from`` continues from saved
+    weights (a second stage with a fresh schedule)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     pool = build_pool(pool_size)
     model = EmbeddedSFM()
+    if init_from is not None:
+        from .sfm.embedded import load_embedded
+        model.load_state_dict(load_embedded(init_from).state_dict())
+        for p in model.parameters():
+            p.requires_grad_(True)
     model.train()
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
@@ -81,7 +89,6 @@ def pretrain(out: Path, minutes: float = 40.0, steps: int = 100_000, batch: int 
     from .sfm.modeling.text_encoder import sentence_embeddings
     sent = sentence_embeddings(names)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    warmup = 200
     budget = minutes * 60 - (time.time() - t0)
     log = []
     start = time.time()
@@ -128,6 +135,7 @@ def pretrain(out: Path, minutes: float = 40.0, steps: int = 100_000, batch: int 
         w.writeheader()
         w.writerows(log)
     info = {"steps": step, "batch": batch, "lr": lr, "pool_size": pool_size, "seed": seed,
+            "init_from": str(init_from) if init_from else None,
             "minutes": round((time.time() - t0) / 60, 1), "weights_sha256_16": digest,
             "images_seen": step * batch}
     (out / "pretrain_info.json").write_text(json.dumps(info, indent=2))

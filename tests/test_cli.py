@@ -65,3 +65,35 @@ def test_bad_train_arguments(tmp_path, args, needle):
                  *args)
     assert_one_line_error(r, needle)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_train_then_eval_reproduces_metrics(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    r = ssprompt("train", "--task", "novel", "--mode", "weighted", "--steps", "4", "--shots", "4",
+                 "--n-test", "6", "--n-prompts", "25", "--seed", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("prompts.safetensors", "metrics.json", "config.json", "loss.csv"):
+        assert (out / name).exists(), name
+    trained = json.loads((out / "metrics.json").read_text())
+    r = ssprompt("eval", "--task", "novel", "--n-test", "6", "--prompts",
+                 str(out / "prompts.safetensors"), "--out", str(tmp_path / "ev"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for k in ("mIoU", "AP50", "PQ"):
+        assert again[k] == trained[k]
+    assert trained["trained_params"] > 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["seed"] == 3 and cfg["sfm"] == again["sfm"]
+
+
+def test_eval_writes_metrics_for_every_downstream_task(tmp_path):
+    import json
+
+    for task in ("shift", "novel", "stuff"):
+        r = ssprompt("eval", "--task", task, "--n-test", "4", "--out", str(tmp_path / task))
+        assert r.returncode == 0, r.stderr[-2000:]
+        m = json.loads((tmp_path / task / "metrics.json").read_text())
+        assert {"mIoU", "AP50", "PQ", "per_class"} <= set(m)
+        assert "mIoU" in r.stdout and task in r.stdout

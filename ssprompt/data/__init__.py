@@ -8,10 +8,14 @@ from .scenes import TASKS, SceneSplit
 
 def open_dataset(spec: str, split: str, shots: int = 16, seed: int = 0,
                  n_test: int | None = None, size: int = 96):
-    """A named embedded task (``shift``, ``novel``, ``stuff``, ``source``) or ``coco:PATH``."""
+    """A named embedded task (``shift``, ``novel``, ``stuff``, ``source``) or ``coco:PATH``
+    (a COCO-layout folder: ``train`` draws ``shots`` images, ``test`` keeps the first
+    ``n_test``, or all)."""
     if spec.startswith("coco:"):
         from .coco import CocoDataset
 
+        if not spec[5:]:
+            raise UserError(f"{spec}: give the dataset folder, as in coco:/data/coco")
         return CocoDataset(spec[5:], split, size=size,
                            shots=shots if split == "train" else None, seed=seed,
                            n=n_test if split == "test" else None)

@@ -249,7 +249,8 @@ def make_scene(spec: TaskSpec, split: str, index: int, size: int = 96) -> Scene:
 
 
 class SceneSplit:
-    """A fixed list of scenes of one task: ``test`` (first n) or a k-shot ``train`` draw."""
+    """A fixed list of scenes of one task: ``test`` (first n), a k-shot ``train`` draw from the
+    first TRAIN_POOL train scenes, or ``val`` (n train scenes past the pool, for tuning)."""
 
     def __init__(self, task: str, split: str, n: int | None = None, shots: int = 16,
                  seed: int = 0, size: int = 96):
@@ -260,14 +261,18 @@ class SceneSplit:
             if n <= 0:
                 raise UserError(f"--n-test {n}: must be positive")
             self.indices = list(range(n))
+        elif split == "val":  # train-distribution scenes never drawn as shots: for tuning
+            n = 100 if n is None else n
+            self.indices = list(range(TRAIN_POOL, TRAIN_POOL + n))
         elif split == "train":
             if not 0 < shots <= TRAIN_POOL:
                 raise UserError(f"--shots {shots}: must be in 1..{TRAIN_POOL} (the train pool)")
             rng = np.random.default_rng([self.spec.seed, 7, seed])
             self.indices = sorted(rng.choice(TRAIN_POOL, size=shots, replace=False).tolist())
         else:
-            raise UserError(f"split {split!r}: unknown; use 'train' or 'test'")
+            raise UserError(f"split {split!r}: unknown; use 'train', 'val' or 'test'")
         self._cache: dict[int, Scene] = {}
+        self.scene_split = "test" if split == "test" else "train"
 
     @property
     def class_names(self) -> list[str]:
@@ -282,5 +287,5 @@ class SceneSplit:
 
     def __getitem__(self, i: int) -> Scene:
         if i not in self._cache:
-            self._cache[i] = make_scene(self.spec, self.split, self.indices[i], self.size)
+            self._cache[i] = make_scene(self.spec, self.scene_split, self.indices[i], self.size)
         return self._cache[i]
