@@ -39,7 +39,9 @@ def _workspace(a: argparse.Namespace):
     from .features import FeatureCache
     from .sfm import load_sfm
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from .distributed import init_from_env
+
+    init_from_env()
     sfm = load_sfm(a.sfm, a.checkpoint, a.device)
     return Workspace(sfm, FeatureCache(getattr(a, "cache_dir", None)))
 
@@ -54,6 +56,7 @@ def _cmd_pretrain(a: argparse.Namespace) -> None:
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
+    from .distributed import init_from_env, rank_world, shard
     from .evaluate import evaluate
     from .io import write_json
     from .prompts.promptset import load_prompts
@@ -77,8 +80,11 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         semantic = default_semantic(ws.sfm, test.class_names) if has_text else None
         meta, name = {}, "zero-shot"
     dev = next(ws.sfm.parameters()).device
+    # under torchrun each rank scores its shard; the metrics sync their states across ranks
     metrics = evaluate(ws.sfm, spatial.to(dev), None if semantic is None else semantic.to(dev),
-                       test, ws.cache)
+                       test, ws.cache, indices=shard(len(test)))
+    if rank_world()[0] != 0:
+        return
     print(f"task {a.data or a.task}, {len(test)} test images, SFM {ws.sfm.weights_hash()}")
     print(_table([(name, metrics)]))
     out = {**metrics, "task": a.data or a.task, "n_test": len(test),
@@ -94,12 +100,16 @@ def _cmd_train(a: argparse.Namespace) -> None:
     from .prompts.promptset import PromptConfig, save_prompts
     from .train import TrainConfig
 
+    from .distributed import rank_world
+
     ws = _workspace(a)
     spec = CellSpec(task=a.data or a.task,
                     prompt=PromptConfig(a.mode, a.learners, a.n_prompts, a.init, a.weight),
                     train=TrainConfig(steps=a.steps, lr=a.lr, batch=a.batch, seed=a.seed),
                     shots=a.shots, seed=a.seed, n_test=a.n_test)
-    result, prompts, log = run_cell(ws, spec, progress=True)
+    result, prompts, log = run_cell(ws, spec, progress=rank_world()[0] == 0)
+    if rank_world()[0] != 0:
+        return
     out = Path(a.out)
     meta = {"config": spec.as_dict(), "seed": a.seed, "sfm": ws.sfm.weights_hash(),
             "metrics": {k: result[k] for k in ("mIoU", "AP50", "PQ")}}

@@ -5,6 +5,7 @@ Nothing here launches processes: ``torchrun --nproc-per-node K -m ssprompt.cli .
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -21,7 +22,24 @@ def init_from_env() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+_LOCAL = [False]
+
+
+@contextlib.contextmanager
+def local_only():
+    """Within this block the process acts alone (no sharding, no all-reduce, no metric sync),
+    as in a study whose ranks run different cells."""
+    _LOCAL.append(True)
+    try:
+        yield
+    finally:
+        _LOCAL.pop()
+
+
 def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the data-parallel group; (0, 1) alone or inside ``local_only``."""
+    if _LOCAL[-1]:
+        return 0, 1
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .distributed import rank_world
 from .features import FeatureCache
 from .metrics import SegmentationEvaluator
 from .sfm.base import PromptableSFM
@@ -20,7 +21,7 @@ def evaluate(sfm: PromptableSFM, spatial: Tensor, semantic: Tensor | None, datas
     cache = cache if cache is not None else FeatureCache()
     names = dataset.class_names if semantic is not None else ["object"]
     is_thing = dataset.is_thing if semantic is not None else [True]
-    ev = evaluator or SegmentationEvaluator(names, is_thing)
+    ev = evaluator or SegmentationEvaluator(names, is_thing, sync=rank_world()[1] > 1)
     indices = list(range(len(dataset))) if indices is None else indices
     for s in range(0, len(indices), batch):
         scenes = [dataset[i] for i in indices[s:s + batch]]

@@ -13,6 +13,7 @@ from .features import FeatureCache
 from .prompts.promptset import PromptConfig, PromptSet, config_dict
 from .sfm.base import PromptableSFM
 from .train import TrainConfig, train_many
+from .distributed import shard
 from .evaluate import evaluate
 
 
@@ -75,7 +76,7 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False):
         test = ws.dataset(spec.task, "test", n_test=spec.n_test)
         with torch.no_grad():
             spatial, semantic = prompts()
-        metrics = evaluate(ws.sfm, spatial, semantic, test, ws.cache)
+        metrics = evaluate(ws.sfm, spatial, semantic, test, ws.cache, indices=shard(len(test)))
         result = {**metrics, "trained_params": prompts.num_trainable(),
                   "wall_s": round(train_s + time.time() - t1, 2), "sfm": ws.sfm.weights_hash(),
                   "final_loss": log[-1]["loss"] if log else None, "spec": spec.as_dict()}

@@ -26,9 +26,10 @@ def semantic_inference(mask_logits: Tensor, class_logits: Tensor) -> Tensor:
 
 
 def instance_inference(mask_logits: Tensor, class_logits: Tensor, is_thing: list[bool],
-                       topk: int = 50) -> list[dict]:
-    """Scored instances of thing classes: the top-k (query, class) pairs; score = class
-    probability x mean mask probability inside the binarised mask."""
+                       topk: int = 100) -> list[dict]:
+    """Scored instances of thing classes: the top-k (query, class) pairs among thing classes
+    (Mask2Former); mask = sigmoid > 0.5; score = class probability x mean mask probability
+    inside the mask. Empty masks are dropped."""
     n, c1 = class_logits.shape
     prob = class_logits.float().softmax(-1)[:, :-1]
     thing = torch.tensor(is_thing, dtype=torch.bool, device=prob.device)

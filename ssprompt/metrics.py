@@ -1,23 +1,36 @@
-"""Segmentation metrics with torchmetrics' update / compute shape; results in percent.
+"""Segmentation metrics as ``torchmetrics.Metric`` subclasses; every result is in percent.
 
-- ``MeanIoU``: torchmetrics' multiclass confusion matrix; the mean runs over classes with
-  ground-truth or predicted pixels, as detectron2's SemSegEvaluator does (a class predicted but
-  absent from the ground truth counts with IoU 0; a class in neither is left out).
-- ``InstanceAP50``: pycocotools' COCOeval (iouType "segm", RLE masks), AP at IoU 0.50, area
-  "all", 100 detections per image: COCO's own AP50.
+- ``MeanIoU``: torchmetrics' ``MulticlassConfusionMatrix`` (its ``confmat`` state, ignore index
+  and sync), reduced as detectron2's ``SemSegEvaluator`` does: a class's IoU is defined only when
+  the class has ground-truth pixels, and mIoU is the mean over those classes. A class that is
+  predicted but absent from the ground truth gets ``None`` (its false positives still lower the
+  IoU of the classes whose pixels it took).
+- ``InstanceAP50``: pycocotools' ``COCOeval(iouType="segm")`` on RLE masks; AP at IoU 0.50, area
+  "all", 100 detections per image (``stats[1]``), and per class. Masks are kept as the bytes of
+  their compressed COCO RLE in tensor states, so torchmetrics gathers them across ranks. With no
+  (non-crowd) ground-truth instance at all AP50 is undefined and reported as ``None``.
 - ``PanopticQuality``: COCO's PQ exactly as cocodataset/panopticapi ``pq_compute`` defines it:
-  matches need IoU > 0.5 between a ground-truth and a predicted segment of the same category,
-  where the predicted segment's overlap with void ground truth is taken out of the union;
-  ground-truth crowd segments are never matched and never false negatives; an unmatched
-  predicted segment is no false positive when more than half of it lies on void or on a crowd
-  region of its own category; PQ averages over categories with TP + FP + FN > 0.
-  torchmetrics' ``PanopticQuality`` is not used: it needs the predicted void as a category
-  pair of its own and (1.9) does not model crowd regions; the test suite checks that ours
-  agrees with it where it applies (no crowd, no void) and with panopticapi's rules where it
-  does not.
+  a ground-truth and a predicted segment of the same category match when IoU > 0.5, where the
+  predicted segment's overlap with void ground truth is taken out of the union; ground-truth
+  crowd segments are never matched and never false negatives; an unmatched predicted segment is
+  no false positive when more than half of it lies on void or on a crowd region of its own
+  category; PQ, SQ and RQ average over categories with TP + FP + FN > 0.
 
-Tensor states sync themselves across torch.distributed ranks (torchmetrics); the COCO
-detections of ``InstanceAP50`` are gathered with ``all_gather_object`` in ``compute``.
+  torchmetrics' ``detection.PanopticQuality`` (1.9) is not used, because it deviates from
+  panopticapi in ways that cannot be undone from outside (tests/test_metrics.py shows each):
+
+  1. IoU: it also subtracts the part of the *ground-truth* segment predicted as void from the
+     union (panopticapi subtracts only the predicted segment's overlap with ground-truth void);
+  2. false negatives: an unmatched ground-truth segment mostly predicted as void is not counted
+     (panopticapi counts every unmatched non-crowd ground-truth segment);
+  3. crowd: it has no notion of crowd regions;
+  4. stuff: it drops instance ids of stuff classes, merging all predicted (and ground-truth)
+     segments of one stuff class into one.
+
+  Where none of these applies (no void, no crowd, one segment per stuff class) both agree; a test
+  checks that too. The per-category TP / FP / FN / IoU sums are ``add_state`` sum tensors.
+
+Undefined results (nothing to average over) are ``None``.
 """
 
 from __future__ import annotations
@@ -28,151 +41,209 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics.utilities import dim_zero_cat
 
 from .inference import instance_inference, panoptic_inference, semantic_inference, upsample
 
 VOID = 255
 
 
-def _pct(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(100 * x, 2)
+def _pct(x: float | None) -> float | None:
+    """Fraction -> percent; NaN / None -> None."""
+    return None if x is None or math.isnan(x) else 100.0 * float(x)
 
 
-class MeanIoU(Metric):
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+def _cat(state: list[Tensor] | Tensor, dtype: torch.dtype) -> Tensor:
+    """A ``cat`` list state (or its synced, already concatenated tensor) as one 1-D tensor."""
+    if isinstance(state, list):
+        if not state:
+            return torch.zeros(0, dtype=dtype)
+        state = dim_zero_cat(state)
+    return state.reshape(-1).to(dtype)
+
+
+# ------------------------------------------------------------------------------------ mIoU
+class MeanIoU(MulticlassConfusionMatrix):
+    """Mean IoU over classes with ground-truth pixels (detectron2); ``ignore_index`` pixels of the
+    target are left out. ``update(pred, target)`` takes (H, W) or (B, H, W) class maps."""
+
     full_state_update = False
 
-    def __init__(self, num_classes: int, ignore_index: int = VOID, **kw):
-        super().__init__(**kw)
-        self.num_classes = num_classes
-        self.confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index,
-                                                 validate_args=False)
+    def __init__(self, num_classes: int, ignore_index: int = VOID, **kw) -> None:
+        super().__init__(num_classes=num_classes, ignore_index=ignore_index,
+                         validate_args=False, **kw)
 
-    def update(self, pred: Tensor, target: Tensor) -> None:
-        self.confmat.update(pred.flatten().long(), target.flatten().long())
+    def update(self, pred: Tensor, target: Tensor) -> None:  # type: ignore[override]
+        super().update(pred.reshape(-1).long(), target.reshape(-1).long().to(pred.device))
 
-    def compute(self) -> dict:
-        cm = self.confmat.compute().double()   # rows: target, cols: prediction (synced)
-        inter = cm.diag()
-        union = cm.sum(0) + cm.sum(1) - inter
-        iou = inter / union.clamp_min(1)
-        valid = union > 0
+    def compute(self) -> dict:  # type: ignore[override]
+        """{"mIoU": percent | None, "per_class": [percent | None]}."""
+        cm = self.confmat.double()        # rows: target, columns: prediction
+        tp = cm.diag()
+        gt = cm.sum(1)
+        union = gt + cm.sum(0) - tp
+        valid = gt > 0
+        iou = tp / union.clamp_min(1)
         miou = float(iou[valid].mean()) if valid.any() else float("nan")
         return {"mIoU": _pct(miou),
                 "per_class": [_pct(float(iou[c])) if valid[c] else None
                               for c in range(self.num_classes)]}
 
-    def reset(self) -> None:
-        super().reset()
-        self.confmat.reset()
 
-
+# ------------------------------------------------------------------------------------- AP50
 class InstanceAP50(Metric):
-    full_state_update = False
+    """COCO mask AP at IoU 0.5 of thing instances. ``update(preds, gt)``: ``preds`` from
+    ``instance_inference``, ``gt`` a Scene (its thing segments, honouring ``iscrowd``)."""
 
-    def __init__(self, num_classes: int, **kw):
+    full_state_update = False
+    # per image: (height, width, #gt, #dt); per gt: (category, iscrowd, #rle bytes);
+    # per dt: (category, #rle bytes) and score; RLE bytes of gt and dt masks, in order.
+    _IMG, _GT, _DT = 4, 3, 2
+
+    def __init__(self, num_classes: int, max_dets: int = 100, **kw) -> None:
         super().__init__(**kw)
-        self.num_classes = num_classes
-        self.add_state("n_images", torch.tensor(0), dist_reduce_fx="sum")
-        self._gt: list[dict] = []
-        self._dt: list[dict] = []
-        self._images: list[dict] = []
+        self.num_classes, self.max_dets = num_classes, max_dets
+        for name in ("images", "gt_meta", "dt_meta", "dt_score", "gt_rle", "dt_rle"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, preds: list[dict], gt) -> None:
-        """``preds`` from ``instance_inference``; ``gt`` a Scene (thing segments count)."""
         from pycocotools import mask as mask_util
 
-        img_id = len(self._images) + 1 + 10_000_000 * _rank()
+        def rle_bytes(m: np.ndarray) -> bytes:
+            return mask_util.encode(np.asfortranarray(m.astype(np.uint8)))["counts"]
+
         h, w = gt.instance.shape
-        self._images.append({"id": img_id, "height": h, "width": w})
+        gt_meta, gt_rle = [], []
         for seg in gt.segments:
             if not seg["isthing"]:
                 continue
-            m = np.asfortranarray((gt.instance == seg["id"]).astype(np.uint8))
-            rle = mask_util.encode(m)
-            self._gt.append({"image_id": img_id, "category_id": int(seg["category"]) + 1,
-                             "segmentation": rle, "area": float(mask_util.area(rle)),
-                             "bbox": mask_util.toBbox(rle).tolist(),
-                             "iscrowd": int(seg.get("iscrowd", 0))})
+            b = rle_bytes(np.asarray(gt.instance) == seg["id"])
+            gt_meta += [int(seg["category"]), int(seg.get("iscrowd", 0) or 0), len(b)]
+            gt_rle.append(b)
+        dt_meta, dt_score, dt_rle = [], [], []
         for p in preds:
-            m = np.asfortranarray(p["mask"].cpu().numpy().astype(np.uint8))
-            self._dt.append({"image_id": img_id, "category_id": int(p["category"]) + 1,
-                             "segmentation": mask_util.encode(m), "score": float(p["score"])})
-        self.n_images += 1
+            b = rle_bytes(p["mask"].detach().cpu().numpy().astype(bool))
+            dt_meta += [int(p["category"]), len(b)]
+            dt_score.append(float(p["score"]))
+            dt_rle.append(b)
+        dev = self.device
+
+        def as_bytes(chunks: list[bytes]) -> Tensor:
+            buf = bytearray(b"".join(chunks))
+            if not buf:
+                return torch.zeros(0, dtype=torch.uint8, device=dev)
+            return torch.frombuffer(buf, dtype=torch.uint8).clone().to(dev)
+
+        self.images.append(torch.tensor([h, w, len(gt_rle), len(dt_rle)], dtype=torch.long,
+                                        device=dev))
+        self.gt_meta.append(torch.tensor(gt_meta, dtype=torch.long, device=dev))
+        self.dt_meta.append(torch.tensor(dt_meta, dtype=torch.long, device=dev))
+        self.dt_score.append(torch.tensor(dt_score, dtype=torch.float64, device=dev))
+        self.gt_rle.append(as_bytes(gt_rle))
+        self.dt_rle.append(as_bytes(dt_rle))
+
+    def _coco(self) -> tuple[list[dict], list[dict], list[dict]]:
+        """Images, ground-truth and detection annotations in COCO format, from the states."""
+        from pycocotools import mask as mask_util
+
+        images = _cat(self.images, torch.long).cpu().view(-1, self._IMG).tolist()
+        gt_meta = _cat(self.gt_meta, torch.long).cpu().view(-1, self._GT).tolist()
+        dt_meta = _cat(self.dt_meta, torch.long).cpu().view(-1, self._DT).tolist()
+        dt_score = _cat(self.dt_score, torch.float64).cpu().tolist()
+        gt_rle = _cat(self.gt_rle, torch.uint8).cpu().numpy().tobytes()
+        dt_rle = _cat(self.dt_rle, torch.uint8).cpu().numpy().tobytes()
+        out_img, out_gt, out_dt = [], [], []
+        ig = idt = og = od = 0
+        for i, (h, w, n_gt, n_dt) in enumerate(images, start=1):
+            out_img.append({"id": i, "height": h, "width": w})
+            for cat, crowd, n in gt_meta[ig:ig + n_gt]:
+                rle = {"size": [h, w], "counts": gt_rle[og:og + n]}
+                og += n
+                out_gt.append({"id": len(out_gt) + 1, "image_id": i, "category_id": cat + 1,
+                               "segmentation": rle, "area": float(mask_util.area(rle)),
+                               "bbox": mask_util.toBbox(rle).tolist(), "iscrowd": crowd})
+            for (cat, n), score in zip(dt_meta[idt:idt + n_dt], dt_score[idt:idt + n_dt]):
+                out_dt.append({"image_id": i, "category_id": cat + 1, "score": score,
+                               "segmentation": {"size": [h, w], "counts": dt_rle[od:od + n]}})
+                od += n
+            ig, idt = ig + n_gt, idt + n_dt
+        return out_img, out_gt, out_dt
 
     def compute(self) -> dict:
+        """{"AP50": percent | None, "per_class": [percent | None]} (None: no GT instance)."""
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
-        images, gts, dts = self._images, self._gt, self._dt
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (images, gts, dts))
-            images = [x for g in gathered for x in g[0]]
-            gts = [x for g in gathered for x in g[1]]
-            dts = [x for g in gathered for x in g[2]]
-        per_class: list[float | None] = [None] * self.num_classes
-        if not any(g["iscrowd"] == 0 for g in gts):
-            return {"AP50": None, "per_class": per_class}
-        gt_json = {"images": images, "categories": [{"id": c + 1, "name": str(c)}
-                                                    for c in range(self.num_classes)],
-                   "annotations": [{**g, "id": i + 1} for i, g in enumerate(gts)]}
+        images, gts, dts = self._coco()
+        has_gt = [any(g["category_id"] == c + 1 and not g["iscrowd"] for g in gts)
+                  for c in range(self.num_classes)]
+        if not any(has_gt):
+            return {"AP50": None, "per_class": [None] * self.num_classes}
+        if not dts:
+            return {"AP50": 0.0, "per_class": [0.0 if h else None for h in has_gt]}
         with contextlib.redirect_stdout(io.StringIO()):
             coco_gt = COCO()
-            coco_gt.dataset = gt_json
+            coco_gt.dataset = {"images": images, "annotations": gts,
+                               "categories": [{"id": c + 1, "name": str(c)}
+                                              for c in range(self.num_classes)]}
             coco_gt.createIndex()
-            if not dts:
-                return {"AP50": 0.0, "per_class": [0.0 if any(
-                    g["category_id"] == c + 1 and not g["iscrowd"] for g in gts) else None
-                    for c in range(self.num_classes)]}
-            coco_dt = coco_gt.loadRes([dict(d) for d in dts])
+            coco_dt = coco_gt.loadRes(dts)
             ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+            ev.params.maxDets = [1, 10, self.max_dets]
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-        ap50 = float(ev.stats[1])
-        prec = ev.eval["precision"][0, :, :, 0, -1]  # IoU 0.5, all recalls, classes, area all
+        # precision: [IoU thr, recall thr, category, area range, max dets]
+        prec = ev.eval["precision"][0, :, :, 0, -1]
+        per_class: list[float | None] = [None] * self.num_classes
         for k, cat in enumerate(ev.params.catIds):
             col = prec[:, k]
             col = col[col > -1]
             per_class[cat - 1] = _pct(float(col.mean())) if col.size else None
+        ap50 = float(ev.stats[1])
         return {"AP50": _pct(ap50) if ap50 >= 0 else None, "per_class": per_class}
 
-    def reset(self) -> None:
-        super().reset()
-        self._gt, self._dt, self._images = [], [], []
 
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
+# --------------------------------------------------------------------------------------- PQ
 class PanopticQuality(Metric):
+    """COCO panoptic quality (panopticapi ``pq_compute``). ``update(pred_seg, pred_segments,
+    gt)``: a map of predicted segment ids (0 = void), its segments {"id", "category", ...},
+    and a Scene whose ``instance`` map (0 = void) and ``segments`` are the ground truth."""
+
     full_state_update = False
 
-    def __init__(self, is_thing: list[bool], **kw):
+    def __init__(self, is_thing: list[bool], **kw) -> None:
         super().__init__(**kw)
-        self.is_thing = list(is_thing)
-        c = len(is_thing)
-        for name in ("tp", "fp", "fn"):
-            self.add_state(name, torch.zeros(c, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("iou", torch.zeros(c, dtype=torch.float64), dist_reduce_fx="sum")
+        self.is_thing = [bool(t) for t in is_thing]
+        c = len(self.is_thing)
+        for name in ("tp", "fp", "fn", "iou"):
+            self.add_state(name, default=torch.zeros(c, dtype=torch.float64),
+                           dist_reduce_fx="sum")
 
     def update(self, pred_seg: Tensor, pred_segments: list[dict], gt) -> None:
-        """Prediction: map of segment ids (0 = void) and its segments; ``gt`` a Scene."""
-        gt_map = torch.as_tensor(np.asarray(gt.instance, dtype=np.int64))
-        pred_map = pred_seg.cpu().long()
-        offset = int(max(pred_map.max().item(), 0)) + 1
-        pairs, counts = torch.unique(gt_map.flatten() * offset + pred_map.flatten(),
-                                     return_counts=True)
-        inter = {(int(p) // offset, int(p) % offset): int(n) for p, n in zip(pairs, counts)}
-        gt_segs = {s["id"]: s for s in gt.segments}
-        pred_segs = {s["id"]: s for s in pred_segments}
-        pred_area = {sid: int((pred_map == sid).sum()) for sid in pred_segs}
-        gt_area = {sid: int((gt_map == sid).sum()) for sid in gt_segs}
+        gt_map = torch.as_tensor(np.asarray(gt.instance, dtype=np.int64)).flatten()
+        pred_map = torch.as_tensor(pred_seg).detach().cpu().long().flatten()
+        offset = int(pred_map.max()) + 1 if pred_map.numel() else 1
+        pairs, counts = torch.unique(gt_map * offset + pred_map, return_counts=True)
+        inter = {(int(p) // offset, int(p) % offset): int(n)
+                 for p, n in zip(pairs.tolist(), counts.tolist())}
+        gt_area: dict[int, int] = {}
+        pred_area: dict[int, int] = {}
+        for (g, p), n in inter.items():
+            gt_area[g] = gt_area.get(g, 0) + n
+            pred_area[p] = pred_area.get(p, 0) + n
+        # segments are as large as the maps say (panopticapi); listed but absent ones drop out
+        gt_segs = {s["id"]: s for s in gt.segments if gt_area.get(s["id"], 0) > 0}
+        pred_segs = {s["id"]: s for s in pred_segments if pred_area.get(s["id"], 0) > 0}
+        tp, fp, fn, iou_sum = (torch.zeros_like(self.tp, device="cpu") for _ in range(4))
+
         gt_matched, pred_matched = set(), set()
         for (g, p), n in inter.items():
             if g not in gt_segs or p not in pred_segs:
@@ -183,58 +254,74 @@ class PanopticQuality(Metric):
             union = pred_area[p] + gt_area[g] - n - inter.get((0, p), 0)
             iou = n / union
             if iou > 0.5:
-                self.tp[gs["category"]] += 1
-                self.iou[gs["category"]] += iou
+                tp[gs["category"]] += 1
+                iou_sum[gs["category"]] += iou
                 gt_matched.add(g)
                 pred_matched.add(p)
-        crowd: dict[int, int] = {}
+
+        crowd: dict[int, int] = {}   # category -> its crowd segment id
         for g, gs in gt_segs.items():
             if g in gt_matched:
                 continue
             if gs.get("iscrowd", 0):
                 crowd[gs["category"]] = g
                 continue
-            self.fn[gs["category"]] += 1
+            fn[gs["category"]] += 1
         for p, ps in pred_segs.items():
-            if p in pred_matched or pred_area[p] == 0:
+            if p in pred_matched:
                 continue
             ignored = inter.get((0, p), 0)
             if ps["category"] in crowd:
                 ignored += inter.get((crowd[ps["category"]], p), 0)
             if ignored / pred_area[p] > 0.5:
                 continue
-            self.fp[ps["category"]] += 1
+            fp[ps["category"]] += 1
+
+        dev = self.tp.device
+        self.tp += tp.to(dev)
+        self.fp += fp.to(dev)
+        self.fn += fn.to(dev)
+        self.iou += iou_sum.to(dev)
 
     def compute(self) -> dict:
-        tp, fp, fn, iou = self.tp, self.fp, self.fn, self.iou
-        denom = tp + 0.5 * fp + 0.5 * fn
+        """{"PQ","SQ","RQ","PQ_th","PQ_st": percent | None, "per_class": [PQ percent | None]}."""
+        tp, fp, fn, iou = (x.double().cpu() for x in (self.tp, self.fp, self.fn, self.iou))
         counted = (tp + fp + fn) > 0
-        pq = torch.where(counted, iou / denom.clamp_min(1e-12), torch.zeros_like(iou))
         sq = torch.where(tp > 0, iou / tp.clamp_min(1), torch.zeros_like(iou))
-        rq = torch.where(counted, tp / denom.clamp_min(1e-12), torch.zeros_like(iou))
+        rq = torch.where(counted, tp / (tp + 0.5 * fp + 0.5 * fn).clamp_min(1e-12),
+                         torch.zeros_like(iou))
+        pq = sq * rq
         thing = torch.tensor(self.is_thing, dtype=torch.bool)
 
         def avg(x: Tensor, sel: Tensor) -> float | None:
             s = counted & sel
             return _pct(float(x[s].mean())) if s.any() else None
 
-        everything = torch.ones_like(thing)
-        return {"PQ": avg(pq, everything), "SQ": avg(sq, everything), "RQ": avg(rq, everything),
+        every = torch.ones_like(thing)
+        return {"PQ": avg(pq, every), "SQ": avg(sq, every), "RQ": avg(rq, every),
                 "PQ_th": avg(pq, thing), "PQ_st": avg(pq, ~thing),
                 "per_class": [_pct(float(pq[c])) if counted[c] else None
                               for c in range(len(self.is_thing))]}
 
 
+# -------------------------------------------------------------------------------- evaluator
 class SegmentationEvaluator:
-    """mIoU, AP50 and PQ of a model's outputs on ground-truth scenes."""
+    """mIoU, AP50 and PQ of a model's outputs on ground-truth scenes (percent, 2 decimals)."""
 
-    def __init__(self, class_names: list[str], is_thing: list[bool]):
-        self.class_names, self.is_thing = list(class_names), list(is_thing)
-        self.miou = MeanIoU(len(class_names))
-        self.ap = InstanceAP50(len(class_names))
-        self.pq = PanopticQuality(is_thing)
+    def __init__(self, class_names: list[str], is_thing: list[bool], sync: bool = True) -> None:
+        """``sync=False``: never gather states across ranks (each rank scores on its own, as
+        in a study whose ranks run different cells)."""
+        if len(class_names) != len(is_thing):
+            raise ValueError("class_names and is_thing differ in length")
+        self.class_names, self.is_thing = list(class_names), [bool(t) for t in is_thing]
+        kw = {} if sync else {"sync_on_compute": False}
+        self.miou = MeanIoU(len(self.class_names), **kw)
+        self.ap = InstanceAP50(len(self.class_names), **kw)
+        self.pq = PanopticQuality(self.is_thing, **kw)
 
     def update(self, outputs, scenes: list) -> None:
+        """``outputs``: an ``Outputs`` batch aligned with ``scenes``; logits are upsampled to
+        each scene's size before post-processing."""
         masks = outputs.mask_logits.detach()
         classes = outputs.class_logits.detach()
         for i, scene in enumerate(scenes):
@@ -249,12 +336,14 @@ class SegmentationEvaluator:
 
     def compute(self) -> dict:
         miou, ap, pq = self.miou.compute(), self.ap.compute(), self.pq.compute()
-        per_class = {name: {"IoU": miou["per_class"][c], "AP50": ap["per_class"][c],
-                            "PQ": pq["per_class"][c], "isthing": self.is_thing[c]}
+        per_class = {name: {"IoU": _round(miou["per_class"][c]),
+                            "AP50": _round(ap["per_class"][c]),
+                            "PQ": _round(pq["per_class"][c]), "isthing": self.is_thing[c]}
                      for c, name in enumerate(self.class_names)}
-        return {"mIoU": miou["mIoU"], "AP50": ap["AP50"], "PQ": pq["PQ"], "SQ": pq["SQ"],
-                "RQ": pq["RQ"], "PQ_th": pq["PQ_th"], "PQ_st": pq["PQ_st"],
-                "per_class": per_class}
+        out = {"mIoU": _round(miou["mIoU"]), "AP50": _round(ap["AP50"])}
+        out.update({k: _round(pq[k]) for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")})
+        out["per_class"] = per_class
+        return out
 
     def reset(self) -> None:
         for m in (self.miou, self.ap, self.pq):

@@ -120,7 +120,7 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
               sfm: str = "embedded", checkpoint: str | None = None, device: str = "auto") -> Path:
     import torch
 
-    from .distributed import init_from_env
+    from .distributed import init_from_env, local_only
     from .experiment import CellSpec, Workspace, run_cells
     from .features import FeatureCache
     from .prompts.promptset import save_prompts
@@ -163,12 +163,13 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
         specs = [CellSpec(task=task, prompt=variant.prompt,
                           train=TrainConfig(**{**cfg.train, **variant.train}), shots=cfg.shots,
                           seed=seed, n_test=cfg.n_test) for _, _, seed in cells]
-        if variant.prompt.mode in FIXED_MODES:  # nothing learned: one evaluation serves all
-            first = run_cells(ws, specs[:1])[0]
-            outs = [first] + [({**first[0], "spec": sp.as_dict(), "wall_s": 0.0}, first[1], [])
-                              for sp in specs[1:]]
-        else:
-            outs = run_cells(ws, specs)
+        with local_only():  # ranks run different cells: no sharding, no gradient all-reduce
+            if variant.prompt.mode in FIXED_MODES:  # nothing learned: one evaluation serves all
+                first = run_cells(ws, specs[:1])[0]
+                outs = [first] + [({**first[0], "spec": sp.as_dict(), "wall_s": 0.0}, first[1],
+                                   []) for sp in specs[1:]]
+            else:
+                outs = run_cells(ws, specs)
         for (_, _, seed), spec, (result, prompts, log) in zip(cells, specs, outs):
             cid = cell_id(variant, task, seed)
             result["loss_log"] = log

@@ -1,0 +1,441 @@
+"""Metrics against hand-computed values, panopticapi's PQ rules, and torchmetrics state merging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.detection import PanopticQuality as TMPanopticQuality
+
+from ssprompt.data.scenes import Scene
+from ssprompt.metrics import InstanceAP50, MeanIoU, PanopticQuality, SegmentationEvaluator
+from ssprompt.sfm.base import Outputs
+
+torch.set_num_threads(1)
+
+
+def make_scene(instance: np.ndarray, segments: list[dict]) -> Scene:
+    """A Scene from an instance map (0 = void) and its segments; semantic derived."""
+    instance = np.asarray(instance, dtype=np.int32)
+    semantic = np.full(instance.shape, 255, np.uint8)
+    for s in segments:
+        semantic[instance == s["id"]] = s["category"]
+        s.setdefault("area", int((instance == s["id"]).sum()))
+    return Scene(np.zeros(instance.shape + (3,), np.uint8), semantic, instance, segments)
+
+
+def strip(width: int, runs: list[tuple[int, int, int]]) -> np.ndarray:
+    """A (1, width) id map with ``value`` on [start, stop) for each (start, stop, value)."""
+    m = np.zeros((1, width), np.int64)
+    for a, b, v in runs:
+        m[0, a:b] = v
+    return m
+
+
+def seg(i: int, cat: int, isthing: bool, crowd: int = 0) -> dict:
+    return {"id": i, "category": cat, "isthing": isthing, "iscrowd": crowd}
+
+
+# --------------------------------------------------------------------------------------- mIoU
+def test_miou_hand_computed_with_ignore():
+    gt = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1], [2, 3, 0, 3], [2, 2, 3, 3]])
+    m = MeanIoU(5)
+    m.update(pred, gt)
+    out = m.compute()
+    # class 0: 3 / (4 + 3 - 3); class 1: 4 / (4 + 5 - 4); class 2: 3 / (4 + 3 - 3); class 3 is
+    # only predicted (detectron2: no IoU), class 4 absent; ignore pixels count for nothing
+    assert out["per_class"][:3] == pytest.approx([75.0, 80.0, 75.0])
+    assert out["per_class"][3:] == [None, None]
+    assert out["mIoU"] == pytest.approx((75 + 80 + 75) / 3)
+
+
+def test_miou_batched_equals_sequential_and_merge():
+    torch.manual_seed(0)
+    gt = torch.randint(0, 4, (4, 6, 6))
+    gt[:, 0] = 255
+    pred = torch.randint(0, 4, (4, 6, 6))
+    whole = MeanIoU(4)
+    whole.update(pred, gt)
+    a, b = MeanIoU(4), MeanIoU(4)
+    a.update(pred[:2], gt[:2])
+    for i in (2, 3):
+        b.update(pred[i], gt[i])
+    a.merge_state(b)
+    assert a.compute() == whole.compute()
+
+
+# --------------------------------------------------------------------------------------- AP50
+def _box(h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+    m = torch.zeros(h, w, dtype=torch.bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def _two_thing_scene() -> Scene:
+    inst = np.zeros((10, 10), np.int32)
+    inst[0:4, 0:4] = 1
+    inst[5:9, 5:9] = 2
+    inst[inst == 0] = 3
+    return make_scene(inst, [seg(1, 0, True), seg(2, 0, True), seg(3, 2, False)])
+
+
+def test_ap50_perfect_is_100():
+    sc = _two_thing_scene()
+    preds = [{"mask": torch.as_tensor(sc.instance == i), "category": 0, "score": s}
+             for i, s in ((1, 0.9), (2, 0.3))]
+    m = InstanceAP50(3)
+    m.update(preds, sc)
+    out = m.compute()
+    assert out["AP50"] == pytest.approx(100.0)
+    assert out["per_class"] == [pytest.approx(100.0), None, None]   # class 2 is stuff
+
+
+def test_ap50_fp_scored_above_tp():
+    # one GT; the FP (0.9) ranks above the TP (0.8): recall 0 -> 1 at precision 1/2, so the
+    # interpolated precision is 1/2 at every recall threshold: AP50 = 50
+    inst = np.zeros((10, 10), np.int32)
+    inst[0:4, 0:4] = 1
+    sc = make_scene(inst, [seg(1, 0, True)])
+    preds = [{"mask": _box(10, 10, 6, 9, 6, 9), "category": 0, "score": 0.9},
+             {"mask": torch.as_tensor(inst == 1), "category": 0, "score": 0.8}]
+    m = InstanceAP50(1)
+    m.update(preds, sc)
+    assert m.compute()["AP50"] == pytest.approx(50.0)
+
+
+def test_ap50_interpolation_two_gt():
+    # TP 0.9, FP 0.8, TP 0.7 on two GTs: precision 1 up to recall 0.5 (51 of COCO's 101 recall
+    # thresholds), then 2/3: AP50 = (51 + 50 * 2/3) / 101
+    sc = _two_thing_scene()
+    preds = [{"mask": torch.as_tensor(sc.instance == 1), "category": 0, "score": 0.9},
+             {"mask": _box(10, 10, 0, 3, 6, 9), "category": 0, "score": 0.8},
+             {"mask": torch.as_tensor(sc.instance == 2), "category": 0, "score": 0.7}]
+    m = InstanceAP50(3)
+    m.update(preds, sc)
+    assert m.compute()["AP50"] == pytest.approx(100 * (51 + 50 * 2 / 3) / 101)
+
+
+def test_ap50_iou_threshold_and_crowd():
+    inst = np.zeros((10, 10), np.int32)
+    inst[0:4, 0:4] = 1          # 16 px
+    inst[6:10, 6:10] = 2        # crowd of class 0
+    sc = make_scene(inst, [seg(1, 0, True), seg(2, 0, True, crowd=1)])
+    # a detection on the crowd region (scored highest) is ignored, not a FP
+    on_crowd = {"mask": torch.as_tensor(inst == 2), "category": 0, "score": 0.95}
+    # 9 px inside the 16 px GT: IoU 9/16 > 0.5 -> TP
+    tp = {"mask": _box(10, 10, 0, 3, 0, 3), "category": 0, "score": 0.5}
+    m = InstanceAP50(1)
+    m.update([on_crowd, tp], sc)
+    assert m.compute()["AP50"] == pytest.approx(100.0)
+    # COCO matches at IoU >= 0.5: 8 of the 16 px is a TP, 7 px (IoU 7/16) a FP
+    for mask, expected in ((_box(10, 10, 0, 2, 0, 4), 100.0),
+                           (_box(10, 10, 0, 1, 0, 4) | _box(10, 10, 1, 2, 0, 3), 0.0)):
+        m = InstanceAP50(1)
+        m.update([{"mask": mask, "category": 0, "score": 0.5}], sc)
+        assert m.compute()["AP50"] == pytest.approx(expected)
+
+
+def test_ap50_no_gt_instances_is_none():
+    inst = np.ones((6, 6), np.int32)
+    sc = make_scene(inst, [seg(1, 1, False)])
+    m = InstanceAP50(2)
+    m.update([{"mask": _box(6, 6, 0, 2, 0, 2), "category": 0, "score": 0.9}], sc)
+    assert m.compute() == {"AP50": None, "per_class": [None, None]}
+
+
+def test_ap50_no_detections_is_zero():
+    sc = _two_thing_scene()
+    m = InstanceAP50(3)
+    m.update([], sc)
+    assert m.compute() == {"AP50": 0.0, "per_class": [0.0, None, None]}
+
+
+def _ap_updates() -> list[tuple[list[dict], Scene]]:
+    sc = _two_thing_scene()
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for k in range(4):
+        preds = []
+        for j in range(3):
+            y, x = torch.randint(0, 6, (2,), generator=g).tolist()
+            preds.append({"mask": _box(10, 10, y, y + 4, x, x + 4), "category": 0,
+                          "score": float(torch.rand(1, generator=g))})
+        if k % 2:
+            preds.append({"mask": torch.as_tensor(sc.instance == 1), "category": 0, "score": .5})
+        out.append((preds, sc))
+    return out
+
+
+def test_ap50_merge_state_equals_single():
+    ups = _ap_updates()
+    whole, a, b = InstanceAP50(3), InstanceAP50(3), InstanceAP50(3)
+    for i, (p, sc) in enumerate(ups):
+        whole.update(p, sc)
+        (a if i < 2 else b).update(p, sc)
+    expected = whole.compute()
+    assert 0 < expected["AP50"] < 100
+    b.merge_state(a)            # incoming state goes first: a's images, then b's
+    assert b.compute() == expected
+
+
+def _fake_sync(metric, other):
+    """Run torchmetrics' own ``_sync_dist`` on ``metric`` as rank 0 of two, ``other`` being
+    rank 1: a stand-in all_gather that returns both ranks' (pre-concatenated) states."""
+    from torchmetrics.utilities import dim_zero_cat
+
+    theirs = []
+    for attr, fn in other._reductions.items():
+        v = getattr(other, attr)
+        if isinstance(v, list):
+            v = [dim_zero_cat(v)] if len(v) > 1 else (v or [torch.tensor([])])
+            theirs += v
+        else:
+            theirs.append(v)
+    it = iter(theirs)
+    metric._sync_dist(dist_sync_fn=lambda t, group=None: [t, next(it)])
+
+
+def test_ap50_distributed_sync_path():
+    ups = _ap_updates()
+    whole, a, b, empty = InstanceAP50(3), InstanceAP50(3), InstanceAP50(3), InstanceAP50(3)
+    for i, (p, sc) in enumerate(ups):
+        whole.update(p, sc)
+        (a if i < 2 else b).update(p, sc)
+    _fake_sync(a, b)
+    assert a.compute() == whole.compute()
+    c = InstanceAP50(3)
+    for p, sc in ups:
+        c.update(p, sc)
+    _fake_sync(c, empty)        # a rank that saw no image
+    assert c.compute() == whole.compute()
+
+
+# ----------------------------------------------------------------------------------------- PQ
+def _pq(gt: Scene, pred_map: np.ndarray, pred_segs: list[dict], is_thing: list[bool]) -> dict:
+    m = PanopticQuality(is_thing)
+    m.update(torch.as_tensor(pred_map), pred_segs, gt)
+    return m.compute()
+
+
+def _tm_pq(gt: Scene, pred_map: np.ndarray, pred_segs: list[dict], is_thing: list[bool]
+           ) -> float:
+    """torchmetrics' PQ (percent) on the same data; void -> an unknown category."""
+    void = len(is_thing) + 10
+
+    def encode(id_map: np.ndarray, segs: list[dict]) -> torch.Tensor:
+        out = np.stack([np.full(id_map.shape, void), np.zeros(id_map.shape)], -1)
+        for s in segs:
+            out[id_map == s["id"]] = (s["category"], s["id"])
+        return torch.as_tensor(out, dtype=torch.long)[None]
+
+    tm = TMPanopticQuality(things={c for c, t in enumerate(is_thing) if t},
+                           stuffs={c for c, t in enumerate(is_thing) if not t},
+                           allow_unknown_preds_category=True)
+    tm.update(encode(pred_map, pred_segs), encode(gt.instance, gt.segments))
+    return 100 * float(tm.compute())
+
+
+def test_pq_hand_computed():
+    is_thing = [True, False, True]       # class 2 appears nowhere: left out of the averages
+    gt = make_scene(strip(80, [(0, 20, 1), (20, 40, 2), (40, 60, 3)]),   # [60, 80) void
+                    [seg(1, 0, True), seg(2, 0, True), seg(3, 1, False)])
+    pred = strip(80, [(0, 11, 1), (60, 63, 1),     # p1: 11 px of A + 3 void px
+                      (21, 30, 2),                 # p2: 9 px of B -> IoU 0.45
+                      (30, 60, 3),                 # p3 stuff: 20 px of S + 10 of B
+                      (15, 20, 4), (63, 73, 4)])   # p4: 10 of its 15 px on void
+    segs = [seg(1, 0, True), seg(2, 0, True), seg(3, 1, False), seg(4, 0, True)]
+    out = _pq(gt, pred, segs, is_thing)
+    # p1/A: IoU 11 / (14 + 20 - 11 - 3) = 0.55 -> TP (0.478 if void stayed in the union)
+    # p2/B: 9 / 20 = 0.45 -> FP p2, FN B; p4: 10/15 on void -> not a FP
+    # p3/S: 20 / (30 + 20 - 20) = 2/3 -> TP
+    pq0, pq1 = 0.55 / (1 + 0.5 + 0.5), 2 / 3
+    assert out["per_class"] == [pytest.approx(100 * pq0), pytest.approx(100 * pq1), None]
+    assert out["PQ"] == pytest.approx(100 * (pq0 + pq1) / 2)
+    assert out["SQ"] == pytest.approx(100 * (0.55 + 2 / 3) / 2)
+    assert out["RQ"] == pytest.approx(100 * (0.5 + 1) / 2)
+    assert out["PQ_th"] == pytest.approx(100 * pq0)
+    assert out["PQ_st"] == pytest.approx(100 * pq1)
+
+
+def test_pq_crowd_follows_panopticapi():
+    # a crowd region of class 0 and one normal instance; p1 (class 0) lies on the crowd: not
+    # matched, not a FP, and the crowd is no FN; p3 (class 1) on the crowd of class 0 is a FP
+    is_thing = [True, True]
+    gt = make_scene(strip(40, [(0, 20, 1), (20, 40, 2)]),
+                    [seg(1, 0, True, crowd=1), seg(2, 0, True)])
+    pred = strip(40, [(0, 10, 1), (10, 20, 3), (20, 40, 2)])
+    segs = [seg(1, 0, True), seg(2, 0, True), seg(3, 1, True)]
+    out = _pq(gt, pred, segs, is_thing)
+    assert out["per_class"] == [pytest.approx(100.0), pytest.approx(0.0)]
+    assert out["PQ"] == pytest.approx(50.0)
+    # torchmetrics has no crowd: the region is an ordinary segment, p1 (IoU 0.5) a FP, it a FN
+    assert _tm_pq(gt, pred, segs, is_thing) == pytest.approx(25.0)
+
+
+def test_pq_void_union_follows_panopticapi():
+    # A (8 px) half predicted by p1, half predicted void. panopticapi: IoU 4/8 = 0.5, no match
+    # (FN + FP), PQ 50 with the stuff class. torchmetrics also takes A's predicted-void pixels
+    # out of the union: IoU 1, PQ 100
+    is_thing = [True, False]
+    gt = make_scene(strip(10, [(0, 8, 1), (8, 10, 2)]), [seg(1, 0, True), seg(2, 1, False)])
+    pred = strip(10, [(0, 4, 1), (8, 10, 2)])
+    segs = [seg(1, 0, True), seg(2, 1, False)]
+    out = _pq(gt, pred, segs, is_thing)
+    assert out["per_class"] == [pytest.approx(0.0), pytest.approx(100.0)]
+    assert out["PQ"] == pytest.approx(50.0)
+    assert _tm_pq(gt, pred, segs, is_thing) == pytest.approx(100.0)
+
+
+def test_pq_unmatched_gt_predicted_void_is_fn():
+    # A is wholly predicted void: panopticapi counts a FN (class 0 PQ 0, PQ 50); torchmetrics
+    # skips it, leaving class 0 out of the average (PQ 100)
+    is_thing = [True, False]
+    gt = make_scene(strip(10, [(0, 8, 1), (8, 10, 2)]), [seg(1, 0, True), seg(2, 1, False)])
+    pred = strip(10, [(8, 10, 2)])
+    segs = [seg(2, 1, False)]
+    out = _pq(gt, pred, segs, is_thing)
+    assert out["per_class"] == [pytest.approx(0.0), pytest.approx(100.0)]
+    assert out["PQ"] == pytest.approx(50.0)
+    assert _tm_pq(gt, pred, segs, is_thing) == pytest.approx(100.0)
+
+
+def test_pq_stuff_segments_not_merged():
+    # two predicted segments of one stuff class: panopticapi matches the larger (IoU 0.6) and
+    # counts the other as a FP (class 1 PQ 0.6 / 1.5); torchmetrics merges them (IoU 1)
+    is_thing = [True, False]
+    gt = make_scene(strip(20, [(0, 10, 1), (10, 20, 2)]), [seg(1, 1, False), seg(2, 0, True)])
+    pred = strip(20, [(0, 6, 1), (6, 10, 2), (10, 20, 3)])
+    segs = [seg(1, 1, False), seg(2, 1, False), seg(3, 0, True)]
+    out = _pq(gt, pred, segs, is_thing)
+    assert out["per_class"] == [pytest.approx(100.0), pytest.approx(40.0)]
+    assert out["PQ"] == pytest.approx(70.0)
+    assert _tm_pq(gt, pred, segs, is_thing) == pytest.approx(100.0)
+
+
+def _random_panoptic(cats: np.ndarray, is_thing: list[bool], shift: int
+                     ) -> tuple[np.ndarray, list[dict]]:
+    """A 12x12 map of 3x3 blocks (4 px, shifted) of categories ``cats``: no void, one segment
+    per stuff class."""
+    m = np.zeros((12, 12), np.int64)
+    segs, stuff_id = [], {}
+    for by in range(3):
+        for bx in range(3):
+            c = int(cats[by, bx])
+            if not is_thing[c] and c in stuff_id:
+                i = stuff_id[c]
+            else:
+                i = len(segs) + 1
+                segs.append(seg(i, c, is_thing[c]))
+                if not is_thing[c]:
+                    stuff_id[c] = i
+            y, x = max(0, by * 4 + shift), max(0, bx * 4 + shift)
+            m[y:by * 4 + 4 + shift, x:bx * 4 + 4 + shift] = i
+    m[m == 0] = m.max()            # no void: fill the shifted-out border
+    present = set(np.unique(m).tolist())
+    return m, [s for s in segs if s["id"] in present]
+
+
+def _random_pair(rng: np.random.Generator, is_thing: list[bool]):
+    """Ground truth and a prediction: blocks shifted by up to a pixel, one block relabelled as
+    a thing."""
+    cats = rng.integers(0, len(is_thing), size=(3, 3))
+    gmap, gsegs = _random_panoptic(cats, is_thing, 0)
+    cats = cats.copy()
+    cats[tuple(rng.integers(0, 3, 2))] = rng.choice([c for c, t in enumerate(is_thing) if t])
+    pmap, psegs = _random_panoptic(cats, is_thing, int(rng.integers(-1, 2)))
+    return gmap, gsegs, pmap, psegs
+
+
+def test_pq_agrees_with_torchmetrics_without_void_crowd():
+    rng = np.random.default_rng(0)
+    is_thing = [True, True, False, False]
+    ours = PanopticQuality(is_thing)
+    values = []
+    for _ in range(8):
+        gmap, gsegs, pmap, psegs = _random_pair(rng, is_thing)
+        gt = make_scene(gmap, gsegs)
+        values.append(_pq(gt, pmap, psegs, is_thing)["PQ"])
+        assert values[-1] == pytest.approx(_tm_pq(gt, pmap, psegs, is_thing))
+        ours.update(torch.as_tensor(pmap), psegs, gt)
+    assert len(set(np.round(values, 6))) > 3          # the cases are not all alike
+    assert 0 < ours.compute()["PQ"] < 100
+
+
+def test_pq_merge_state_equals_single():
+    rng = np.random.default_rng(1)
+    is_thing = [True, True, False, False]
+    data = []
+    for _ in range(4):
+        gmap, gsegs, pmap, psegs = _random_pair(rng, is_thing)
+        data.append((torch.as_tensor(pmap), psegs, make_scene(gmap, gsegs)))
+    whole, a, b = (PanopticQuality(is_thing) for _ in range(3))
+    for i, d in enumerate(data):
+        whole.update(*d)
+        (a if i % 2 else b).update(*d)
+    a.merge_state(b)
+    for k in ("tp", "fp", "fn", "iou"):
+        assert torch.allclose(getattr(a, k), getattr(whole, k))
+    assert a.compute()["PQ"] == pytest.approx(whole.compute()["PQ"])
+
+
+# ---------------------------------------------------------------------------------- evaluator
+def _perfect_outputs(scene: Scene, num_classes: int, down: int = 1) -> Outputs:
+    """One query per GT segment, mask logits +-10 at 1/``down`` resolution, confident class."""
+    masks, labels = [], []
+    for s in scene.segments:
+        m = torch.as_tensor(scene.instance == s["id"]).float() * 20 - 10
+        masks.append(m[::down, ::down])
+        labels.append(s["category"])
+    masks.append(torch.full_like(masks[0], -10.0))   # an idle "no object" query
+    labels.append(num_classes)
+    cls = torch.full((len(labels), num_classes + 1), -10.0)
+    cls[torch.arange(len(labels)), torch.tensor(labels)] = 10.0
+    return Outputs(torch.stack(masks)[None], cls[None])
+
+
+def _evaluator_scene() -> Scene:
+    inst = np.zeros((8, 8), np.int32)
+    inst[:, :4] = 1                        # stuff class 2
+    inst[:, 4:] = 2                        # stuff class 3
+    inst[0:4, 0:2] = 3                     # thing class 0
+    inst[4:8, 4:6] = 4                     # thing class 1
+    return make_scene(inst, [seg(1, 2, False), seg(2, 3, False), seg(3, 0, True),
+                             seg(4, 1, True)])
+
+
+@pytest.mark.parametrize("down", [1, 2])
+def test_evaluator_perfect(down):
+    names, is_thing = ["a", "b", "s", "t", "unused"], [True, True, False, False, True]
+    sc = _evaluator_scene()
+    ev = SegmentationEvaluator(names, is_thing)
+    ev.update(_perfect_outputs(sc, 5, down), [sc])
+    out = ev.compute()
+    for k in ("mIoU", "AP50", "PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
+        assert out[k] == 100.0, k
+    assert out["per_class"]["unused"] == {"IoU": None, "AP50": None, "PQ": None,
+                                          "isthing": True}
+    assert out["per_class"]["s"]["AP50"] is None and out["per_class"]["s"]["PQ"] == 100.0
+    ev.reset()
+    ev.update(_perfect_outputs(sc, 5, down), [sc])
+    assert ev.compute()["PQ"] == 100.0
+
+
+def test_evaluator_stuff_only_and_class_agnostic():
+    sc = _evaluator_scene()
+    stuff = make_scene(np.select([sc.instance == 3, sc.instance == 4], [1, 2], sc.instance),
+                       [seg(1, 0, False), seg(2, 1, False)])
+    ev = SegmentationEvaluator(["s", "t"], [False, False])
+    ev.update(_perfect_outputs(stuff, 2), [stuff])
+    out = ev.compute()
+    assert out["AP50"] is None and out["PQ_th"] is None
+    assert out["mIoU"] == 100.0 and out["PQ"] == out["PQ_st"] == 100.0
+
+    things = [dict(s, category=0) for s in sc.segments if s["isthing"]]
+    inst = np.where(np.isin(sc.instance, [3, 4]), sc.instance, 0)
+    agnostic = make_scene(inst, things)
+    ev = SegmentationEvaluator(["object"], [True])
+    ev.update(_perfect_outputs(agnostic, 1), [agnostic])
+    out = ev.compute()
+    assert out["AP50"] == 100.0 and out["PQ"] == 100.0 and out["PQ_st"] is None
+    assert out["mIoU"] == 100.0
