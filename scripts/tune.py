@@ -17,7 +17,7 @@ from ssprompt.prompts.promptset import PromptConfig, PromptSet
 from ssprompt.sfm import load_sfm
 from ssprompt.train import TrainConfig, train_prompts
 
-GRID = {"init": ["random", "default"], "lr": [1e-3, 3e-3, 1e-2], "steps": [150]}
+GRID = {"init": ["random", "default"], "lr": [2e-3, 1e-2], "steps": [150]}
 TASKS = ["shift", "novel", "stuff"]
 
 
@@ -28,7 +28,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for task in TASKS:
-        val = ws.dataset(task, "val", n_test=100)
         val = ws.dataset(task, "val", n_test=100)
         zs = PromptSet(ws.sfm, val.class_names, PromptConfig("default"))
         m = evaluate(ws.sfm, *zs(), val, ws.cache)

@@ -8,7 +8,7 @@ from torch import Tensor
 from .distributed import rank_world
 from .features import FeatureCache
 from .metrics import SegmentationEvaluator
-from .sfm.base import PromptableSFM
+from .sfm.base import PromptableSFM, autocast
 
 
 @torch.no_grad()
@@ -26,7 +26,8 @@ def evaluate(sfm: PromptableSFM, spatial: Tensor, semantic: Tensor | None, datas
     for s in range(0, len(indices), batch):
         scenes = [dataset[i] for i in indices[s:s + batch]]
         feats = cache.get(sfm, [sc.image for sc in scenes])
-        out = sfm.decode(feats, spatial, semantic)
+        with autocast(next(iter(feats.tensors.values())).device):
+            out = sfm.decode(feats, spatial, semantic)
         if semantic is None:
             scenes = [class_agnostic(sc) for sc in scenes]
         ev.update(out, scenes)

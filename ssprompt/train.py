@@ -22,7 +22,7 @@ from .errors import UserError
 from .features import FeatureCache
 from .losses import set_loss
 from .prompts.promptset import PromptSet
-from .sfm.base import Features, PromptableSFM
+from .sfm.base import Features, PromptableSFM, autocast
 
 
 class NonFiniteLoss(UserError):
@@ -34,6 +34,7 @@ class TrainConfig:
     steps: int = 150
     lr: float = 5e-3
     weight_decay: float = 0.05
+    weight_lr_mult: float = 10.0
     batch: int = 8
     warmup: int = 10
     seed: int = 0
@@ -46,6 +47,9 @@ class _Run:
     def __init__(self, sfm, prompts: PromptSet, dataset, cfg: TrainConfig, cache: FeatureCache):
         self.prompts, self.cfg = prompts, cfg
         scenes = [dataset[i] for i in range(len(dataset))]
+        if prompts.semantic is None:  # no class prompts (SAM): class-agnostic, as evaluate()
+            from .evaluate import class_agnostic
+            scenes = [class_agnostic(s) for s in scenes]
         self.feats = cache.get(sfm, [s.image for s in scenes])
         device = next(iter(self.feats.tensors.values())).device
         self.targets = []
@@ -54,7 +58,15 @@ class _Run:
             self.targets.append((torch.from_numpy(labels).to(device),
                                  torch.from_numpy(masks).to(device)))
         self.params = prompts.trainable()
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fusion-weight logits move on a sigmoid scale: they get their own learning rate and
+        # no weight decay (decay would pull every w towards 0.5)
+        named = [(n, p) for n, p in prompts.named_parameters() if p.requires_grad]
+        weights = [p for n, p in named if n.endswith("weight_logit")]
+        others = [p for n, p in named if not n.endswith("weight_logit")]
+        groups = [{"params": others, "lr_mult": 1.0, "weight_decay": cfg.weight_decay}]
+        if weights:
+            groups.append({"params": weights, "lr_mult": cfg.weight_lr_mult, "weight_decay": 0.0})
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr)
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.batch = min(cfg.batch, len(scenes))
         self.order: list[int] = []
@@ -90,14 +102,15 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
         for r, idx in zip(runs, batches):
             scale = min(1.0, (step + 1) / r.cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
             for group in r.opt.param_groups:
-                group["lr"] = r.cfg.lr * scale
+                group["lr"] = r.cfg.lr * scale * group["lr_mult"]
             sp, se = r.prompts()
             spatial.append(sp.expand(len(idx), -1, -1) if sp.dim() == 2 else sp)
             semantic.append(None if se is None else se.expand(len(idx), -1, -1))
         feats = Features.cat([r.feats.index(idx) for r, idx in zip(runs, batches)])
         sem = None if semantic[0] is None else torch.cat(semantic)
-        out = sfm.decode(feats, torch.cat(spatial), sem) if len(runs) > 1 else \
-            sfm.decode(feats, spatial[0][0], None if sem is None else sem[0])
+        with autocast(next(iter(feats.tensors.values())).device):
+            out = sfm.decode(feats, torch.cat(spatial), sem) if len(runs) > 1 else \
+                sfm.decode(feats, spatial[0][0], None if sem is None else sem[0])
         total, start = 0.0, 0
         parts_all = []
         for r, idx in zip(runs, batches):
@@ -105,7 +118,7 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
             start += len(idx)
             loss, parts = set_loss(_slice(out, sl), [r.targets[i] for i in idx])
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"step {step}: loss is {float(loss)}; lower --lr")
+                raise NonFiniteLoss(f"step {step}: loss is {float(loss.detach())}; lower --lr")
             total = total + loss
             parts_all.append((loss, parts))
         for r in runs:

@@ -58,6 +58,15 @@ class PromptableSFM(Protocol):
     def weights_hash(self) -> str: ...
 
 
+def autocast(device: torch.device):
+    """bf16 mixed precision on CUDA; plain fp32 elsewhere."""
+    import contextlib
+
+    if torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Every parameter frozen and the module in eval mode: the SFM is never trained by ssprompt."""
     for p in model.parameters():

@@ -1,0 +1,381 @@
+"""Hardening: bad input through the REAL command line (``python -m ssprompt.cli``) ends with
+exit code 2, exactly one stderr line ``ssprompt: error: ...`` naming the file or flag and the
+problem, and no partial result; plus fault injection (non-finite loss, crash mid-write) and
+determinism. Every case runs on a tiny random SFM saved to a temp file (no committed weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_FILES = ("metrics.json", "prompts.safetensors", "config.json", "loss.csv")
+
+
+# ---------------------------------------------------------------------------------- helpers
+def ssprompt(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "ssprompt.cli", *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def shown_lines(stderr: str) -> list[str]:
+    """The non-blank lines a terminal shows: text a carriage return went back over (a progress
+    bar that erased itself, tqdm's ``leave=False``) is not shown; a bar left behind is."""
+    return [ln.rsplit("\r", 1)[-1] for ln in stderr.split("\n")
+            if ln.rsplit("\r", 1)[-1].strip()]
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    assert r.returncode == 2, f"rc={r.returncode}\n{r.stderr[-2000:]}"
+    return assert_one_error_line(r.stderr, *needles)
+
+
+def assert_one_error_line(stderr: str, *needles: str) -> str:
+    lines = shown_lines(stderr)
+    assert len(lines) == 1, stderr[-2000:]
+    assert lines[0].startswith("ssprompt: error:"), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def assert_no_results(out: Path) -> None:
+    for name in RESULT_FILES:
+        assert not (out / name).exists(), f"partial output {out / name}"
+    if out.exists():
+        assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def _tiny(path: Path, seed: int) -> Path:
+    from ssprompt.sfm.embedded import EmbeddedSFM
+
+    torch.manual_seed(seed)
+    EmbeddedSFM(embed_dim=32, mask_dim=16, layers=1).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return _tiny(tmp_path_factory.mktemp("sfm") / "tiny.safetensors", 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_other(tmp_path_factory) -> Path:
+    return _tiny(tmp_path_factory.mktemp("sfm2") / "tiny.safetensors", 1)
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    """Three `shift` test scenes exported as a COCO folder with a train and a test split."""
+    from ssprompt.data.coco import export_coco
+    from ssprompt.data.scenes import SceneSplit
+
+    scenes = SceneSplit("shift", "test", n=3)
+    root = tmp_path_factory.mktemp("coco")
+    export_coco(scenes, root, "test")
+    export_coco(scenes, root, "train")
+    return root
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_json(path: Path, fn) -> None:
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _eval(ckpt: Path, out: Path, *args) -> list:
+    return ["eval", "--checkpoint", ckpt, "--out", out, "--n-prompts", "10", *args]
+
+
+def _train(ckpt: Path, out: Path, *args) -> list:
+    return ["train", "--checkpoint", ckpt, "--out", out, "--n-prompts", "10", "--steps", "2",
+            "--batch", "2", *args]
+
+
+@pytest.fixture(scope="module")
+def coco_unannotated(coco, tmp_path_factory) -> Path:
+    """Image 2 of both splits has no annotation at all (panoptic and instances)."""
+    root = _copy(coco, tmp_path_factory.mktemp("unann") / "c")
+    for split in ("train", "test"):
+        for kind in ("panoptic", "instances"):
+            _edit_json(root / "annotations" / f"{kind}_{split}.json",
+                       lambda d: d.update(annotations=[a for a in d["annotations"]
+                                                       if a["image_id"] != 2]))
+    return root
+
+
+# ----------------------------------------------------------------- the command-line runs
+# Each job prepares its (damaged) input in its own folder d and returns the command line; the
+# module fixture `cli` runs them all, two at a time (each is one single-threaded process that
+# mostly imports), and the tests below check one result each.
+JOBS = {}
+
+
+def job(fn):
+    JOBS[fn.__name__] = fn
+    return fn
+
+
+@job
+def train_a(fx, d):  # the determinism pair; `a` also provides prompts for another SFM
+    return ["train", "--checkpoint", fx["tiny"], "--out", d, "--n-prompts", "10", "--batch", "2",
+            "--task", "shift", "--steps", "3", "--shots", "2", "--n-test", "3", "--seed", "0"]
+
+
+@job
+def train_b(fx, d):
+    return train_a(fx, d)
+
+
+@job
+def unannotated_train(fx, d):
+    return _train(fx["tiny"], d, "--data", f"coco:{fx['unann']}", "--shots", "3")
+
+
+@job
+def unannotated_eval(fx, d):
+    return _eval(fx["tiny"], d, "--data", f"coco:{fx['unann']}")
+
+
+@job
+def corrupt_image(fx, d):
+    root = _copy(fx["coco"], d / "c")
+    img = root / "test" / "000001.png"
+    img.write_bytes(img.read_bytes()[: len(img.read_bytes()) // 2])  # truncated PNG
+    return _eval(fx["tiny"], d, "--data", f"coco:{root}")
+
+
+@job
+def mask_size(fx, d):
+    root = _copy(fx["coco"], d / "c")
+    ann = root / "annotations"
+    (ann / "panoptic_test.json").unlink()  # instances only: the RLE's size is checked
+
+    def grow(doc):
+        seg = doc["annotations"][0]["segmentation"]
+        seg["size"] = [seg["size"][0] + 8, seg["size"][1]]
+
+    _edit_json(ann / "instances_test.json", grow)
+    return _eval(fx["tiny"], d, "--data", f"coco:{root}")
+
+
+@job
+def undeclared_category(fx, d):
+    root = _copy(fx["coco"], d / "c")
+    _edit_json(root / "annotations" / "panoptic_test.json",
+               lambda doc: doc["annotations"][0]["segments_info"][0].update(category_id=999))
+    return _eval(fx["tiny"], d, "--data", f"coco:{root}")
+
+
+@job
+def not_json(fx, d):
+    root = _copy(fx["coco"], d / "c")
+    (root / "annotations" / "panoptic_test.json").write_text('{"images": [ oops')
+    return _eval(fx["tiny"], d, "--data", f"coco:{root}")
+
+
+@job
+def truncated_weights(fx, d):
+    tiny = fx["tiny"]
+    bad = d / "cut.safetensors"
+    bad.write_bytes(tiny.read_bytes()[: tiny.stat().st_size // 2])
+    return _train(bad, d, "--task", "shift", "--shots", "2", "--n-test", "2")
+
+
+@job
+def weights_as_prompts(fx, d):
+    return _eval(fx["tiny"], d, "--task", "shift", "--n-test", "2", "--prompts", fx["tiny"])
+
+
+@job
+def zero_prompts_eval(fx, d):  # `train --n-prompts 0`: tests/test_cli.py
+    return _eval(fx["tiny"], d, "--task", "shift", "--n-test", "2", "--n-prompts", "0")
+
+
+@job
+def shots_embedded(fx, d):
+    return _train(fx["tiny"], d, "--task", "novel", "--n-test", "2", "--shots", "100000")
+
+
+@job
+def shots_coco(fx, d):
+    return _train(fx["tiny"], d, "--data", f"coco:{fx['coco']}", "--shots", "4")
+
+
+@job
+def study_unknown_key(fx, d):
+    cfg = d / "bad.yaml"
+    cfg.write_text("name: bad\ntasks: [shift]\nseeds: [0]\nshots: 2\nn_test: 2\n"
+                   "train: {steps: 1, lerning_rate: 0.1}\n"
+                   "variants:\n  - {name: zs, mode: default}\n")
+    return ["study", "--config", cfg, "--out", d / "run", "--checkpoint", fx["tiny"]]
+
+
+@pytest.fixture(scope="module")
+def cli(coco, coco_unannotated, tiny, tiny_other, tmp_path_factory) -> dict:
+    """name -> (CompletedProcess, output folder) for every job, plus `other_sfm`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fx = {"coco": coco, "unann": coco_unannotated, "tiny": tiny}
+    base = tmp_path_factory.mktemp("cli")
+    argv = {}
+    for name, prep in JOBS.items():
+        (base / name).mkdir()
+        argv[name] = prep(fx, base / name)
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(ssprompt, *args) for name, args in argv.items()}
+        runs = {name: (f.result(), base / name) for name, f in futures.items()}
+    assert runs["train_a"][0].returncode == 0, runs["train_a"][0].stderr[-2000:]
+    out = base / "other_sfm"  # prompts learned with one tiny SFM, evaluated with another
+    runs["other_sfm"] = (ssprompt(*_eval(tiny_other, out, "--task", "shift", "--n-test", "3",
+                                         "--prompts", base / "train_a" / "prompts.safetensors")),
+                         out)
+    return runs
+
+
+def _error(cli, name: str, *needles: str) -> str:
+    r, out = cli[name]
+    line = assert_one_line_error(r, *needles)
+    assert_no_results(out)
+    return line
+
+
+# ------------------------------------------------------------------------ COCO bad input
+def test_coco_corrupt_image(cli):
+    _error(cli, "corrupt_image", "000001.png", "cannot decode image")
+
+
+def test_coco_annotation_mask_size_differs_from_image(cli):
+    _error(cli, "mask_size", "instances_test.json", "mask size")
+
+
+def test_coco_undeclared_category(cli):
+    _error(cli, "undeclared_category", "panoptic_test.json", "category_id 999", "not declared")
+
+
+def test_coco_json_not_json(cli):
+    _error(cli, "not_json", "panoptic_test.json", "not valid JSON")
+
+
+def test_coco_image_without_annotations_eval(cli):
+    r, out = cli["unannotated_eval"]
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_test"] == 3 and {"mIoU", "AP50", "PQ"} <= set(m)
+
+
+def test_coco_image_without_annotations_train(cli):
+    r, out = cli["unannotated_train"]
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"mIoU", "AP50", "PQ"} <= set(m) and m["trained_params"] > 0
+    assert (out / "prompts.safetensors").is_file()
+
+
+# --------------------------------------------------------------------- weights / prompts
+def test_truncated_weights_file(cli):
+    _error(cli, "truncated_weights", "cut.safetensors", "corrupt")
+
+
+def test_weights_file_given_as_prompts(cli, tiny):
+    _error(cli, "weights_as_prompts", str(tiny), "prompts file")
+
+
+def test_prompts_learned_for_another_sfm(cli):
+    _error(cli, "other_sfm", "train_a/prompts.safetensors", "learned for SFM")
+
+
+# ----------------------------------------------------------------------------- bad flags
+def test_zero_prompts_eval(cli):
+    _error(cli, "zero_prompts_eval", "--n-prompts 0")
+
+
+def test_shots_larger_than_embedded_split(cli):
+    _error(cli, "shots_embedded", "--shots 100000")
+
+
+def test_shots_larger_than_coco_split(cli):
+    assert "1..3" in _error(cli, "shots_coco", "--shots 4")  # says how many images there are
+
+
+def test_study_unknown_config_key(cli):
+    _error(cli, "study_unknown_key", "bad.yaml", "lerning_rate")
+    run = cli["study_unknown_key"][1] / "run"
+    assert not run.exists() or not any(run.rglob("*.json"))
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_train_is_deterministic(cli):
+    (ra, a), (rb, b) = cli["train_a"], cli["train_b"]
+    assert ra.returncode == 0 and rb.returncode == 0, rb.stderr[-2000:]
+    ma, mb = (json.loads((run / "metrics.json").read_text()) for run in (a, b))
+    for k in ("mIoU", "AP50", "PQ", "per_class", "final_loss", "trained_params"):
+        assert ma[k] == mb[k], k
+    assert (a / "loss.csv").read_text() == (b / "loss.csv").read_text()
+
+
+# ---------------------------------------------------------------------------------- faults
+def test_non_finite_loss_stops_training(tiny, tmp_path, monkeypatch, capsys):
+    import ssprompt.losses
+    import ssprompt.train
+    from ssprompt.cli import main
+
+    def nan_loss(out, targets, w=None):
+        return out.mask_logits.sum() * float("nan"), {"cls": 0.0, "bce": 0.0, "dice": 0.0}
+
+    monkeypatch.setattr(ssprompt.losses, "set_loss", nan_loss)
+    monkeypatch.setattr(ssprompt.train, "set_loss", nan_loss)
+    out = tmp_path / "o"
+    rc = main(["train", "--task", "shift", "--steps", "2", "--shots", "2", "--n-test", "2",
+               "--n-prompts", "10", "--checkpoint", str(tiny), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert "nan" in assert_one_error_line(err, "loss").lower()
+    assert_no_results(out)
+
+
+def test_write_json_atomic(tmp_path):
+    from ssprompt.io import write_json
+
+    p = tmp_path / "d" / "metrics.json"
+    write_json(p, {"mIoU": 1.5, "bad": float("nan")})
+    assert json.loads(p.read_text()) == {"mIoU": 1.5, "bad": None}
+    assert sorted(x.name for x in p.parent.iterdir()) == ["metrics.json"]
+
+
+@pytest.mark.parametrize("where", ["dumps", "write", "replace"])
+def test_write_json_crash_keeps_previous_file(tmp_path, monkeypatch, where):
+    import ssprompt.io as sio
+
+    p = tmp_path / "metrics.json"
+    sio.write_json(p, {"mIoU": 1.0})
+    before = p.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk on fire")
+
+    if where == "dumps":
+        monkeypatch.setattr(sio.json, "dumps", boom)
+    elif where == "write":
+        monkeypatch.setattr(sio.os, "fsync", boom)  # after a partial write, before the rename
+    else:
+        monkeypatch.setattr(sio.os, "replace", boom)
+    with pytest.raises(OSError, match="disk on fire"):
+        sio.write_json(p, {"mIoU": 2.0, "more": list(range(1000))})
+    monkeypatch.undo()
+    assert p.read_bytes() == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["metrics.json"]  # no temp file left
