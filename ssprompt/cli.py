@@ -213,17 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ssprompt: interrupted", file=sys.stderr)
         return 130
-    finally:
-        _leave_group()
     return 0
-
-
-def _leave_group() -> None:
-    """Under torchrun, leave the process group before exit: a gloo group left to interpreter
-    shutdown can abort the process (SIGABRT) from its worker threads."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
