@@ -92,7 +92,7 @@ def load_config(path: str | Path) -> StudyConfig:
         try:
             prompt = PromptConfig(mode=v["mode"],
                                   learners=tuple(v.get("learners", ("spatial", "semantic"))),
-                                  n_prompts=v.get("n_prompts", 100), init=v.get("init", "random"),
+                                  n_prompts=v.get("n_prompts", 100), init=v.get("init"),
                                   weight=v.get("weight", "prompt"))
         except UserError as e:
             raise UserError(f"{where}: {e}") from None

@@ -31,8 +31,8 @@ class NonFiniteLoss(UserError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 150
-    lr: float = 5e-3
+    steps: int = 100
+    lr: float = 5e-4
     weight_decay: float = 0.05
     weight_lr_mult: float = 10.0
     batch: int = 8

@@ -25,10 +25,14 @@ class PromptConfig:
     mode: str = "weighted"
     learners: tuple[str, ...] = LEARNERS
     n_prompts: int = 100
-    init: str = "random"
+    init: str | None = None   # None: "random" for learned_only, "default" otherwise
     weight: str = "prompt"
 
     def __post_init__(self):
+        if self.init is None:
+            # learned_only starts from noise (the default embedding is really gone); the fused
+            # modes start from a copy of the default, which did better on the val split
+            self.init = "random" if self.mode == "learned_only" else "default"
         if self.mode not in VARIANT_MODES:
             raise UserError(f"--mode {self.mode}: unknown; choose one of "
                             f"{', '.join(VARIANT_MODES)}")
