@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sfm.base import Features, PromptableSFM
+from .sfm.base import Features, PromptableSFM, sfm_device
 
 
 def image_key(image: np.ndarray) -> str:
@@ -37,7 +37,7 @@ class FeatureCache:
         h = sfm.weights_hash()
         keys = [(h, image_key(im)) for im in images]
         missing = [i for i, k in enumerate(keys) if k not in self.mem and not self._load(k)]
-        device = _device(sfm)
+        device = sfm_device(sfm)
         for s in range(0, len(missing), self.batch):
             idx = missing[s:s + self.batch]
             with torch.no_grad():
@@ -71,10 +71,3 @@ class FeatureCache:
         tmp = p.with_name(p.name + ".tmp")
         save_file({k: v.contiguous().cpu() for k, v in feats.tensors.items()}, str(tmp))
         tmp.replace(p)
-
-
-def _device(sfm) -> torch.device:
-    try:
-        return next(sfm.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")

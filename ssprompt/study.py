@@ -234,8 +234,11 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None) -> dict:
             summary[v.name][t]["trained_params"] = sel[0]["trained_params"]
             summary[v.name][t]["wall_s"] = float(np.mean([r["wall_s"] for r in sel]))
     total_wall = sum(r["wall_s"] for r in rows)
+    import resource
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process
     write_json(run / "results.json", {"config": cfg.raw, "cells": rows, "summary": summary,
-                                      "study_wall_s": wall_s, "cells_wall_s": total_wall})
+                                      "study_wall_s": wall_s, "cells_wall_s": total_wall,
+                                      "peak_rss_mb": round(peak_rss_mb)})
     write_text(run / "summary.md", summary_markdown(cfg, summary, wall_s))
     from .plots import plot_study
     plot_study(run, cfg, rows, summary)

@@ -32,3 +32,25 @@ def test_weighted_fusion_stays_between_its_inputs(p, d, weight, seed):
     assert torch.all((w >= 0) & (w <= 1))
     lo, hi = torch.minimum(default, f.learned), torch.maximum(default, f.learned)
     assert torch.all(z >= lo - 1e-5) and torch.all(z <= hi + 1e-5)
+
+
+@given(st.integers(1, 30), st.integers(1, 6), st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_panoptic_post_processing_never_gives_a_pixel_two_segments(n, c, seed):
+    from ssprompt.inference import panoptic_inference, semantic_inference
+
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.randn(n, 12, 12, generator=g) * 4
+    classes = torch.randn(n, c + 1, generator=g) * 4
+    is_thing = [bool(i % 2) for i in range(c)]
+    seg, segments = panoptic_inference(masks, classes, is_thing, object_mask_threshold=0.3)
+    ids = [s["id"] for s in segments]
+    assert len(ids) == len(set(ids))                       # one entry per segment
+    assert set(seg.unique().tolist()) - {0} == set(ids)    # the map holds exactly those ids
+    for s in segments:                                     # areas partition the map
+        assert int((seg == s["id"]).sum()) == s["area"]
+    assert sum(s["area"] for s in segments) + int((seg == 0).sum()) == seg.numel()
+    stuff = [s["category"] for s in segments if not s["isthing"]]
+    assert len(stuff) == len(set(stuff))                   # one segment per stuff class
+    sem = semantic_inference(masks, classes)
+    assert sem.shape == (12, 12) and int(sem.min()) >= 0 and int(sem.max()) < c

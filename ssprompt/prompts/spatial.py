@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..sfm.base import PromptableSFM
+from ..sfm.base import PromptableSFM, sfm_device
 from .fusion import FusedPrompt
 from .layout import grid_layout
 
@@ -14,14 +14,7 @@ from .layout import grid_layout
 def default_spatial(sfm: PromptableSFM, n: int) -> Tensor:
     """The frozen prompt encoder's embeddings (N, D) of the default N-point layout."""
     with torch.no_grad():
-        return sfm.encode_points(grid_layout(n).to(_device(sfm))).float()
-
-
-def _device(sfm) -> torch.device:
-    try:
-        return next(sfm.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
+        return sfm.encode_points(grid_layout(n).to(sfm_device(sfm))).float()
 
 
 class SpaPrompt(FusedPrompt):
@@ -38,7 +31,7 @@ class Vanilla2DPrompt(nn.Module):
     def __init__(self, sfm: PromptableSFM, n: int):
         super().__init__()
         self.sfm_encode = sfm.encode_points
-        grid = grid_layout(n).to(_device(sfm))
+        grid = grid_layout(n).to(sfm_device(sfm))
         self.point_logit = nn.Parameter(torch.logit(grid))
 
     def points(self) -> Tensor:

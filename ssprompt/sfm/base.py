@@ -58,6 +58,14 @@ class PromptableSFM(Protocol):
     def weights_hash(self) -> str: ...
 
 
+def sfm_device(sfm) -> torch.device:
+    """The device an SFM's weights live on (CPU for a parameterless stand-in)."""
+    try:
+        return next(sfm.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
 def autocast(device: torch.device):
     """bf16 mixed precision on CUDA; plain fp32 elsewhere."""
     import contextlib
