@@ -30,20 +30,19 @@ def _add_sfm_args(s: argparse.ArgumentParser) -> None:
                    help="embedded: weights .safetensors (default: the committed weights); "
                         "sam: a local transformers SamModel directory")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--cache-dir", default=None,
+                   help="keep frozen image features on disk here (keyed by SFM weights + image)")
 
 
 def _workspace(a: argparse.Namespace):
-    import torch
-
+    from .distributed import init_from_env
     from .experiment import Workspace
     from .features import FeatureCache
     from .sfm import load_sfm
 
-    from .distributed import init_from_env
-
     init_from_env()
     sfm = load_sfm(a.sfm, a.checkpoint, a.device)
-    return Workspace(sfm, FeatureCache(getattr(a, "cache_dir", None)))
+    return Workspace(sfm, FeatureCache(a.cache_dir))
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> None:
@@ -56,7 +55,7 @@ def _cmd_pretrain(a: argparse.Namespace) -> None:
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
-    from .distributed import init_from_env, rank_world, shard
+    from .distributed import rank_world, shard
     from .evaluate import evaluate
     from .io import write_json
     from .prompts.promptset import load_prompts
@@ -131,7 +130,7 @@ def _cmd_study(a: argparse.Namespace) -> None:
     from .study import run_study
 
     run_study(a.config, a.out, quick=a.quick, force=a.force, sfm=a.sfm,
-              checkpoint=a.checkpoint, device=a.device)
+              checkpoint=a.checkpoint, device=a.device, cache_dir=a.cache_dir)
 
 
 def _cmd_bench(a: argparse.Namespace) -> None:

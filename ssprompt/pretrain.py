@@ -15,7 +15,6 @@ import time
 from multiprocessing import Pool
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 

@@ -117,8 +117,8 @@ def _dist():
 
 
 def run_study(config: str | None, out: str | None, quick: bool = False, force: bool = False,
-              sfm: str = "embedded", checkpoint: str | None = None, device: str = "auto") -> Path:
-    import torch
+              sfm: str = "embedded", checkpoint: str | None = None, device: str = "auto",
+              cache_dir: str | None = None) -> Path:
 
     from .distributed import init_from_env, local_only
     from .experiment import CellSpec, Workspace, run_cells
@@ -146,7 +146,7 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
     _barrier()
 
     model = load_sfm(sfm, checkpoint, device)
-    ws = Workspace(model, FeatureCache())
+    ws = Workspace(model, FeatureCache(cache_dir))
     todo = cfg.cells()
     mine = [c for i, c in enumerate(todo) if i % world == rank]
     done = {p.stem for p in cells_dir.glob("*.json")}

@@ -1,29 +1,9 @@
 """Bad input through the real command line: one line on stderr naming the problem, exit 2, and
 no partial output file."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def ssprompt(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ssprompt.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
-    assert r.returncode == 2, r.stderr[-1500:]
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ssprompt: error:"), r.stderr[-1500:]
-    for n in needles:
-        assert n in lines[0]
-
+from cli_helpers import assert_one_line_error, ssprompt
 
 def test_unknown_task(tmp_path):
     r = ssprompt("eval", "--task", "mars", "--out", str(tmp_path / "o"))

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from cli_helpers import assert_one_line_error, ssprompt
 from ssprompt.data.coco import CocoDataset, export_coco
 from ssprompt.data.scenes import SceneSplit
 
@@ -24,23 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("mIoU", "AP50", "PQ")
 
 
-def ssprompt(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "ssprompt.cli", *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-
-
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-3000:])
     return r
-
-
-def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
-    assert r.returncode == 2, r.stderr[-1500:]
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ssprompt: error:"), r.stderr[-1500:]
-    for n in needles:
-        assert n in lines[0]
 
 
 def tiny_embedded(seed: int = 0):

@@ -10,7 +10,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
