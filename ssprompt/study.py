@@ -3,8 +3,9 @@
 The run folder holds ``config.yaml`` (the resolved config), ``cells/`` (one JSON and one prompts
 file per finished cell, each written atomically) and the aggregates: ``results.csv``,
 ``results.json``, ``summary.md`` and plots. A study killed at any point and run again with the
-same config skips finished cells; a different config refuses to mix into the folder unless
-``--force``. Under ``torchrun`` the cells are shared out over the ranks and rank 0 aggregates.
+same config skips finished cells and loses only the cells in progress (the seeds of one
+variant and task train together in one batched pass, so up to one cell per seed); a different
+config refuses to mix into the folder unless ``--force``. Under ``torchrun`` the cells are shared out over the ranks and rank 0 aggregates.
 """
 
 from __future__ import annotations
