@@ -22,3 +22,20 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None
     assert len(lines) == 1 and lines[0].startswith("ssprompt: error:"), r.stderr[-1500:]
     for n in needles:
         assert n in lines[0]
+
+
+def tiny_embedded(seed: int = 0):
+    """A small randomly initialised, frozen embedded SFM (no committed weights needed)."""
+    import torch
+
+    from ssprompt.sfm.base import freeze
+    from ssprompt.sfm.embedded import EmbeddedSFM
+
+    torch.manual_seed(seed)
+    return freeze(EmbeddedSFM(embed_dim=32, mask_dim=16, layers=1))
+
+
+def save_tiny_embedded(path: Path, seed: int = 0) -> Path:
+    """``tiny_embedded(seed)`` saved as safetensors, for ``--checkpoint``."""
+    tiny_embedded(seed).save(path)
+    return path

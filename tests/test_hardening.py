@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from cli_helpers import save_tiny_embedded
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_FILES = ("metrics.json", "prompts.safetensors", "config.json", "loss.csv")
@@ -55,22 +55,14 @@ def assert_no_results(out: Path) -> None:
         assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
 
-def _tiny(path: Path, seed: int) -> Path:
-    from ssprompt.sfm.embedded import EmbeddedSFM
-
-    torch.manual_seed(seed)
-    EmbeddedSFM(embed_dim=32, mask_dim=16, layers=1).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return _tiny(tmp_path_factory.mktemp("sfm") / "tiny.safetensors", 0)
+    return save_tiny_embedded(tmp_path_factory.mktemp("sfm") / "tiny.safetensors", 0)
 
 
 @pytest.fixture(scope="module")
 def tiny_other(tmp_path_factory) -> Path:
-    return _tiny(tmp_path_factory.mktemp("sfm2") / "tiny.safetensors", 1)
+    return save_tiny_embedded(tmp_path_factory.mktemp("sfm2") / "tiny.safetensors", 1)
 
 
 @pytest.fixture(scope="module")

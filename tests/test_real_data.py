@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import assert_one_line_error, ssprompt
+from cli_helpers import assert_one_line_error, ssprompt, tiny_embedded
 from ssprompt.data.coco import CocoDataset, export_coco
 from ssprompt.data.scenes import SceneSplit
 
@@ -26,14 +26,6 @@ METRICS = ("mIoU", "AP50", "PQ")
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-3000:])
     return r
-
-
-def tiny_embedded(seed: int = 0):
-    from ssprompt.sfm.base import freeze
-    from ssprompt.sfm.embedded import EmbeddedSFM
-
-    torch.manual_seed(seed)
-    return freeze(EmbeddedSFM(embed_dim=32, mask_dim=16, layers=1))
 
 
 # ------------------------------------------------------------------------------- fixtures
