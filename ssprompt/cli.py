@@ -222,8 +222,10 @@ def _leave_process_group() -> None:
     """Under torchrun: meet the other ranks, then tear the group down before exit."""
     import torch.distributed as dist
 
+    from .distributed import barrier
+
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 

@@ -45,6 +45,12 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def shard(n: int) -> list[int]:
     """This rank's indices of ``range(n)`` (strided, so shards differ by at most one)."""
     rank, world = rank_world()

@@ -109,19 +109,11 @@ def cell_id(variant: Variant, task: str, seed: int) -> str:
     return f"{variant.name}__{task}__s{seed}"
 
 
-def _dist():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def run_study(config: str | None, out: str | None, quick: bool = False, force: bool = False,
               sfm: str = "embedded", checkpoint: str | None = None, device: str = "auto",
               cache_dir: str | None = None) -> Path:
 
-    from .distributed import init_from_env, local_only
+    from .distributed import barrier, init_from_env, local_only, rank_world
     from .experiment import CellSpec, Workspace, run_cells
     from .features import FeatureCache
     from .prompts.promptset import save_prompts
@@ -131,7 +123,7 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
     cfg = load_config(cfg_path)
     run = Path(out) if out else Path("runs") / cfg.name
     init_from_env()
-    rank, world = _dist()
+    rank, world = rank_world()
     cells_dir = run / "cells"
     resolved = yaml.safe_dump(cfg.raw, sort_keys=True)
     stored = run / "config.yaml"
@@ -144,7 +136,7 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
                 p.unlink()
         cells_dir.mkdir(parents=True, exist_ok=True)
         write_text(stored, resolved)
-    _barrier()
+    barrier()
 
     model = load_sfm(sfm, checkpoint, device)
     ws = Workspace(model, FeatureCache(cache_dir))
@@ -184,18 +176,11 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
             write_json(cells_dir / f"{cid}.json", result)
             bar.update(1)
     bar.close()
-    _barrier()
+    barrier()
     if rank == 0:
         aggregate(run, cfg, wall_s=time.time() - t_study)
         print(f"study {cfg.name}: {len(todo)} cells; results in {run}/summary.md")
     return run
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ------------------------------------------------------------------------------ aggregation

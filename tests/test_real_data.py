@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import assert_one_line_error, ssprompt, tiny_embedded
+from cli_helpers import assert_one_line_error, save_tiny_embedded, ssprompt, tiny_embedded
 from ssprompt.data.coco import CocoDataset, export_coco
 from ssprompt.data.scenes import SceneSplit
 
@@ -32,9 +32,7 @@ def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A tiny random embedded SFM saved as safetensors (independent of the committed weights)."""
-    path = tmp_path_factory.mktemp("sfm") / "tiny.safetensors"
-    tiny_embedded(0).save(path)
-    return path
+    return save_tiny_embedded(tmp_path_factory.mktemp("sfm") / "tiny.safetensors", 0)
 
 
 @pytest.fixture(scope="module")

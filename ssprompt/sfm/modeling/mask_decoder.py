@@ -44,7 +44,8 @@ class MaskDecoder(nn.Module):
     def classify(self, q: Tensor, semantic: Tensor | None) -> Tensor:
         """(B, N, D) normalised queries -> class logits (B, N, C + 1), last = no object."""
         if semantic is None:  # class-agnostic: only "object" vs "no object"
-            return torch.cat([torch.zeros_like(self.no_object(q)), self.no_object(q)], -1)
+            no_obj = self.no_object(q)
+            return torch.cat([torch.zeros_like(no_obj), no_obj], -1)
         ce = F.normalize(self.class_embed(q), dim=-1)
         sem = F.normalize(semantic, dim=-1)
         sem = sem if sem.dim() == 3 else sem.unsqueeze(0)
