@@ -49,7 +49,7 @@ def _cmd_pretrain(a: argparse.Namespace) -> None:
     from .pretrain import pretrain
 
     info = pretrain(Path(a.out), minutes=a.minutes, steps=a.steps, batch=a.batch, lr=a.lr,
-                    pool_size=a.pool, seed=a.seed,
+                    seed=a.seed,
                     init_from=Path(a.init_from) if a.init_from else None, warmup=a.warmup)
     print(info)
 
@@ -104,7 +104,9 @@ def _cmd_train(a: argparse.Namespace) -> None:
     ws = _workspace(a)
     spec = CellSpec(task=a.data or a.task,
                     prompt=PromptConfig(a.mode, a.learners, a.n_prompts, a.init, a.weight),
-                    train=TrainConfig(steps=a.steps, lr=a.lr, batch=a.batch, seed=a.seed),
+                    train=TrainConfig(seed=a.seed, **{k: v for k, v in (
+                        ("steps", a.steps), ("lr", a.lr), ("batch", a.batch),
+                        ("spatial_lr_mult", a.spatial_lr_mult)) if v is not None}),
                     shots=a.shots, seed=a.seed, n_test=a.n_test)
     result, prompts, log = run_cell(ws, spec, progress=rank_world()[0] == 0)
     if rank_world()[0] != 0:
@@ -148,11 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("pretrain", help="pretrain the embedded SFM on the source corpus")
     s.add_argument("--out", default="weights")
-    s.add_argument("--minutes", type=float, default=40.0, help="wall-clock budget")
+    s.add_argument("--minutes", type=float, default=55.0, help="wall-clock budget")
     s.add_argument("--steps", type=int, default=100_000, help="step cap")
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--lr", type=float, default=5e-4)
-    s.add_argument("--pool", type=int, default=6000, help="source scenes composed up front")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--init-from", default=None, help="continue from these weights")
     s.add_argument("--warmup", type=int, default=200)
@@ -180,9 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weight", default="prompt", help="prompt | dim (fusion weight shape)")
     s.add_argument("--shots", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=100)
-    s.add_argument("--lr", type=float, default=5e-4)
-    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--steps", type=int, default=None, help="(default: TrainConfig's, 100)")
+    s.add_argument("--lr", type=float, default=None, help="(default: TrainConfig's)")
+    s.add_argument("--spatial-lr-mult", type=float, default=None,
+                   help="learning-rate factor for spatial embeddings (default: TrainConfig's)")
+    s.add_argument("--batch", type=int, default=None, help="(default: TrainConfig's, 8)")
     s.add_argument("--n-test", type=int, default=None)
     s.add_argument("--out", required=True)
     _add_sfm_args(s)

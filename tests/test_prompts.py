@@ -156,3 +156,53 @@ def test_any_n_decodes(tiny_sfm, train_split, n):
     # and arbitrary (not encoder-made) embeddings of any N are accepted
     out = tiny_sfm.decode(feats, torch.randn(n, z.shape[1]), torch.randn(3, z.shape[1]))
     assert out.class_logits.shape == (1, n, 4)
+
+
+def test_spatial_lr_mult_scales_only_the_spatial_embeddings(tiny_sfm, train_split):
+    def moved(mult):
+        ps = PromptSet(tiny_sfm, train_split.class_names, PromptConfig("average", n_prompts=25),
+                       generator=torch.Generator().manual_seed(0))
+        train_prompts(tiny_sfm, ps, train_split,
+                      TrainConfig(steps=4, batch=2, lr=1e-2, spatial_lr_mult=mult))
+        return ((ps.spatial.learned - ps.spatial.default).abs().mean().item(),
+                (ps.semantic.learned - ps.semantic.default).abs().mean().item())
+
+    frozen_spa, sem_a = moved(0.0)
+    fast_spa, sem_b = moved(10.0)
+    assert frozen_spa == 0.0 and fast_spa > 0
+    assert sem_a > 0 and sem_a == pytest.approx(sem_b, rel=0.5)
+
+
+def test_anchor_keeps_learned_embeddings_near_default(tiny_sfm, train_split):
+    def drift(anchor):
+        ps = PromptSet(tiny_sfm, train_split.class_names, PromptConfig("weighted", n_prompts=25),
+                       generator=torch.Generator().manual_seed(0))
+        std = float(ps.semantic.default.std())
+        with torch.no_grad():  # start away from the default so the anchor has work to do
+            ps.semantic.learned.add_(0.5 * std)
+        # Adam steps ~lr per coordinate: 10 steps of 0.1 std can undo the 0.5 std offset
+        train_prompts(tiny_sfm, ps, train_split,
+                      TrainConfig(steps=10, batch=2, lr=0.1 * std, warmup=1, anchor=anchor))
+        return float(ps.drift())
+
+    assert drift(1000.0) < 0.5 * drift(0.0)
+
+
+def test_drift_ignores_learned_only_and_is_scale_free():
+    from ssprompt.prompts.promptset import PromptSet as PS
+
+    class Stub(PS):  # drift() only reads the learners
+        def __init__(self, spatial, semantic):
+            torch.nn.Module.__init__(self)
+            self.spatial, self.semantic = spatial, semantic
+
+    d = torch.randn(6, 8)
+    fused = FusedPrompt(d, "average", init="default")
+    scaled = FusedPrompt(d * 100, "average", init="default")
+    with torch.no_grad():
+        fused.learned.mul_(1.5)
+        scaled.learned.mul_(1.5)
+    assert float(Stub(fused, None).drift()) == pytest.approx(0.25, rel=1e-4)
+    assert float(Stub(scaled, None).drift()) == pytest.approx(0.25, rel=1e-4)
+    lonly = FusedPrompt(d, "learned_only", init="random", generator=torch.Generator().manual_seed(0))
+    assert float(Stub(lonly, None).drift()) == 0.0
