@@ -21,7 +21,9 @@ def evaluate(sfm: PromptableSFM, spatial: Tensor, semantic: Tensor | None, datas
     cache = cache if cache is not None else FeatureCache()
     names = dataset.class_names if semantic is not None else ["object"]
     is_thing = dataset.is_thing if semantic is not None else [True]
-    ev = evaluator or SegmentationEvaluator(names, is_thing, sync=rank_world()[1] > 1)
+    ev = evaluator or SegmentationEvaluator(
+        names, is_thing, sync=rank_world()[1] > 1,
+        object_mask_threshold=getattr(sfm, "object_mask_threshold", 0.8))
     indices = list(range(len(dataset))) if indices is None else indices
     for s in range(0, len(indices), batch):
         scenes = [dataset[i] for i in indices[s:s + batch]]

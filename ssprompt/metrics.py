@@ -308,12 +308,15 @@ class PanopticQuality(Metric):
 class SegmentationEvaluator:
     """mIoU, AP50 and PQ of a model's outputs on ground-truth scenes (percent, 2 decimals)."""
 
-    def __init__(self, class_names: list[str], is_thing: list[bool], sync: bool = True) -> None:
+    def __init__(self, class_names: list[str], is_thing: list[bool], sync: bool = True,
+                 object_mask_threshold: float = 0.8) -> None:
         """``sync=False``: never gather states across ranks (each rank scores on its own, as
-        in a study whose ranks run different cells)."""
+        in a study whose ranks run different cells). ``object_mask_threshold``: panoptic
+        post-processing's class-confidence cut (Mask2Former's 0.8 unless the SFM says)."""
         if len(class_names) != len(is_thing):
             raise ValueError("class_names and is_thing differ in length")
         self.class_names, self.is_thing = list(class_names), [bool(t) for t in is_thing]
+        self.object_mask_threshold = float(object_mask_threshold)
         kw = {} if sync else {"sync_on_compute": False}
         self.miou = MeanIoU(len(self.class_names), **kw)
         self.ap = InstanceAP50(len(self.class_names), **kw)
@@ -331,7 +334,7 @@ class SegmentationEvaluator:
             target = torch.as_tensor(np.asarray(scene.semantic, dtype=np.int64))
             self.miou.update(semantic_inference(m, c).cpu(), target)
             self.ap.update(instance_inference(m, c, self.is_thing), scene)
-            seg, segs = panoptic_inference(m, c, self.is_thing)
+            seg, segs = panoptic_inference(m, c, self.is_thing, self.object_mask_threshold)
             self.pq.update(seg, segs, scene)
 
     def compute(self) -> dict:

@@ -29,12 +29,43 @@ def evaluate_zero_shot(weights: Path, n_test: int = 200) -> dict:
     return out
 
 
+TARGETS = {"mIoU": 60.0, "PQ": 55.0, "AP50": 70.0}  # source-domain competence we aim for
+
+
+def threshold_check(weights: Path, n_val: int = 100) -> dict:
+    """Source `val` PQ at Mask2Former's 0.8 and at the SFM's own panoptic threshold."""
+    from .evaluate import evaluate
+    from .experiment import Workspace
+    from .metrics import SegmentationEvaluator
+    from .prompts.semantic import default_semantic
+    from .prompts.spatial import default_spatial
+    from .sfm.embedded import load_embedded
+
+    ws = Workspace(load_embedded(weights))
+    val = ws.dataset("source", "val", n_test=n_val)
+    out = {}
+    for thr in sorted({0.8, ws.sfm.object_mask_threshold}):
+        ev = SegmentationEvaluator(val.class_names, val.is_thing, sync=False,
+                                   object_mask_threshold=thr)
+        m = evaluate(ws.sfm, default_spatial(ws.sfm, 100),
+                     default_semantic(ws.sfm, val.class_names), val, ws.cache, evaluator=ev)
+        out[str(thr)] = m["PQ"]
+    return out
+
+
 def write_card(folder: Path, command: str) -> None:
     weights = folder / "embedded_sfm.safetensors"
     info = json.loads((folder / "pretrain_info.json").read_text())
     metrics = evaluate_zero_shot(weights)
     write_json(folder / "zero_shot_metrics.json", metrics)
     src = metrics["source"]
+    thr = threshold_check(weights)
+    own = [k for k in thr if k != "0.8"][0] if len(thr) > 1 else "0.8"
+    missed = [f"{k} {src[k]:.1f} < {v:.0f}" for k, v in TARGETS.items() if src[k] < v]
+    verdict = ("All three source-domain targets are met." if not missed else
+               "**Not met**: " + "; ".join(missed) + ". The pretraining loss was still falling "
+               "when the wall-clock budget ran out (see the curve): more minutes, or a larger "
+               "model, is the next thing to try.")
     rows = "\n".join(f"| {t} | {TASKS[t].description} | {m['mIoU']:.1f} | {m['AP50']:.1f} | "
                      f"{m['PQ']:.1f} |" for t, m in metrics.items())
     card = f"""# Model card: the embedded SFM (`embedded_sfm.safetensors`)
@@ -79,6 +110,14 @@ Exact command: `{command}`
 
 Source domain: mIoU {src['mIoU']:.1f}, PQ {src['PQ']:.1f}, AP50 {src['AP50']:.1f}.
 Reproduce: `ssprompt eval --task source` (and `shift`, `novel`, `stuff`).
+
+Panoptic post-processing keeps a query when its top class probability exceeds {own}, this
+SFM's `object_mask_threshold` (stored in the weights' config), not Mask2Former's 0.8: the small
+SFM spreads probability over look-alike classes, and on the source `val` split (never test)
+the 0.8 cut gives PQ {thr['0.8']:.1f} against {thr[own]:.1f} at {own}. mIoU and AP50 do not use it.
+
+## Targets (source test: mIoU >= {TARGETS['mIoU']:.0f}, PQ >= {TARGETS['PQ']:.0f}, AP50 >= {TARGETS['AP50']:.0f})
+{verdict}
 """
     write_text(folder / "MODEL_CARD.md", card)
 

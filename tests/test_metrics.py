@@ -439,3 +439,46 @@ def test_evaluator_stuff_only_and_class_agnostic():
     out = ev.compute()
     assert out["AP50"] == 100.0 and out["PQ"] == 100.0 and out["PQ_st"] is None
     assert out["mIoU"] == 100.0
+
+
+def test_evaluator_panoptic_threshold_keeps_unsure_queries():
+    # every query's top class has probability ~0.6 (the rest spread over a look-alike class):
+    # Mask2Former's 0.8 cut drops them all, the embedded SFM's 0.4 keeps them
+    names, is_thing = ["a", "b", "s", "t", "unused"], [True, True, False, False, True]
+    sc = _evaluator_scene()
+    out = _perfect_outputs(sc, 5)
+    cls = out.class_logits[0]
+    real = cls[:, :5].argmax(1)
+    unsure = torch.full_like(cls, -10.0)
+    unsure[torch.arange(len(cls)), real] = 0.4055    # softmax: 0.6 vs 0.4
+    unsure[torch.arange(len(cls)), 4] = 0.0
+    unsure[-1] = cls[-1]                               # the idle query stays "no object"
+    out = Outputs(out.mask_logits, unsure[None])
+    strict = SegmentationEvaluator(names, is_thing)
+    lenient = SegmentationEvaluator(names, is_thing, object_mask_threshold=0.4)
+    strict.update(out, [sc])
+    lenient.update(out, [sc])
+    assert strict.compute()["PQ"] == 0.0
+    assert lenient.compute()["PQ"] == 100.0
+    assert strict.compute()["mIoU"] == lenient.compute()["mIoU"] == 100.0
+
+
+def test_evaluate_uses_the_sfms_own_threshold(tmp_path, monkeypatch):
+    import ssprompt.evaluate as E
+    from ssprompt.data.scenes import SceneSplit
+    from ssprompt.prompts.semantic import default_semantic
+    from ssprompt.prompts.spatial import default_spatial
+    from ssprompt.sfm.embedded import OBJECT_MASK_THRESHOLD, EmbeddedSFM, load_embedded
+
+    assert EmbeddedSFM().object_mask_threshold == OBJECT_MASK_THRESHOLD < 0.8
+    model = EmbeddedSFM(embed_dim=32, mask_dim=16, layers=1, object_mask_threshold=0.3)
+    model.save(tmp_path / "w.safetensors")
+    sfm = load_embedded(tmp_path / "w.safetensors")
+    assert sfm.object_mask_threshold == 0.3           # travels with the weights
+    seen = []
+    real = E.SegmentationEvaluator
+    monkeypatch.setattr(E, "SegmentationEvaluator",
+                        lambda *a, **kw: seen.append(kw["object_mask_threshold"]) or real(*a, **kw))
+    data = SceneSplit("shift", "test", n=1)
+    E.evaluate(sfm, default_spatial(sfm, 4), default_semantic(sfm, data.class_names), data)
+    assert seen == [0.3]

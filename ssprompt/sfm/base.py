@@ -48,6 +48,9 @@ class Outputs:
 
 @runtime_checkable
 class PromptableSFM(Protocol):
+    """What every backend offers. Optionally an ``object_mask_threshold`` attribute: the class
+    confidence panoptic post-processing keeps a query at (Mask2Former's 0.8 if absent)."""
+
     embed_dim: int
     image_size: int
 
