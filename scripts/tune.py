@@ -23,14 +23,30 @@ from ssprompt.prompts.promptset import PromptConfig, PromptSet
 from ssprompt.sfm import load_sfm
 from ssprompt.train import TrainConfig, train_many
 
-BASE = TrainConfig()
+def _cfg(lr, spatial_lr_mult, anchor=0.0, steps=100, **kw):
+    return TrainConfig(lr=lr, spatial_lr_mult=spatial_lr_mult, anchor=anchor, steps=steps, **kw)
+
+
+# the grid walked for the defaults (README "Tuning"); the chosen one is TrainConfig()'s
 CANDIDATES = {
-    "current": BASE,
-    "spa15": replace(BASE, spatial_lr_mult=15),
-    "spa15_lr2.5e-4": replace(BASE, lr=2.5e-4, spatial_lr_mult=30),
-    "spa15_anchor2": replace(BASE, spatial_lr_mult=15, anchor=2.0),
-    "spa15_200steps": replace(BASE, spatial_lr_mult=15, steps=200),
-    "spa40": replace(BASE, spatial_lr_mult=40),
+    "one-lr-5e-4": _cfg(5e-4, 1),
+    "lr5e-4_spa15": _cfg(5e-4, 15),
+    "lr1e-3_spa15": _cfg(1e-3, 15),
+    "lr2e-3_spa15": _cfg(2e-3, 15),
+    "lr2.5e-4_spa30": _cfg(2.5e-4, 30),
+    "lr2.5e-4_spa30_200steps": _cfg(2.5e-4, 30, steps=200),
+    "lr3.5e-4_spa20": _cfg(3.5e-4, 20),
+    "lr1e-3_spa15_anchor1": _cfg(1e-3, 15, 1),
+    "lr1e-3_spa15_anchor5": _cfg(1e-3, 15, 5),
+    "lr1e-3_spa15_anchor10": _cfg(1e-3, 15, 10),
+    "lr1e-3_spa15_anchor30": _cfg(1e-3, 15, 30),
+    "lr2e-3_spa8_anchor10": _cfg(2e-3, 8, 10),
+    "lr2e-3_spa8_anchor20": _cfg(2e-3, 8, 20),
+    "lr2e-3_spa8_anchor30": _cfg(2e-3, 8, 30),
+    "lr2e-3_spa8_anchor100": _cfg(2e-3, 8, 100),
+    "lr2e-3_spa4_anchor10": _cfg(2e-3, 4, 10),
+    "lr3e-3_spa5_anchor10 (chosen)": _cfg(3e-3, 5, 10),
+    "lr3e-3_spa5_anchor20": _cfg(3e-3, 5, 20),
 }
 TASKS = ["shift", "novel", "stuff"]
 SEEDS = [0, 1]
@@ -57,14 +73,14 @@ def main() -> None:
         rows.append({"task": task, "candidate": "zero-shot", **zero})
         print(rows[-1], flush=True)
         for name in names:
-            cfg = CANDIDATES[name]
+            tc = CANDIDATES[name]
             t = time.time()
             jobs = []
             for seed in SEEDS:
                 ps = PromptSet(ws.sfm, val.class_names, PromptConfig("weighted"),
                                generator=torch.Generator().manual_seed(seed))
                 jobs.append((ps, ws.dataset(task, "train", shots=16, seed=seed),
-                             replace(cfg, seed=seed)))
+                             replace(tc, seed=seed)))
             train_many(ws.sfm, jobs, ws.cache)
             ms = []
             with torch.no_grad():

@@ -145,12 +145,12 @@ def pretrain(out: Path, minutes: float = 55.0, steps: int = 100_000, batch: int 
                     pe.copy_(pm)
         step += 1
         bar.update(1)
-        row = {"step": step, "seconds": round(time.time() - start, 1), "loss": float(loss),
-               **{k: round(v, 4) for k, v in parts.items()}, "n": n}
+        row = {"step": step, "seconds": round(time.time() - start, 1),
+               "loss": float(loss.detach()), **{k: round(v, 4) for k, v in parts.items()}, "n": n}
         if step % log_every == 0:
             log.append(row)
             left = max(0.0, budget - (time.time() - start)) / 60
-            bar.set_postfix(loss=f"{float(loss):.3f}", left=f"{left:.0f} min")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", left=f"{left:.0f} min")
         if step % 1000 == 0:
             ema.save(out / "embedded_sfm.safetensors")
     bar.close()
