@@ -204,5 +204,6 @@ def test_drift_ignores_learned_only_and_is_scale_free():
         scaled.learned.mul_(1.5)
     assert float(Stub(fused, None).drift()) == pytest.approx(0.25, rel=1e-4)
     assert float(Stub(scaled, None).drift()) == pytest.approx(0.25, rel=1e-4)
-    lonly = FusedPrompt(d, "learned_only", init="random", generator=torch.Generator().manual_seed(0))
+    lonly = FusedPrompt(d, "learned_only", init="random",
+                        generator=torch.Generator().manual_seed(0))
     assert float(Stub(lonly, None).drift()) == 0.0
