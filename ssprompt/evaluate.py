@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .distributed import rank_world
 from .features import FeatureCache
+from .inference import MASK2FORMER_OBJECT_THRESHOLD
 from .metrics import SegmentationEvaluator
 from .sfm.base import PromptableSFM, autocast
 
@@ -23,7 +24,7 @@ def evaluate(sfm: PromptableSFM, spatial: Tensor, semantic: Tensor | None, datas
     is_thing = dataset.is_thing if semantic is not None else [True]
     ev = evaluator or SegmentationEvaluator(
         names, is_thing, sync=rank_world()[1] > 1,
-        object_mask_threshold=getattr(sfm, "object_mask_threshold", 0.8))
+        object_mask_threshold=getattr(sfm, "object_mask_threshold", MASK2FORMER_OBJECT_THRESHOLD))
     indices = list(range(len(dataset))) if indices is None else indices
     for s in range(0, len(indices), batch):
         scenes = [dataset[i] for i in indices[s:s + batch]]

@@ -47,8 +47,12 @@ def instance_inference(mask_logits: Tensor, class_logits: Tensor, is_thing: list
             for i in range(k) if binary[i].any() and scores[i] > 0]
 
 
+MASK2FORMER_OBJECT_THRESHOLD = 0.8  # Mask2Former's panoptic class-confidence cut (COCO)
+
+
 def panoptic_inference(mask_logits: Tensor, class_logits: Tensor, is_thing: list[bool],
-                       object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8
+                       object_mask_threshold: float = MASK2FORMER_OBJECT_THRESHOLD,
+                       overlap_threshold: float = 0.8
                        ) -> tuple[Tensor, list[dict]]:
     """Panoptic map (H, W) with segment ids 1..S (0 = void) and its segments; stuff queries of
     one class merge into one segment. Every pixel belongs to at most one segment."""

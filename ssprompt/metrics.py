@@ -46,7 +46,8 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.utilities import dim_zero_cat
 
-from .inference import instance_inference, panoptic_inference, semantic_inference, upsample
+from .inference import (MASK2FORMER_OBJECT_THRESHOLD, instance_inference, panoptic_inference,
+                        semantic_inference, upsample)
 
 VOID = 255
 
@@ -309,7 +310,7 @@ class SegmentationEvaluator:
     """mIoU, AP50 and PQ of a model's outputs on ground-truth scenes (percent, 2 decimals)."""
 
     def __init__(self, class_names: list[str], is_thing: list[bool], sync: bool = True,
-                 object_mask_threshold: float = 0.8) -> None:
+                 object_mask_threshold: float = MASK2FORMER_OBJECT_THRESHOLD) -> None:
         """``sync=False``: never gather states across ranks (each rank scores on its own, as
         in a study whose ranks run different cells). ``object_mask_threshold``: panoptic
         post-processing's class-confidence cut (Mask2Former's 0.8 unless the SFM says)."""

@@ -38,6 +38,7 @@ def evaluate_zero_shot(ws, n_test: int = 200) -> dict:
 
 def write_card(folder: Path, command: str) -> None:
     from .experiment import Workspace
+    from .inference import MASK2FORMER_OBJECT_THRESHOLD
     from .sfm.embedded import load_embedded
 
     weights = folder / "embedded_sfm.safetensors"
@@ -49,7 +50,7 @@ def write_card(folder: Path, command: str) -> None:
     # source `val` PQ at Mask2Former's 0.8 against the SFM's own panoptic threshold
     own = ws.sfm.object_mask_threshold
     val = ws.dataset("source", "val", n_test=100)
-    pq_08, pq_own = (_zero_shot(ws, val, t)["PQ"] for t in (0.8, own))
+    pq_08, pq_own = (_zero_shot(ws, val, t)["PQ"] for t in (MASK2FORMER_OBJECT_THRESHOLD, own))
     missed = [f"{k} {src[k]:.1f} < {v:.0f}" for k, v in TARGETS.items() if src[k] < v]
     verdict = ("All three source-domain targets are met." if not missed else
                "**Not met**: " + "; ".join(missed) + ". If the loss curve above was still "
@@ -72,7 +73,7 @@ spatial prompt embeddings as queries; class logits = scaled cosine similarity of
 embedding with the semantic prompt embeddings, plus a no-object logit.
 
 ## Data
-Pretraining corpus `source`: {info['scenes']:,} composed 96 x 96 scenes, a fresh one for every
+Pretraining corpus `source`: {info['images_seen']:,} composed 96 x 96 scenes, a fresh one for every
 sample (train half of the item sources), each randomly flipped, rotated, scaled and shifted
 (image and labels alike) and photometrically jittered. Source vocabulary: {len(TASKS['source'].vocab)}
 classes. Held out of pretraining (never seen, by image or by name): {', '.join(CLASS_NAMES[c] for c in HELD_OUT)}.

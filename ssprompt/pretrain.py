@@ -161,7 +161,7 @@ def pretrain(out: Path, minutes: float = 55.0, steps: int = 100_000, batch: int 
         w = csv.DictWriter(f, fieldnames=list(log[0]))
         w.writeheader()
         w.writerows(log)
-    info = {"steps": step, "batch": batch, "lr": lr, "scenes": step * batch, "seed": seed,
+    info = {"steps": step, "batch": batch, "lr": lr, "seed": seed,
             "init_from": str(init_from) if init_from else None,
             "minutes": round((time.time() - t0) / 60, 1), "weights_sha256_16": digest,
             "images_seen": step * batch}

@@ -51,7 +51,7 @@ def test_pretrain_runs_a_few_steps_and_writes_loadable_weights(tmp_path):
     from ssprompt.sfm.embedded import load_embedded
 
     info = pretrain(tmp_path, steps=3, batch=2, log_every=2, warmup=1)
-    assert info["steps"] == 3 and info["scenes"] == 6
+    assert info["steps"] == 3 and info["images_seen"] == 6
     log = (tmp_path / "pretrain_log.csv").read_text().splitlines()
     assert log[0].startswith("step,") and [r.split(",")[0] for r in log[1:]] == ["2", "3"]
     saved = json.loads((tmp_path / "pretrain_info.json").read_text())

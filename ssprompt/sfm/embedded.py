@@ -24,7 +24,7 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "embedded_sf
 
 # Panoptic post-processing keeps a query if its top class probability exceeds this. Mask2Former's
 # 0.8 suits COCO models; this small SFM spreads probability over similar classes (shirt /
-# t-shirt / pullover), so 0.8 dropped half of the source val segments (PQ 52 vs 65 at 0.4).
+# t-shirt / pullover), so 0.8 dropped half of the source val segments (PQ 52.6 vs 64.1 at 0.4).
 # Chosen on the source `val` split (never test); saved with the weights' config.
 OBJECT_MASK_THRESHOLD = 0.4
 
