@@ -59,6 +59,29 @@ def bench_eval(repeats: int) -> dict:
             "img_per_s_cached_features": len(test) / warm}
 
 
+def bench_pretrain(repeats: int) -> dict:
+    """One SFM pretraining step (batch 16, N = 100, every layer supervised) in each precision;
+    scene making (~25 ms a batch) is outside the timing."""
+    from ssprompt.data.scenes import CLASS_NAMES, TASKS
+    from ssprompt.pretrain import SceneStream, train_step
+    from ssprompt.prompts.layout import grid_layout
+    from ssprompt.sfm.embedded import EmbeddedSFM
+    from ssprompt.sfm.modeling.text_encoder import sentence_embeddings
+
+    images, targets = next(iter(SceneStream(16, seed=0)))
+    sent = sentence_embeddings([CLASS_NAMES[c] for c in TASKS["source"].vocab])
+    out = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = EmbeddedSFM().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+        out[f"step_s_{precision}"] = _median_time(
+            lambda: train_step(model, opt, images, targets, grid_layout(100), sent, precision),
+            repeats)
+    out["speedup_bf16"] = out["step_s_fp32"] / out["step_s_bf16"]
+    return out
+
+
 def bench_params() -> dict:
     from ssprompt.data.scenes import SceneSplit
     from ssprompt.prompts.promptset import PromptConfig, PromptSet
@@ -112,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     res["n_prompts_ratio_200_25"] = res["n_prompts"][200]["step_s"] / res["n_prompts"][25]["step_s"]
     res["n_classes"] = {c: _isolated("c", c, repeats) for c in (10, 50, 150)}
     res["eval"] = bench_eval(repeats)
+    res["pretrain"] = bench_pretrain(repeats)
     res["params"] = bench_params()
     if not a.quick:
         res["study"] = bench_study(False)
@@ -138,6 +162,12 @@ def render(r: dict) -> str:
     e = r["eval"]
     lines.append(f"| evaluation, with image encoder | {e['img_per_s_with_encoder']:.0f} img/s | >= 50 |")
     lines.append(f"| evaluation, cached features | {e['img_per_s_cached_features']:.0f} img/s | |")
+    if "pretrain" in r:
+        t = r["pretrain"]
+        lines.append(f"| SFM pretraining step (batch 16, N = 100), fp32 | "
+                     f"{t['step_s_fp32'] * 1e3:.0f} ms | |")
+        lines.append(f"| SFM pretraining step, bf16 autocast | {t['step_s_bf16'] * 1e3:.0f} ms "
+                     f"({t['speedup_bf16']:.2f}x) | |")
     p = r["params"]
     for name, v in p["variants"].items():
         lines.append(f"| trained params, {name} | {v['params']} "

@@ -191,7 +191,9 @@ class InstanceAP50(Metric):
             return {"AP50": 0.0, "per_class": [0.0 if h else None for h in has_gt]}
         with contextlib.redirect_stdout(io.StringIO()):
             coco_gt = COCO()
-            coco_gt.dataset = {"images": images, "annotations": gts,
+            # "info" too: pycocotools 2.0.10's loadRes copies it and fails without it
+            coco_gt.dataset = {"info": {"description": "ssprompt"}, "images": images,
+                               "annotations": gts,
                                "categories": [{"id": c + 1, "name": str(c)}
                                               for c in range(self.num_classes)]}
             coco_gt.createIndex()

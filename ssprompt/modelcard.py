@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .data.scenes import CLASS_NAMES, DOWNSTREAM, HELD_OUT, TASKS
 from .io import write_json, write_text
+from .pretrain import N_CHOICES
 
 
 TARGETS = {"mIoU": 60.0, "PQ": 55.0, "AP50": 70.0}  # source-domain competence we aim for
@@ -58,6 +59,10 @@ def write_card(folder: Path, command: str) -> None:
                "the next thing to try.")
     rows = "\n".join(f"| {t} | {TASKS[t].description} | {m['mIoU']:.1f} | {m['AP50']:.1f} | "
                      f"{m['PQ']:.1f} |" for t, m in metrics.items())
+    prec = {"bf16": "bfloat16 autocast", "fp32": "float32"}[info.get("precision", "fp32")]
+    where = (f"{info.get('cpu_threads', 2)} CPU threads" if info.get("device", "cpu") == "cpu"
+             else info["device"])
+    n_choices = ", ".join(str(n) for n in sorted(set(N_CHOICES)))
     card = f"""# Model card: the embedded SFM (`embedded_sfm.safetensors`)
 
 A small SEEM-like promptable segmenter, pretrained by ssprompt's own script and then frozen.
@@ -83,9 +88,10 @@ Things: Fashion-MNIST (Zalando, MIT licence; Debian `dataset-fashion-mnist`) and
 ## Training
 {info['steps']} steps of batch {info['batch']} ({info['images_seen']} images), AdamW lr {info['lr']}
 (200 warm-up steps, cosine decay over the wall-clock budget), weight decay 0.05, gradient clipping
-1.0; Hungarian matching (class x2, mask BCE x5, dice x5) and the same-weighted losses on every
-decoder layer; point layouts of N in {{36, 64, 100, 144}} points jittered within their cells;
-the saved weights are an EMA (decay 0.999). Wall time {info['minutes']} min on 2 CPU cores, seed
+1.0; Hungarian matching (class x2, mask BCE x5, dice x5; its mask costs on every second pixel
+in each direction) and the same-weighted losses on every decoder layer; point layouts of N in
+{{{n_choices}}} points jittered within their cells; the saved weights are an EMA (decay 0.999);
+{prec}. Wall time {info['minutes']} min on {where}, seed
 {info['seed']}.
 
 Exact command: `{command}`

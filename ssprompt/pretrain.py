@@ -8,6 +8,7 @@ size jittered within its cells so that the SFM answers to any N.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -91,11 +92,79 @@ def batch_targets(scenes, g: torch.Generator):
     return imgs, targets
 
 
-def pretrain(out: Path, minutes: float = 55.0, steps: int = 100_000, batch: int = 16,
+class SceneStream(torch.utils.data.IterableDataset):
+    """Endless pretraining batches (images (B, 3, H, W) warped and jittered, per-image targets),
+    the same sequence for a seed whether made in the training process or in a worker: its own
+    generator, independent of the one that draws point layouts."""
+
+    def __init__(self, batch: int, seed: int):
+        self.batch, self.seed = batch, seed
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + 1)
+        step = 0
+        while True:
+            images, targets = batch_targets(fresh_scenes(step, self.batch, self.seed), g)
+            yield augment(images, g), targets
+            step += 1
+
+
+def scene_batches(batch: int, seed: int, workers: int | None):
+    """An iterator over SceneStream batches, composed in ``workers`` background processes
+    (default: 0 on CPU, where a worker only competes for the same cores (measured: 354 steps
+    against 406 in 90 s on 2 cores), 2 on CUDA, where it keeps the GPU fed). Either way the
+    batches are the same."""
+    stream = SceneStream(batch, seed)
+    if not workers:
+        return iter(stream)
+    return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                            prefetch_factor=4, persistent_workers=True))
+
+
+def precision_context(device: torch.device, precision: str):
+    """Mixed precision for pretraining. ``bf16``: autocast to bfloat16 on CPU as on CUDA, and on
+    CPU the plain-math attention kernel. Measured on this 2-core AMD EPYC (avx512_bf16), batch 16,
+    N = 100, model compute per step: fp32 316 ms; bf16 230 ms; bf16 + math attention 205 ms (the
+    fused CPU attention's backward alone took 55 ms at these tiny sequence lengths). A CPU
+    without native bf16 should use ``fp32``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"precision {precision!r}: choose bf16 or fp32")
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+    if device.type == "cpu":
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    return stack
+
+
+def train_step(model: EmbeddedSFM, opt: torch.optim.Optimizer, images: torch.Tensor,
+               targets: list, points: torch.Tensor, sentences: torch.Tensor,
+               precision: str = "bf16") -> tuple[torch.Tensor, dict]:
+    """One optimiser step on a batch: every decoder layer's set loss, clipped gradients."""
+    with precision_context(images.device, precision):
+        spatial = model.encode_points(points.to(images.device))
+        semantic = model.text_encoder.embed_sentences(sentences)
+        outputs = model.decode(model.encode_image(images), spatial, semantic, aux=True)
+    loss, parts = set_loss(outputs, targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss, parts
+
+
+def pretrain(out: Path, minutes: float = 58.0, steps: int = 100_000, batch: int = 16,
              lr: float = 5e-4, seed: int = 0, log_every: int = 50,
-             init_from: Path | None = None, warmup: int = 200) -> dict:
+             init_from: Path | None = None, warmup: int = 200, device: str = "auto",
+             precision: str = "bf16", workers: int | None = None) -> dict:
     """Pretrain for ``minutes`` of wall time (or ``steps``); ``init_from`` continues from saved
     weights (a second stage with a fresh schedule)."""
+    from .sfm import resolve_device
+
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,43 +175,38 @@ def pretrain(out: Path, minutes: float = 55.0, steps: int = 100_000, batch: int 
         model.load_state_dict(load_embedded(init_from).state_dict())
         for p in model.parameters():
             p.requires_grad_(True)
-    model.train()
+    model.to(dev).train()
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
+    ema_float = [v for v in ema.state_dict().values() if v.is_floating_point()]
+    live_float = [v for v in model.state_dict().values() if v.is_floating_point()]
     names = [CLASS_NAMES[c] for c in TASKS["source"].vocab]
     from .sfm.modeling.text_encoder import sentence_embeddings
-    sent = sentence_embeddings(names)
+    sent = sentence_embeddings(names).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     budget = minutes * 60 - (time.time() - t0)
     log = []
+    batches = scene_batches(batch, seed, (2 if dev.type == "cuda" else 0)
+                            if workers is None else workers)
     start = time.time()
     # the wall-clock budget usually ends the run: the bar counts steps and shows minutes left
     bar = tqdm(total=steps if steps < 100_000 else None, desc="pretraining", unit="step")
     step = 0
     while step < steps and time.time() - start < budget:
-        frac = min(1.0, (time.time() - start) / budget)
+        frac = min(1.0, max((time.time() - start) / budget, step / steps))
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.02)
-        images, targets = batch_targets(fresh_scenes(step, batch, seed), g)
-        images = augment(images, g)
+        images, targets = next(batches)
+        images = images.to(dev)
+        targets = [(lab.to(dev), m.to(dev)) for lab, m in targets]
         n = N_CHOICES[int(torch.randint(len(N_CHOICES), (1,), generator=g))]
-        spatial = model.encode_points(jittered_layout(n, g))
-        semantic = model.text_encoder.embed_sentences(sent)
-        outputs = model.decode(model.encode_image(images), spatial, semantic, aux=True)
-        loss, parts = set_loss(outputs, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss, parts = train_step(model, opt, images, targets, jittered_layout(n, g), sent,
+                                 precision)
         d = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
-                if pe.is_floating_point():
-                    pe.mul_(d).add_(pm, alpha=1 - d)
-                else:
-                    pe.copy_(pm)
+        with torch.no_grad():  # the model has no integer buffers: every entry is averaged
+            torch._foreach_lerp_(ema_float, live_float, 1 - d)
         step += 1
         bar.update(1)
         row = {"step": step, "seconds": round(time.time() - start, 1),
@@ -161,7 +225,8 @@ def pretrain(out: Path, minutes: float = 55.0, steps: int = 100_000, batch: int 
         w = csv.DictWriter(f, fieldnames=list(log[0]))
         w.writeheader()
         w.writerows(log)
-    info = {"steps": step, "batch": batch, "lr": lr, "seed": seed,
+    info = {"steps": step, "batch": batch, "lr": lr, "seed": seed, "precision": precision,
+            "device": str(dev), "cpu_threads": torch.get_num_threads(),
             "init_from": str(init_from) if init_from else None,
             "minutes": round((time.time() - t0) / 60, 1), "weights_sha256_16": digest,
             "images_seen": step * batch}

@@ -142,7 +142,7 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
     ws = Workspace(model, FeatureCache(cache_dir))
     todo = cfg.cells()
     mine = [c for i, c in enumerate(todo) if i % world == rank]
-    done = {p.stem for p in cells_dir.glob("*.json")}
+    done = finished_cells(cells_dir, model.weights_hash())
     bar = tqdm(total=len(mine), desc=f"study {cfg.name}", disable=rank != 0, unit="cell",
                initial=sum(cell_id(*c) in done for c in mine))
     t_study = time.time()
@@ -181,6 +181,19 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
         aggregate(run, cfg, wall_s=time.time() - t_study)
         print(f"study {cfg.name}: {len(todo)} cells; results in {run}/summary.md")
     return run
+
+
+def finished_cells(cells_dir: Path, sfm_hash: str) -> set[str]:
+    """Ids of the cells already run with these SFM weights: a cell from other weights (the
+    SFM was re-pretrained, or --checkpoint changed) is run again, never mixed in."""
+    done = set()
+    for p in cells_dir.glob("*.json"):
+        try:
+            if json.loads(p.read_text()).get("sfm") == sfm_hash:
+                done.add(p.stem)
+        except (OSError, ValueError):  # a cell file cut short: run the cell again
+            continue
+    return done
 
 
 # ------------------------------------------------------------------------------ aggregation

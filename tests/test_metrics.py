@@ -482,3 +482,23 @@ def test_evaluate_uses_the_sfms_own_threshold(tmp_path, monkeypatch):
     data = SceneSplit("shift", "test", n=1)
     E.evaluate(sfm, default_spatial(sfm, 4), default_semantic(sfm, data.class_names), data)
     assert seen == [0.3]
+
+
+def test_ap50_ground_truth_is_complete_coco(monkeypatch):
+    # pycocotools 2.0.10's loadRes copies the ground truth's "info" and fails without it (seen
+    # on a GPU machine); stand in for that version here and check AP50 still computes
+    from pycocotools.coco import COCO
+
+    original = COCO.loadRes
+
+    def strict_load_res(self, res):
+        assert "info" in self.dataset, "ground truth lacks 'info'"
+        return original(self, res)
+
+    monkeypatch.setattr(COCO, "loadRes", strict_load_res)
+    inst = np.zeros((10, 10), np.int32)
+    inst[0:4, 0:4] = 1
+    m = InstanceAP50(1)
+    m.update([{"mask": torch.as_tensor(inst == 1), "category": 0, "score": 0.9}],
+             make_scene(inst, [seg(1, 0, True)]))
+    assert m.compute()["AP50"] == pytest.approx(100.0)

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import torch
 
-from ssprompt.pretrain import batch_targets, fresh_scenes, pretrain, warp
+from ssprompt.pretrain import (batch_targets, fresh_scenes, precision_context, pretrain,
+                               scene_batches, train_step, warp)
 
 
 def test_fresh_scenes_are_new_every_step_and_reproducible():
@@ -58,3 +59,35 @@ def test_pretrain_runs_a_few_steps_and_writes_loadable_weights(tmp_path):
     assert saved["weights_sha256_16"] == info["weights_sha256_16"]
     model = load_embedded(tmp_path / "embedded_sfm.safetensors")
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_scene_batches_are_the_same_in_a_worker_process():
+    here, worker = scene_batches(2, seed=3, workers=0), scene_batches(2, seed=3, workers=1)
+    for _ in range(2):
+        (a, ta), (b, tb) = next(here), next(worker)
+        assert torch.equal(a, b)
+        for (la, ma), (lb, mb) in zip(ta, tb):
+            assert torch.equal(la, lb) and torch.equal(ma, mb)
+
+
+def test_bf16_step_keeps_fp32_weights_and_fp32_off_switch():
+    from ssprompt.data.scenes import CLASS_NAMES, TASKS
+    from ssprompt.prompts.layout import grid_layout
+    from ssprompt.sfm.embedded import EmbeddedSFM
+    from ssprompt.sfm.modeling.text_encoder import sentence_embeddings
+
+    images, targets = next(scene_batches(2, seed=0, workers=0))
+    sent = sentence_embeddings([CLASS_NAMES[c] for c in TASKS["source"].vocab])
+    torch.manual_seed(0)
+    model = EmbeddedSFM().train()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss, parts = train_step(model, opt, images, targets, grid_layout(16), sent, "bf16")
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast casts, not weights
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    cpu = torch.device("cpu")
+    with precision_context(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with precision_context(cpu, "fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

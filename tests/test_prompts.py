@@ -207,3 +207,13 @@ def test_drift_ignores_learned_only_and_is_scale_free():
     lonly = FusedPrompt(d, "learned_only", init="random",
                         generator=torch.Generator().manual_seed(0))
     assert float(Stub(lonly, None).drift()) == 0.0
+
+
+@pytest.mark.parametrize("init", ["random", "default"])
+def test_fused_prompt_lives_on_its_default_embeddings_device(init):
+    # every tensor of a fused prompt follows the frozen encoder's output onto its device (a
+    # CUDA run once failed: the fusion weight stayed on the CPU); 'meta' stands in for CUDA here
+    default = torch.randn(6, 8).to("meta")
+    p = FusedPrompt(default, "weighted", init=init, generator=torch.Generator().manual_seed(0))
+    assert {t.device.type for t in [*p.parameters(), *p.buffers()]} == {"meta"}
+    assert p().device.type == "meta" and p().shape == (6, 8)

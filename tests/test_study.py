@@ -71,6 +71,25 @@ def test_killed_study_resumes_to_identical_numbers(full_run, tmp_path):
     assert _metrics(out) == _metrics(full_run)  # same config + seeds -> identical numbers
 
 
+def test_cells_of_other_sfm_weights_are_run_again(full_run, tmp_path):
+    # the same config with other weights (a re-pretrained SFM) must not resume the old cells
+    import json
+    import shutil
+
+    from cli_helpers import save_tiny_embedded
+    from ssprompt.sfm.embedded import file_hash
+
+    out = tmp_path / "other-sfm"
+    shutil.copytree(full_run, out)
+    weights = save_tiny_embedded(tmp_path / "tiny.safetensors")
+    p = _study(out, "--checkpoint", str(weights))
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-2000:]
+    cells = [json.loads(f.read_text()) for f in (out / "cells").glob("*.json")]
+    assert cells and {c["sfm"] for c in cells} == {file_hash(weights)}
+    assert _metrics(out) != _metrics(full_run)
+
+
 def test_changed_config_refuses_to_mix(full_run, tmp_path):
     cfg = tmp_path / "other.yaml"
     text = (ROOT / "configs" / "quick.yaml").read_text().replace("shots: 4", "shots: 3")

@@ -45,7 +45,8 @@ class FusedPrompt(nn.Module):
             if init == "default":
                 start = default.detach().clone()
             else:
-                noise = torch.randn(default.shape, generator=generator)
+                # drawn on the CPU generator, so a seed gives the same start on any device
+                noise = torch.randn(default.shape, generator=generator).to(default.device)
                 if default.shape[0] > 1:
                     mean, std = default.mean(0, keepdim=True), default.std(0, keepdim=True)
                 else:  # one prompt: no spread to match, use its typical magnitude
@@ -55,7 +56,8 @@ class FusedPrompt(nn.Module):
         if mode == "weighted":
             shape = (default.shape[0], 1) if weight == "prompt" else tuple(default.shape)
             logit = torch.logit(torch.tensor(weight_init))
-            self.weight_logit = nn.Parameter(torch.full(shape, float(logit)))
+            self.weight_logit = nn.Parameter(torch.full(shape, float(logit),
+                                                        device=default.device))
 
     def weight(self) -> Tensor:
         """The fusion weight ``w`` (shape (P, 1) or (P, D)); 0 for ``default``, 1 for
