@@ -37,7 +37,7 @@ class TrainConfig:
     lr: float = 3e-3               # AdamW; the semantic embeddings' (and vanilla_2d's points')
     weight_decay: float = 0.05
     weight_lr_mult: float = 10.0   # fusion-weight logits: 10x lr, no weight decay
-    spatial_lr_mult: float = 5.0   # spatial embeddings: lr x 5 (their scale is ~11x larger)
+    spatial_lr_mult: float = 5.0   # spatial embeddings: lr x 5 (their scale is ~10x larger)
     anchor: float = 10.0           # + anchor * relative squared drift of z_learned from z_default
     #                                (PromptSet.drift): only a consistent signal moves a prompt
     batch: int = 8

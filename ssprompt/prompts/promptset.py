@@ -88,7 +88,7 @@ class PromptSet(nn.Module):
     def drift(self) -> Tensor:
         """Squared distance of the fused learners' embeddings from their defaults, relative to
         the defaults' own mean square (so spatial and semantic prompts, whose scales differ
-        ~11x, weigh alike); 0 if none. ``learned_only`` is left out: its default is gone."""
+        ~10x, weigh alike); 0 if none. ``learned_only`` is left out: its default is gone."""
         terms = [((m.learned - m.default) ** 2).mean() / (m.default ** 2).mean().clamp_min(1e-12)
                  for m in (self.spatial, self.semantic)
                  if isinstance(m, FusedPrompt) and m.mode in ("average", "weighted")]
