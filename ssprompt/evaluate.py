@@ -43,10 +43,12 @@ def class_agnostic(scene):
 
     import numpy as np
 
+    from .data.scenes import VOID
+
     s = copy.copy(scene)
     thing_ids = [seg["id"] for seg in scene.segments if seg["isthing"]]
     keep = np.isin(scene.instance, thing_ids)
-    s.semantic = np.where(keep, 0, 255).astype(np.uint8)
+    s.semantic = np.where(keep, 0, VOID).astype(np.int32)
     s.instance = np.where(keep, scene.instance, 0).astype(np.int32)
     s.segments = [dict(seg, category=0) for seg in scene.segments if seg["isthing"]]
     return s

@@ -49,7 +49,7 @@ from torchmetrics.utilities import dim_zero_cat
 from .inference import (MASK2FORMER_OBJECT_THRESHOLD, instance_inference, panoptic_inference,
                         semantic_inference, upsample)
 
-VOID = 255
+from .data.scenes import VOID  # noqa: E402  (one name for void, defined with the labels)
 
 
 def _pct(x: float | None) -> float | None:

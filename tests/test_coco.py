@@ -13,7 +13,7 @@ from PIL import Image
 
 from ssprompt.data import open_dataset
 from ssprompt.data.coco import CocoDataset, export_coco, id2rgb, rgb2id
-from ssprompt.data.scenes import IGNORE, SceneSplit
+from ssprompt.data.scenes import VOID, SceneSplit
 from ssprompt.errors import UserError
 
 
@@ -94,7 +94,7 @@ def test_resize_keeps_maps_consistent(exported):
     for seg in s.segments:
         m = s.instance == seg["id"]
         assert m.sum() == seg["area"] > 0 and (s.semantic[m] == seg["category"]).all()
-    assert (s.semantic[s.instance == 0] == IGNORE).all()
+    assert (s.semantic[s.instance == 0] == VOID).all()
 
 
 def test_instances_only_round_trip(scenes, exported, tmp_path):
@@ -105,7 +105,7 @@ def test_instances_only_round_trip(scenes, exported, tmp_path):
     for i in range(len(ds)):
         a, b = ds[i], scenes[i]
         thing = np.isin(b.instance, [s["id"] for s in b.segments if s["isthing"]])
-        assert (a.instance[~thing] == 0).all() and (a.semantic[~thing] == IGNORE).all()
+        assert (a.instance[~thing] == 0).all() and (a.semantic[~thing] == VOID).all()
         names_a = np.array(ds.class_names + ["void"])[np.minimum(a.semantic, len(ds.class_names))]
         names_b = np.array(scenes.class_names)[b.semantic[thing]]
         assert (names_a[thing] == names_b).all()
@@ -180,7 +180,7 @@ def test_polygon_and_uncompressed_rle(tmp_path):
     box[2:8, 2:8] = True
     assert np.array_equal(s.semantic == 0, box)
     assert np.array_equal(s.semantic == 1, ring)
-    assert (s.semantic[~(box | ring)] == IGNORE).all() and (s.instance[~(box | ring)] == 0).all()
+    assert (s.semantic[~(box | ring)] == VOID).all() and (s.instance[~(box | ring)] == 0).all()
     by_cat = {seg["category"]: seg for seg in s.segments}
     assert by_cat[0]["area"] == 36 and by_cat[0]["iscrowd"] == 0
     assert by_cat[1]["area"] == 8 and by_cat[1]["iscrowd"] == 1
@@ -194,7 +194,7 @@ def test_image_without_annotations(tmp_path):
                       "segmentation": [[2, 2, 8, 2, 8, 8, 2, 8]]}], images=images)
     s = CocoDataset(tmp_path, "val", size=16)[1]
     assert s.image.shape == (16, 16, 3) and s.segments == []
-    assert (s.semantic == IGNORE).all() and (s.instance == 0).all()
+    assert (s.semantic == VOID).all() and (s.instance == 0).all()
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchmetrics.detection import PanopticQuality as TMPanopticQuality
 
-from ssprompt.data.scenes import Scene
+from ssprompt.data.scenes import VOID, Scene
 from ssprompt.metrics import InstanceAP50, MeanIoU, PanopticQuality, SegmentationEvaluator
 from ssprompt.sfm.base import Outputs
 
@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 def make_scene(instance: np.ndarray, segments: list[dict]) -> Scene:
     """A Scene from an instance map (0 = void) and its segments; semantic derived."""
     instance = np.asarray(instance, dtype=np.int32)
-    semantic = np.full(instance.shape, 255, np.uint8)
+    semantic = np.full(instance.shape, VOID, np.int32)
     for s in segments:
         semantic[instance == s["id"]] = s["category"]
         s.setdefault("area", int((instance == s["id"]).sum()))
@@ -38,7 +38,7 @@ def seg(i: int, cat: int, isthing: bool, crowd: int = 0) -> dict:
 
 # --------------------------------------------------------------------------------------- mIoU
 def test_miou_hand_computed_with_ignore():
-    gt = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, 255, 255]])
+    gt = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, VOID, VOID], [2, 2, VOID, VOID]])
     pred = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1], [2, 3, 0, 3], [2, 2, 3, 3]])
     m = MeanIoU(5)
     m.update(pred, gt)
@@ -53,7 +53,7 @@ def test_miou_hand_computed_with_ignore():
 def test_miou_batched_equals_sequential_and_merge():
     torch.manual_seed(0)
     gt = torch.randint(0, 4, (4, 6, 6))
-    gt[:, 0] = 255
+    gt[:, 0] = VOID
     pred = torch.randint(0, 4, (4, 6, 6))
     whole = MeanIoU(4)
     whole.update(pred, gt)

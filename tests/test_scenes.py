@@ -7,7 +7,7 @@ import pytest
 
 from ssprompt.data import open_dataset
 from ssprompt.data.fewshot import kshot_indices, kshot_indices_covering
-from ssprompt.data.scenes import (CLASS_NAMES, HELD_OUT, IGNORE, TASKS, SceneSplit, get_task,
+from ssprompt.data.scenes import (CLASS_NAMES, HELD_OUT, VOID, TASKS, SceneSplit, get_task,
                                   make_scene)
 from ssprompt.errors import UserError
 
@@ -33,7 +33,7 @@ def test_masks_match_maps(task):
     for i in range(len(ds)):
         s = ds[i]
         assert s.image.dtype == np.uint8 and s.image.shape == (96, 96, 3)
-        assert s.semantic.dtype == np.uint8 and s.instance.dtype == np.int32
+        assert s.semantic.dtype == np.int32 and s.instance.dtype == np.int32
         ids = [seg["id"] for seg in s.segments]
         assert len(set(ids)) == len(ids) and 0 not in ids
         for seg in s.segments:
@@ -43,7 +43,7 @@ def test_masks_match_maps(task):
             assert seg["isthing"] == ds.is_thing[seg["category"]]
         void = s.instance == 0
         assert sum(seg["area"] for seg in s.segments) + void.sum() == 96 * 96
-        assert (s.semantic[void] == IGNORE).all()
+        assert (s.semantic[void] == VOID).all()
         assert set(np.unique(s.instance).tolist()) <= set(ids) | {0}
         assert (s.semantic[~void] < nvocab).all()
         labels, masks = s.targets()

@@ -26,7 +26,7 @@ from pycocotools import mask as mask_util
 
 from ..errors import UserError, fail
 from .fewshot import kshot_indices
-from .scenes import IGNORE, Scene
+from .scenes import VOID, Scene
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -155,7 +155,7 @@ def _finish(image: np.ndarray, instance: np.ndarray, segments: list[dict],
                               .resize((size, size), Image.NEAREST)).astype(np.int32)
     counts = np.bincount(instance.ravel(), minlength=max([s["id"] for s in segments], default=0) + 1)
     remap = np.zeros(len(counts), np.int32)
-    lut = np.full(len(counts), IGNORE, np.uint8)
+    lut = np.full(len(counts), VOID, np.int32)
     kept: list[dict] = []
     for s in segments:
         area = int(counts[s["id"]]) if s["id"] < len(counts) else 0

@@ -17,7 +17,9 @@ from scipy import ndimage
 from ..errors import UserError
 from . import sources
 
-IGNORE = 255
+# The label of void pixels (unlabelled; never scored) in every semantic map: label maps are
+# int32, so any class index 0..2**31-1 is free and void can never collide with one.
+VOID = -1
 
 # ---------------------------------------------------------------------------------- vocabulary
 CLASS_NAMES: list[str] = sources.FASHION_NAMES + sources.DIGIT_NAMES + list(sources.STUFF_SOURCES)
@@ -80,7 +82,7 @@ def get_task(name: str) -> TaskSpec:
 @dataclass
 class Scene:
     image: np.ndarray          # uint8 (H, W, 3)
-    semantic: np.ndarray       # uint8 (H, W): index into the task vocabulary, IGNORE = void
+    semantic: np.ndarray       # int32 (H, W): index into the task vocabulary, VOID = void
     instance: np.ndarray       # int32 (H, W): segment id, 0 = void
     segments: list[dict] = field(default_factory=list)  # {"id", "category", "isthing", "area"}
 
@@ -191,7 +193,7 @@ def make_scene(spec: TaskSpec, split: str, index: int, size: int = 96) -> Scene:
     dist = np.stack([np.hypot(yy - sy, xx - sx) + w for (sy, sx), w in zip(seeds, warp)])
     region = dist.argmin(0)
     image = np.zeros((size, size, 3), np.float32)
-    semantic = np.full((size, size), IGNORE, np.uint8)
+    semantic = np.full((size, size), VOID, np.int32)
     for r, c in enumerate(stuff_cls):
         m = region == r
         image[m] = _stuff_patch(rng, int(c), size)[m]
@@ -235,7 +237,7 @@ def make_scene(spec: TaskSpec, split: str, index: int, size: int = 96) -> Scene:
         for v in visible:
             m = m & ~v
         if m.sum() < 24:  # slivers of stuff are void, as COCO leaves unlabelled crumbs
-            semantic[m] = IGNORE
+            semantic[m] = VOID
             continue
         segments.append({"id": len(segments) + 1, "category": vocab_index[int(c)],
                          "isthing": False, "area": int(m.sum())})
