@@ -46,10 +46,10 @@ def _workspace(a: argparse.Namespace):
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> None:
-    from .pretrain import pretrain
+    from .pretrain import DEFAULT_OUT, pretrain
 
-    info = pretrain(Path(a.out), minutes=a.minutes, steps=a.steps, batch=a.batch, lr=a.lr,
-                    seed=a.seed,
+    info = pretrain(Path(a.out) if a.out else DEFAULT_OUT, minutes=a.minutes, steps=a.steps,
+                    batch=a.batch, lr=a.lr, seed=a.seed,
                     init_from=Path(a.init_from) if a.init_from else None, warmup=a.warmup,
                     device=a.device, precision=a.precision, workers=a.workers)
     print(info)
@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("pretrain", help="pretrain the embedded SFM on the source corpus")
-    s.add_argument("--out", default="weights")
+    s.add_argument("--out", default=None,
+                   help="folder for the weights, log and plot (default: runs/pretrain; the "
+                        "packaged ssprompt/weights/ only when named here)")
     s.add_argument("--minutes", type=float, default=58.0, help="wall-clock budget")
     s.add_argument("--steps", type=int, default=100_000, help="step cap")
     s.add_argument("--batch", type=int, default=16)

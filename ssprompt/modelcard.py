@@ -1,5 +1,5 @@
 """Write the embedded SFM's model card: data, steps, loss curve, source-domain and zero-shot
-downstream metrics, and the exact commands. ``python -m ssprompt.modelcard weights/``"""
+downstream metrics, and the exact commands. ``python -m ssprompt.modelcard ssprompt/weights/``"""
 
 from __future__ import annotations
 
@@ -119,4 +119,4 @@ the 0.8 cut gives PQ {pq_08:.1f} against {pq_own:.1f} at {own}. mIoU and AP50 do
 
 
 if __name__ == "__main__":
-    write_card(Path(sys.argv[1]), " ".join(sys.argv[2:]) or "ssprompt pretrain --out weights")
+    write_card(Path(sys.argv[1]), " ".join(sys.argv[2:]) or "ssprompt pretrain --out ssprompt/weights")

@@ -156,8 +156,13 @@ def train_step(model: EmbeddedSFM, opt: torch.optim.Optimizer, images: torch.Ten
     return loss, parts
 
 
-def pretrain(out: Path, minutes: float = 58.0, steps: int = 100_000, batch: int = 16,
-             lr: float = 5e-4, seed: int = 0, log_every: int = 50,
+# Where ``ssprompt pretrain`` writes unless told otherwise: never the packaged weights
+# (ssprompt/weights/), which a run overwrites every 1,000 steps only when named explicitly.
+DEFAULT_OUT = Path("runs") / "pretrain"
+
+
+def pretrain(out: Path = DEFAULT_OUT, minutes: float = 58.0, steps: int = 100_000,
+             batch: int = 16, lr: float = 5e-4, seed: int = 0, log_every: int = 50,
              init_from: Path | None = None, warmup: int = 200, device: str = "auto",
              precision: str = "bf16", workers: int | None = None) -> dict:
     """Pretrain for ``minutes`` of wall time (or ``steps``); ``init_from`` continues from saved

@@ -15,6 +15,7 @@ import io
 import json
 import time
 from dataclasses import dataclass, field, fields
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from .io import write_json, write_text
 from .prompts.promptset import PromptConfig
 from .train import TrainConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(str(files("ssprompt").joinpath("configs")))  # package data
 METRICS = ("mIoU", "AP50", "PQ")
 TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "train", "variants"}
 VARIANT_KEYS = {"name", "mode", "learners", "n_prompts", "init", "weight", "group", "train"}

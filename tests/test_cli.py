@@ -21,7 +21,26 @@ def test_corrupt_weights_file(tmp_path):
 
 def test_missing_weights_file(tmp_path):
     r = ssprompt("eval", "--task", "shift", "--checkpoint", str(tmp_path / "none.safetensors"))
-    assert_one_line_error(r, "none.safetensors")
+    assert_one_line_error(r, "--checkpoint", "none.safetensors")
+    assert "--weights" not in r.stderr
+
+
+def test_pretrain_never_writes_the_packaged_weights_by_default(tmp_path):
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    from ssprompt.sfm.embedded import DEFAULT_WEIGHTS
+
+    before = hashlib.sha256(DEFAULT_WEIGHTS.read_bytes()).hexdigest()
+    r = subprocess.run([sys.executable, "-m", "ssprompt.cli", "pretrain", "--steps", "1",
+                        "--batch", "2", "--warmup", "1", "--device", "cpu"], cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "runs" / "pretrain" / "embedded_sfm.safetensors").exists()
+    assert hashlib.sha256(DEFAULT_WEIGHTS.read_bytes()).hexdigest() == before
 
 
 def test_missing_and_corrupt_prompts_file(tmp_path):

@@ -1,13 +1,15 @@
 """The embedded SFM: a small SEEM-like promptable segmenter that runs on a 2-core CPU.
 
 Assembled from one component a file under ``modeling/``; pretrained by ``ssprompt pretrain``;
-weights shipped in ``weights/embedded_sfm.safetensors`` and loaded with safetensors only.
+weights shipped as package data, ``ssprompt/weights/embedded_sfm.safetensors`` (found with
+importlib.resources, so a non-editable install works), and loaded with safetensors only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from importlib.resources import files
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -19,7 +21,7 @@ from .modeling.mask_decoder import MaskDecoder
 from .modeling.prompt_encoder import PointEncoder
 from .modeling.text_encoder import TextEncoder
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "embedded_sfm.safetensors"
+DEFAULT_WEIGHTS = Path(str(files("ssprompt").joinpath("weights", "embedded_sfm.safetensors")))
 
 
 # Panoptic post-processing keeps a query if its top class probability exceeds this. Mask2Former's
@@ -89,8 +91,9 @@ def load_embedded(path: str | Path | None = None, device: str = "cpu") -> Embedd
 
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.exists():
-        raise UserError(f"{path}: SFM weights file not found (run `ssprompt pretrain` or pass "
-                        "--weights)")
+        raise UserError(f"--checkpoint {path}: SFM weights file not found (give a weights "
+                        ".safetensors from `ssprompt pretrain`, or leave --checkpoint out for the "
+                        "packaged weights)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
