@@ -32,6 +32,15 @@ def _add_sfm_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--cache-dir", default=None,
                    help="keep frozen image features on disk here (keyed by SFM weights + image)")
+    s.add_argument("--eval-batch", type=int, default=50,
+                   help="images per decoder pass in evaluation (lower it to save memory)")
+
+
+def _add_split_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--train-split", default=None,
+                   help="with --data coco:PATH: the split the shots come from (default train)")
+    s.add_argument("--test-split", default=None,
+                   help="with --data coco:PATH: the split scored (default test; e.g. val2017)")
 
 
 def _workspace(a: argparse.Namespace):
@@ -41,8 +50,13 @@ def _workspace(a: argparse.Namespace):
     from .sfm import load_sfm
 
     init_from_env()
+    if a.eval_batch <= 0:
+        raise UserError(f"--eval-batch {a.eval_batch}: must be a positive integer")
     sfm = load_sfm(a.sfm, a.checkpoint, a.device)
-    return Workspace(sfm, FeatureCache(a.cache_dir))
+    splits = {role: name for role, name in (("train", getattr(a, "train_split", None)),
+                                            ("test", getattr(a, "test_split", None))) if name}
+    return Workspace(sfm, FeatureCache(a.cache_dir), eval_batch=a.eval_batch,
+                     split_names=splits)
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> None:
@@ -59,20 +73,16 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     from .distributed import rank_world, shard
     from .evaluate import evaluate
     from .io import write_json
-    from .prompts.promptset import load_prompts
+    from .prompts.promptset import check_prompts, load_prompts
     from .prompts.semantic import default_semantic
     from .prompts.spatial import default_spatial
 
     ws = _workspace(a)
     test = ws.dataset(a.data or a.task, "test", n_test=a.n_test)
     if a.prompts:
-        spatial, semantic, meta = load_prompts(a.prompts)
-        if meta.get("sfm") and meta["sfm"] != ws.sfm.weights_hash():
-            raise UserError(f"{a.prompts}: learned for SFM weights {meta['sfm']}, but this SFM "
-                            f"is {ws.sfm.weights_hash()}")
-        if semantic is not None and semantic.shape[0] != len(test.class_names):
-            raise UserError(f"{a.prompts}: has {semantic.shape[0]} class prompts but "
-                            f"{a.data or a.task} has {len(test.class_names)} classes")
+        learned = load_prompts(a.prompts)
+        check_prompts(learned, ws.sfm, test.class_names, a.prompts)
+        spatial, semantic, meta = learned
         name = Path(a.prompts).parent.name or "prompts"
     else:
         spatial = default_spatial(ws.sfm, a.n_prompts)
@@ -82,7 +92,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     dev = next(ws.sfm.parameters()).device
     # under torchrun each rank scores its shard; the metrics sync their states across ranks
     metrics = evaluate(ws.sfm, spatial.to(dev), None if semantic is None else semantic.to(dev),
-                       test, ws.cache, indices=shard(len(test)))
+                       test, ws.cache, batch=ws.eval_batch, indices=shard(len(test)))
     if rank_world()[0] != 0:
         return
     print(f"task {a.data or a.task}, {len(test)} test images, SFM {ws.sfm.weights_hash()}")
@@ -98,6 +108,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
     from .experiment import CellSpec, run_cell
     from .io import write_json, write_text
     from .prompts.promptset import PromptConfig, save_prompts
+    from .selection import SelectionConfig
     from .train import TrainConfig
 
     from .distributed import rank_world
@@ -108,12 +119,16 @@ def _cmd_train(a: argparse.Namespace) -> None:
                     train=TrainConfig(seed=a.seed, **{k: v for k, v in (
                         ("steps", a.steps), ("lr", a.lr), ("batch", a.batch),
                         ("spatial_lr_mult", a.spatial_lr_mult)) if v is not None}),
-                    shots=a.shots, seed=a.seed, n_test=a.n_test)
+                    shots=a.shots, seed=a.seed, n_test=a.n_test,
+                    selection=SelectionConfig(enabled=not a.no_select, holdout=a.holdout,
+                                              every=a.select_every, refit=a.refit))
     result, prompts, log = run_cell(ws, spec, progress=rank_world()[0] == 0)
     if rank_world()[0] != 0:
         return
     out = Path(a.out)
+    test = ws.dataset(spec.task, "test", n_test=spec.n_test)
     meta = {"config": spec.as_dict(), "seed": a.seed, "sfm": ws.sfm.weights_hash(),
+            "class_names": test.class_names, "is_thing": test.is_thing,
             "metrics": {k: result[k] for k in ("mIoU", "AP50", "PQ")}}
     save_prompts(out / "prompts.safetensors", prompts, meta)
     if log:
@@ -173,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", default=None, help="a prompts.safetensors from `ssprompt train`")
     s.add_argument("--n-prompts", type=int, default=100)
     s.add_argument("--n-test", type=int, default=None, help="first N test images (default all)")
+    _add_split_args(s)
     s.add_argument("--out", default=None, help="folder for metrics.json")
     _add_sfm_args(s)
     s.set_defaults(fn=_cmd_eval)
@@ -195,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning-rate factor for spatial embeddings (default: TrainConfig's)")
     s.add_argument("--batch", type=int, default=None, help="(default: TrainConfig's, 8)")
     s.add_argument("--n-test", type=int, default=None)
+    s.add_argument("--no-select", action="store_true",
+                   help="no held-out-shot selection: train on all shots, keep the last step "
+                        "(can end worse than zero-shot, unnoticed)")
+    s.add_argument("--holdout", type=float, default=0.25,
+                   help="fraction of the shots held out to select prompts (k >= 4; k = 2, 3: "
+                        "leave-one-out)")
+    s.add_argument("--select-every", type=int, default=10,
+                   help="score candidate prompts on the held-out shots every N steps")
+    s.add_argument("--refit", action="store_true",
+                   help="after selection, train again on all shots for the selected steps")
+    _add_split_args(s)
     s.add_argument("--out", required=True)
     _add_sfm_args(s)
     s.set_defaults(fn=_cmd_train)

@@ -1,20 +1,23 @@
-"""One experiment cell: few-shot prompt learning of one variant on one task and seed, then
-evaluation. Shared by ``ssprompt train`` and ``ssprompt study``."""
+"""One experiment cell: few-shot prompt learning of one variant on one task and seed, with
+held-out-shot selection (``ssprompt.selection``), then evaluation on the test split. Shared by
+``ssprompt train`` and ``ssprompt study``."""
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .data import open_dataset
-from .features import FeatureCache
-from .prompts.promptset import PromptConfig, PromptSet, config_dict
-from .sfm.base import PromptableSFM
-from .train import TrainConfig, train_many
 from .distributed import shard
 from .evaluate import evaluate
+from .features import FeatureCache
+from .prompts.promptset import PromptConfig, PromptSet, config_dict
+from .selection import SelectionConfig, Subset, Tracker, decide, folds, restore_defaults
+from .sfm.base import PromptableSFM
+from .train import TrainConfig, train_many, train_prompts
 
 
 @dataclass
@@ -25,18 +28,24 @@ class CellSpec:
     shots: int = 16
     seed: int = 0
     n_test: int | None = None
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
 
     def as_dict(self) -> dict:
         return {"task": self.task, "prompt": config_dict(self.prompt), "train": asdict(self.train),
-                "shots": self.shots, "seed": self.seed, "n_test": self.n_test}
+                "shots": self.shots, "seed": self.seed, "n_test": self.n_test,
+                "selection": asdict(self.selection)}
 
 
 class Workspace:
-    """Datasets and image features shared by every cell of one process."""
+    """Datasets and image features shared by every cell of one process. ``split_names`` maps a
+    split's role (``train``, ``test``) to its name in a COCO folder (e.g. ``val2017``)."""
 
-    def __init__(self, sfm: PromptableSFM, cache: FeatureCache | None = None):
+    def __init__(self, sfm: PromptableSFM, cache: FeatureCache | None = None,
+                 eval_batch: int = 50, split_names: dict[str, str] | None = None):
         self.sfm = sfm
         self.cache = cache if cache is not None else FeatureCache()
+        self.eval_batch = eval_batch
+        self.split_names = dict(split_names or {})
         self._data: dict[tuple, object] = {}
 
     def dataset(self, task: str, split: str, shots: int = 16, seed: int = 0,
@@ -45,7 +54,7 @@ class Workspace:
                seed if split == "train" else None, n_test if split == "test" else None)
         if key not in self._data:
             self._data[key] = open_dataset(task, split, shots=shots, seed=seed, n_test=n_test,
-                                           size=self.sfm.image_size)
+                                           split_name=self.split_names.get(split))
         return self._data[key]
 
 
@@ -54,31 +63,118 @@ def run_cell(ws: Workspace, spec: CellSpec, progress: bool = False):
     return run_cells(ws, [spec], progress)[0]
 
 
+@dataclass
+class _Cell:
+    spec: CellSpec
+    prompts: PromptSet
+    make: object                    # () -> a fresh PromptSet, the same start as ``prompts``
+    train: object | None
+    cfg: TrainConfig
+    trackers: list = field(default_factory=list)
+    jobs: list[int] = field(default_factory=list)   # this cell's positions in the job list
+    notes: list[str] = field(default_factory=list)
+
+
 def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False):
     """Several cells of one variant and task (e.g. its seeds), trained together in shared
     decoder passes (see ``train_many``), then evaluated one by one. Returns a list of
     (result dict, prompts, loss log)."""
     t0 = time.time()
-    jobs = []
+    cells, jobs, hooks = [], [], []
     for spec in specs:
-        torch.manual_seed(spec.seed)
-        g = torch.Generator().manual_seed(spec.seed)
         test = ws.dataset(spec.task, "test", n_test=spec.n_test)
-        prompts = PromptSet(ws.sfm, test.class_names, spec.prompt, generator=g)
+
+        def make(spec=spec, names=test.class_names):
+            torch.manual_seed(spec.seed)
+            return PromptSet(ws.sfm, names, spec.prompt,
+                             generator=torch.Generator().manual_seed(spec.seed))
+
+        prompts = make()
         train = ws.dataset(spec.task, "train", shots=spec.shots, seed=spec.seed) \
             if prompts.num_trainable() else None
-        jobs.append((prompts, train, TrainConfig(**{**asdict(spec.train), "seed": spec.seed})))
-    logs = train_many(ws.sfm, jobs, ws.cache, progress=progress)
+        cell = _Cell(spec, prompts, make, train,
+                     TrainConfig(**{**asdict(spec.train), "seed": spec.seed}))
+        cells.append(cell)
+        if train is None:
+            continue
+        if len(train) >= getattr(train, "pool_size", len(train) + 1):
+            cell.notes.append(f"--shots {spec.shots} uses every image of the train split: seeds "
+                              "change only the batch order, not the shots")
+        sel = spec.selection
+        fl = folds(len(train), spec.seed, sel.holdout) if sel.enabled else [(range(len(train)), [])]
+        if not fl:
+            cell.notes.append(f"--shots {len(train)}: no shot can be held out to check the "
+                              "learned prompts, so the default prompts are kept (use --no-select "
+                              "to train anyway)")
+            continue
+        for i, (fit, held) in enumerate(fl):
+            p = prompts if i == 0 else make()
+            cell.jobs.append(len(jobs))
+            jobs.append((p, Subset(train, fit) if held else train, cell.cfg))
+            tracker = Tracker(ws.sfm, p, Subset(train, held), ws.cache, sel.every,
+                              cell.cfg.steps, ws.eval_batch) if held else None
+            if tracker is not None:
+                cell.trackers.append(tracker)
+            hooks.append(tracker)
+    logs = train_many(ws.sfm, jobs, ws.cache, progress=progress, on_step=hooks)
     train_s = (time.time() - t0) / len(specs)
     out = []
-    for spec, (prompts, _, _), log in zip(specs, jobs, logs):
+    for cell in cells:
         t1 = time.time()
-        test = ws.dataset(spec.task, "test", n_test=spec.n_test)
-        with torch.no_grad():
-            spatial, semantic = prompts()
-        metrics = evaluate(ws.sfm, spatial, semantic, test, ws.cache, indices=shard(len(test)))
-        result = {**metrics, "trained_params": prompts.num_trainable(),
+        spec, test = cell.spec, ws.dataset(cell.spec.task, "test", n_test=cell.spec.n_test)
+        log = logs[cell.jobs[0]] if cell.jobs else []
+        n_params = cell.prompts.num_trainable()
+        score = lambda p: _evaluate(ws, p, test)  # noqa: E731
+        selection, raw = _select(ws, cell, score, progress)
+        metrics = score(cell.prompts)
+        for note in cell.notes:
+            warnings.warn(note, stacklevel=2)
+        result = {**metrics, "trained_params": n_params,
                   "wall_s": round(train_s + time.time() - t1, 2), "sfm": ws.sfm.weights_hash(),
-                  "final_loss": log[-1]["loss"] if log else None, "spec": spec.as_dict()}
-        out.append((result, prompts, log))
+                  "final_loss": log[-1]["loss"] if log else None, "selection": selection,
+                  "raw": raw, "warnings": cell.notes, "spec": spec.as_dict()}
+        out.append((result, cell.prompts, log))
     return out
+
+
+def _evaluate(ws: Workspace, prompts: PromptSet, test) -> dict:
+    with torch.no_grad():
+        spatial, semantic = prompts()
+    return evaluate(ws.sfm, spatial, semantic, test, ws.cache, batch=ws.eval_batch,
+                    indices=shard(len(test)))
+
+
+def _select(ws: Workspace, cell: _Cell, score, progress: bool) -> tuple[dict | None, dict | None]:
+    """Apply held-out selection to ``cell.prompts`` in place. Returns (what was selected, with
+    the held-out curve; the test metrics of the unselected last-step prompts, where they
+    differ from the selected ones)."""
+    if cell.train is None:
+        return None, None
+    if not cell.jobs:        # k = 1: nothing to validate on
+        restore_defaults(cell.prompts, ws.sfm)
+        return {"selected": "default", "reason": "no held-out shot"}, None
+    if not cell.trackers:    # selection switched off
+        return None, None
+    step, curve, default = decide(cell.trackers)
+    sel = cell.spec.selection
+    info = {"rule": f"held-out mean of mIoU/AP50/PQ every {sel.every} steps; "
+                    f"{len(cell.trackers)} fold(s)", "default_score": round(default, 4),
+            "curve": curve, "folds": [t.curve for t in cell.trackers],
+            "default_folds": [t.default for t in cell.trackers],
+            "selected": "default" if step is None else step, "refit": False}
+    last = cell.cfg.steps
+    single = len(cell.trackers) == 1
+    raw = None
+    if single and step != last:
+        raw = {k: v for k, v in score(cell.prompts).items() if k != "per_class"}
+    if step is None:
+        restore_defaults(cell.prompts, ws.sfm)
+    elif single and not sel.refit:
+        cell.prompts.load_state_dict(cell.trackers[0].states[step])
+    else:                    # several folds (or refit): train again on all k shots
+        fresh = cell.make()
+        train_prompts(ws.sfm, fresh, cell.train, TrainConfig(**{**asdict(cell.cfg), "steps": step}),
+                      ws.cache, progress=progress)
+        cell.prompts.load_state_dict(fresh.state_dict())
+        info["refit"] = True
+    return info, raw

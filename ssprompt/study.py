@@ -25,11 +25,13 @@ from tqdm import tqdm
 from .errors import UserError
 from .io import write_json, write_text
 from .prompts.promptset import PromptConfig
+from .selection import SelectionConfig
 from .train import TrainConfig
 
 CONFIG_DIR = Path(str(files("ssprompt").joinpath("configs")))  # package data
 METRICS = ("mIoU", "AP50", "PQ")
-TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "train", "variants"}
+TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "train", "selection", "variants"}
+SELECTION_KEYS = {f.name for f in fields(SelectionConfig)}
 VARIANT_KEYS = {"name", "mode", "learners", "n_prompts", "init", "weight", "group", "train"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"seed"}
 FIXED_MODES = ("default", "prompt_engineering")  # variants with nothing to learn
@@ -53,6 +55,7 @@ class StudyConfig:
     train: dict
     variants: list[Variant]
     raw: dict
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
 
     def cells(self) -> list[tuple[Variant, str, int]]:
         return [(v, t, s) for t in self.tasks for v in self.variants for s in self.seeds]
@@ -81,6 +84,8 @@ def load_config(path: str | Path) -> StudyConfig:
             raise UserError(f"{path}: '{key}' must be a non-empty list")
     train = dict(raw.get("train") or {})
     _check_keys(f"{path}: train", train, TRAIN_KEYS)
+    selection = dict(raw.get("selection") or {})
+    _check_keys(f"{path}: selection", selection, SELECTION_KEYS)
     variants, names = [], set()
     for i, v in enumerate(raw["variants"]):
         where = f"{path}: variants[{i}]"
@@ -103,7 +108,8 @@ def load_config(path: str | Path) -> StudyConfig:
     if not isinstance(shots, int) or shots <= 0:
         raise UserError(f"{path}: shots must be a positive integer")
     return StudyConfig(raw.get("name", path.stem), list(raw["tasks"]), list(raw["seeds"]),
-                       shots, raw.get("n_test"), train, variants, raw)
+                       shots, raw.get("n_test"), train, variants, raw,
+                       SelectionConfig(**selection))
 
 
 def cell_id(variant: Variant, task: str, seed: int) -> str:
@@ -156,7 +162,8 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
         bar.set_postfix_str(f"{vname} / {task} / seeds {[s for _, _, s in cells]}")
         specs = [CellSpec(task=task, prompt=variant.prompt,
                           train=TrainConfig(**{**cfg.train, **variant.train}), shots=cfg.shots,
-                          seed=seed, n_test=cfg.n_test) for _, _, seed in cells]
+                          seed=seed, n_test=cfg.n_test, selection=cfg.selection)
+                 for _, _, seed in cells]
         with local_only():  # ranks run different cells: no sharding, no gradient all-reduce
             if variant.prompt.mode in FIXED_MODES:  # nothing learned: one evaluation serves all
                 first = run_cells(ws, specs[:1])[0]

@@ -12,6 +12,7 @@ alone, at a fraction of the wall time.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,7 @@ class _Run:
         device = next(iter(self.feats.tensors.values())).device
         self.targets = []
         for s in scenes:
-            labels, masks = s.targets()
+            labels, masks = s.targets(sfm.image_size)  # in the SFM's letterboxed frame
             self.targets.append((torch.from_numpy(labels).to(device),
                                  torch.from_numpy(masks).to(device)))
         self.params = prompts.trainable()
@@ -91,16 +92,25 @@ class _Run:
 
 
 def train_prompts(sfm: PromptableSFM, prompts: PromptSet, dataset, cfg: TrainConfig,
-                  cache: FeatureCache | None = None, progress: bool = False) -> list[dict]:
+                  cache: FeatureCache | None = None, progress: bool = False,
+                  on_step: Callable[[int], None] | None = None) -> list[dict]:
     """Optimise ``prompts`` on every scene of ``dataset``; returns the loss log."""
-    return train_many(sfm, [(prompts, dataset, cfg)], cache, progress)[0]
+    return train_many(sfm, [(prompts, dataset, cfg)], cache, progress, [on_step])[0]
 
 
 def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConfig]],
-               cache: FeatureCache | None = None, progress: bool = False) -> list[list[dict]]:
-    """Train several prompt sets in shared decoder passes; jobs must agree on ``steps``."""
+               cache: FeatureCache | None = None, progress: bool = False,
+               on_step: list[Callable[[int], None] | None] | None = None) -> list[list[dict]]:
+    """Train several prompt sets in shared decoder passes; jobs must agree on ``steps``.
+    ``on_step[j](step)`` is called after each optimiser step of job ``j`` (0-based), e.g. to
+    score the prompts on held-out shots (``ssprompt.selection``) or to write a live log."""
     cache = cache if cache is not None else FeatureCache()
-    runs = [_Run(sfm, p, d, c, cache) for p, d, c in jobs if p.trainable()]
+    hooks = on_step or [None] * len(jobs)
+    runs, run_hooks = [], []
+    for (p, d, c), hook in zip(jobs, hooks):
+        if p.trainable():
+            runs.append(_Run(sfm, p, d, c, cache))
+            run_hooks.append(hook)
     if not runs:
         return [[] for _ in jobs]
     steps = runs[0].cfg.steps
@@ -142,6 +152,9 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
             if step % r.cfg.log_every == 0 or step == steps - 1:
                 r.log.append({"step": step, "loss": round(float(loss.detach()), 5),
                               **{k: round(v, 5) for k, v in parts.items()}})
+        for hook in run_hooks:
+            if hook is not None:
+                hook(step)
     logs = iter(r.log for r in runs)
     return [next(logs) if p.trainable() else [] for p, _, _ in jobs]
 

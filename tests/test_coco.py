@@ -74,9 +74,8 @@ def test_panoptic_png_encoding(scenes, exported):
     assert id2rgb(np.array([[256 + 2]]))[0, 0].tolist() == [2, 1, 0]
 
 
-@pytest.mark.parametrize("size", [None, 96])
-def test_panoptic_round_trip(scenes, exported, size):
-    ds = CocoDataset(exported, "test", size=size)
+def test_panoptic_round_trip(scenes, exported):
+    ds = CocoDataset(exported, "test")
     assert ds.kind == "panoptic" and ds.source == str(exported)
     assert ds.class_names == scenes.class_names and ds.is_thing == scenes.is_thing
     assert len(ds) == len(scenes)
@@ -88,19 +87,23 @@ def test_panoptic_round_trip(scenes, exported, size):
         assert _no_crowd(a.segments) == b.segments
 
 
-def test_resize_keeps_maps_consistent(exported):
-    s = CocoDataset(exported, "test", size=40)[1]
-    assert s.image.shape == (40, 40, 3) and s.instance.shape == s.semantic.shape == (40, 40)
+def test_maps_consistent_and_letterboxed_targets(exported):
+    s = CocoDataset(exported, "test")[1]
+    assert s.image.shape == (96, 96, 3) and s.instance.shape == s.semantic.shape == (96, 96)
     for seg in s.segments:
         m = s.instance == seg["id"]
         assert m.sum() == seg["area"] > 0 and (s.semantic[m] == seg["category"]).all()
     assert (s.semantic[s.instance == 0] == VOID).all()
+    # training targets in a 40 x 40 letterboxed frame: every kept mask is its segment, resized
+    labels, masks = s.targets(40)
+    assert masks.shape[1:] == (40, 40) and len(labels) == masks.shape[0] >= 1
+    assert set(labels.tolist()) <= {seg["category"] for seg in s.segments}
 
 
 def test_instances_only_round_trip(scenes, exported, tmp_path):
     root = _copy(exported, tmp_path / "inst")
     (root / "annotations" / "panoptic_test.json").unlink()
-    ds = CocoDataset(root, "test", size=None)
+    ds = CocoDataset(root, "test")
     assert ds.kind == "instances" and all(ds.is_thing)
     for i in range(len(ds)):
         a, b = ds[i], scenes[i]
@@ -173,7 +176,7 @@ def test_polygon_and_uncompressed_rle(tmp_path):
         {"id": 2, "image_id": 1, "category_id": 9, "iscrowd": 1,
          "segmentation": _uncompressed_rle(ring), "area": 8, "bbox": [1, 9, 4, 2]},
     ])
-    ds = CocoDataset(tmp_path, "val", size=None)
+    ds = CocoDataset(tmp_path, "val")
     assert ds.class_names == ["box", "ring"] and ds.is_thing == [True, True]
     s = ds[0]
     box = np.zeros((12, 12), bool)
@@ -192,8 +195,8 @@ def test_image_without_annotations(tmp_path):
               {"id": 2, "file_name": "b.png", "height": 10, "width": 14}]
     _tiny(tmp_path, [{"id": 1, "image_id": 1, "category_id": 7, "iscrowd": 0,
                       "segmentation": [[2, 2, 8, 2, 8, 8, 2, 8]]}], images=images)
-    s = CocoDataset(tmp_path, "val", size=16)[1]
-    assert s.image.shape == (16, 16, 3) and s.segments == []
+    s = CocoDataset(tmp_path, "val")[1]
+    assert s.image.shape == (10, 14, 3) and s.segments == []  # its own size, not a square
     assert (s.semantic == VOID).all() and (s.instance == 0).all()
 
 

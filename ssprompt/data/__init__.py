@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 from ..errors import UserError
-from .scenes import TASKS, SceneSplit
+from .scenes import TASKS, VOID, Scene, SceneSplit
+
+# The role of a split (what ssprompt does with it) -> its default name in a COCO folder.
+COCO_SPLITS = {"train": "train", "test": "test"}
 
 
 def open_dataset(spec: str, split: str, shots: int = 16, seed: int = 0,
-                 n_test: int | None = None, size: int = 96):
+                 n_test: int | None = None, split_name: str | None = None):
     """A named embedded task (``shift``, ``novel``, ``stuff``, ``source``) or ``coco:PATH``
-    (a COCO-layout folder: ``train`` draws ``shots`` images, ``test`` keeps the first
-    ``n_test``, or all)."""
+    (a COCO-layout folder). ``split`` is the role: ``train`` draws ``shots`` images, ``test``
+    keeps the first ``n_test`` (or all), ``val`` (scene tasks) is for tuning. ``split_name`` is
+    the COCO split's own name for that role (default: the role, e.g. ``train2017``)."""
     if spec.startswith("coco:"):
         from .coco import CocoDataset
 
         if not spec[5:]:
             raise UserError(f"{spec}: give the dataset folder, as in coco:/data/coco")
-        return CocoDataset(spec[5:], split, size=size,
+        return CocoDataset(spec[5:], split_name or COCO_SPLITS.get(split, split),
                            shots=shots if split == "train" else None, seed=seed,
                            n=n_test if split == "test" else None)
     if spec not in TASKS:
         raise UserError(f"--task {spec}: unknown task; choose one of {', '.join(TASKS)} "
                         "or coco:PATH")
-    return SceneSplit(spec, split, n=n_test, shots=shots, seed=seed, size=size)
+    return SceneSplit(spec, split, n=n_test, shots=shots, seed=seed)
+
+
+__all__ = ["COCO_SPLITS", "Scene", "SceneSplit", "VOID", "open_dataset"]

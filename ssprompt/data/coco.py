@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,8 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from ..errors import UserError, fail
+from ..io import write_bytes
+from ..lru import LRUCache
 from .fewshot import kshot_indices
 from .scenes import VOID, Scene
 
@@ -32,19 +32,6 @@ from .scenes import VOID, Scene
 # ---------------------------------------------------------------------------------- helpers
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:
@@ -90,8 +77,8 @@ def export_coco(dataset: Any, root: Path | str, split_name: str) -> Path:
         scene: Scene = dataset[i]
         h, w = scene.semantic.shape
         name = f"{i:06d}.png"
-        _atomic_write(img_dir / name, _png_bytes(scene.image))
-        _atomic_write(png_dir / name, _png_bytes(id2rgb(scene.instance)))
+        write_bytes(img_dir / name, _png_bytes(scene.image))
+        write_bytes(png_dir / name, _png_bytes(id2rgb(scene.instance)))
         images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
         segments_info = []
         for s in scene.segments:
@@ -112,7 +99,7 @@ def export_coco(dataset: Any, root: Path | str, split_name: str) -> Path:
                        {"images": images, "annotations": instances, "categories": thing_cats}),
                       (ann_dir / f"panoptic_{split_name}.json",
                        {"images": images, "annotations": panoptic, "categories": categories})):
-        _atomic_write(path, json.dumps(doc).encode())
+        write_bytes(path, json.dumps(doc).encode())
     return root
 
 
@@ -145,14 +132,9 @@ def _load_image(path: Path) -> np.ndarray:
         raise fail(path, f"cannot decode image ({_one_line(e)})") from None
 
 
-def _finish(image: np.ndarray, instance: np.ndarray, segments: list[dict],
-            size: int | None) -> Scene:
-    """Resize (bilinear image, nearest labels), recompute areas, drop vanished segments,
-    renumber ids 1..S and derive the semantic map from the instance map."""
-    if size is not None and image.shape[:2] != (size, size):
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-        instance = np.asarray(Image.fromarray(instance.astype(np.int32))
-                              .resize((size, size), Image.NEAREST)).astype(np.int32)
+def _finish(image: np.ndarray, instance: np.ndarray, segments: list[dict]) -> Scene:
+    """At the image's own size: recompute areas, drop segments no pixel shows, renumber ids
+    1..S and derive the semantic map (int32, VOID where no segment is) from the instance map."""
     counts = np.bincount(instance.ravel(), minlength=max([s["id"] for s in segments], default=0) + 1)
     remap = np.zeros(len(counts), np.int32)
     lut = np.full(len(counts), VOID, np.int32)
@@ -169,16 +151,31 @@ def _finish(image: np.ndarray, instance: np.ndarray, segments: list[dict],
                  remap[instance].astype(np.int32), kept)
 
 
+def _check_polygons(where: Path, ann: dict) -> None:
+    """A polygon needs at least 3 points (6 numbers, an even count): pycocotools' own error for
+    a shorter one names neither the file nor the annotation."""
+    seg = ann.get("segmentation")
+    if not isinstance(seg, list):
+        return
+    for poly in seg:
+        if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+            n = len(poly) / 2 if isinstance(poly, list) else "no"
+            raise fail(where, f"annotation id {ann.get('id')}: a polygon has {n} points; "
+                              "a polygon needs at least 3 (x, y) points")
+
+
 class CocoDataset:
     """A COCO-format split (see module docstring) with the ``SceneSplit`` interface:
     ``len``, ``[i] -> Scene``, ``class_names``, ``is_thing``, plus ``source``.
 
-    ``size`` resizes to size x size (None keeps the original size); ``n`` keeps the first n
-    images; ``shots=k`` then keeps a reproducible k-shot draw (``seed``)."""
+    Images and labels keep their own size (one split may mix sizes); the SFM's input is
+    letterboxed from them and predictions are scored back at this size. ``split`` is any name
+    (``train2017``, ``val2017``, ...); ``n`` keeps the first n images; ``shots=k`` then keeps a
+    reproducible k-shot draw (``seed``). Decoded images are kept in a bounded LRU cache."""
 
-    def __init__(self, root: Path | str, split: str, size: int | None = 96,
-                 shots: int | None = None, seed: int = 0, n: int | None = None):
-        self.root, self.split, self.size = Path(root), split, size
+    def __init__(self, root: Path | str, split: str, shots: int | None = None, seed: int = 0,
+                 n: int | None = None, cache_bytes: int = 512 * 1024 ** 2):
+        self.root, self.split = Path(root), split
         if not self.root.is_dir():
             raise fail(self.root, "missing COCO dataset folder")
         ann_dir = self.root / "annotations"
@@ -221,6 +218,11 @@ class CocoDataset:
                               f"{_one_line(e)})") from None
         if not self.class_names:
             raise fail(where, "declares no categories")
+        if not self.images:
+            raise fail(where, f"split {split!r} has no images")
+        if self.kind == "instances":
+            for a in doc["annotations"]:
+                _check_polygons(where, a)
         indices = list(range(len(self.images)))
         if n is not None:
             if n <= 0:
@@ -229,15 +231,17 @@ class CocoDataset:
         if shots is not None:
             indices = [indices[i] for i in kshot_indices(len(indices), shots, seed)]
         self.indices = indices
-        self._cache: dict[int, Scene] = {}
+        self.pool_size = len(self.images)  # images the k shots are drawn from
+        self._cache = LRUCache(cache_bytes)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Scene:
-        if i not in self._cache:
-            self._cache[i] = self._read(self.images[self.indices[i]])
-        return self._cache[i]
+        scene = self._cache.get(i)
+        if scene is None:
+            scene = self._cache[i] = self._read(self.images[self.indices[i]])
+        return scene
 
     # ------------------------------------------------------------------------------ reading
     def _read(self, info: dict) -> Scene:
@@ -247,7 +251,7 @@ class CocoDataset:
             instance, segments = self._panoptic(info, anns, image.shape[:2])
         else:
             instance, segments = self._instances(info, anns, image.shape[:2])
-        return _finish(image, instance, segments, self.size)
+        return _finish(image, instance, segments)
 
     def _panoptic(self, info: dict, anns: list[dict], hw: tuple[int, int]):
         if not anns:  # an image without a panoptic annotation: all void

@@ -15,6 +15,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..errors import UserError
+from ..lru import LRUCache
 from . import sources
 
 # The label of void pixels (unlabelled; never scored) in every semantic map: label maps are
@@ -86,11 +87,20 @@ class Scene:
     instance: np.ndarray       # int32 (H, W): segment id, 0 = void
     segments: list[dict] = field(default_factory=list)  # {"id", "category", "isthing", "area"}
 
-    def targets(self) -> tuple[np.ndarray, np.ndarray]:
-        """(labels int64 [S], masks bool [S, H, W]) in segment order."""
-        labels = np.array([s["category"] for s in self.segments], dtype=np.int64)
-        ids = np.array([s["id"] for s in self.segments], dtype=np.int32)
-        masks = self.instance[None] == ids[:, None, None]
+    def targets(self, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(labels int64 [S], masks bool [S, H, W]) in segment order; with ``size``, in the
+        SFM's letterboxed ``size`` x ``size`` input frame (segments too small to survive the
+        resize are left out)."""
+        from ..geometry import letterbox_labels
+
+        instance = self.instance if size is None else letterbox_labels(self.instance, size)
+        segs = self.segments
+        if instance is not self.instance:
+            present = set(np.unique(instance).tolist())
+            segs = [s for s in segs if s["id"] in present]
+        labels = np.array([s["category"] for s in segs], dtype=np.int64)
+        ids = np.array([s["id"] for s in segs], dtype=np.int32)
+        masks = instance[None] == ids[:, None, None]
         return labels, masks
 
 
@@ -255,7 +265,7 @@ class SceneSplit:
     first TRAIN_POOL train scenes, or ``val`` (n train scenes past the pool, for tuning)."""
 
     def __init__(self, task: str, split: str, n: int | None = None, shots: int = 16,
-                 seed: int = 0, size: int = 96):
+                 seed: int = 0, size: int = 96, cache_bytes: int = 256 * 1024 ** 2):
         self.spec = get_task(task)
         self.task, self.split, self.size = task, split, size
         if split == "test":
@@ -273,7 +283,8 @@ class SceneSplit:
             self.indices = sorted(rng.choice(TRAIN_POOL, size=shots, replace=False).tolist())
         else:
             raise UserError(f"split {split!r}: unknown; use 'train', 'val' or 'test'")
-        self._cache: dict[int, Scene] = {}
+        self.pool_size = TRAIN_POOL if split == "train" else len(self.indices)
+        self._cache = LRUCache(cache_bytes)
         self.scene_split = "test" if split == "test" else "train"
 
     @property
@@ -288,6 +299,8 @@ class SceneSplit:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Scene:
-        if i not in self._cache:
-            self._cache[i] = make_scene(self.spec, self.scene_split, self.indices[i], self.size)
-        return self._cache[i]
+        scene = self._cache.get(i)
+        if scene is None:
+            scene = self._cache[i] = make_scene(self.spec, self.scene_split, self.indices[i],
+                                                self.size)
+        return scene
