@@ -25,10 +25,13 @@ def _table(rows: list[tuple[str, dict]]) -> str:
 
 
 def _add_sfm_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--sfm", default="embedded", help="backend: embedded (default) or sam")
+    from .sfm import backends_help
+
+    s.add_argument("--sfm", default="embedded", help="backend (default: embedded). "
+                   + backends_help())
     s.add_argument("--checkpoint", default=None,
                    help="embedded: weights .safetensors (default: the committed weights); "
-                        "sam: a local transformers SamModel directory")
+                        "sam, sam2, sam3: a local transformers save_pretrained directory")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--cache-dir", default=None,
                    help="keep frozen image features on disk here (keyed by SFM weights + image)")

@@ -1,13 +1,45 @@
-"""SFM backends: the embedded default (runs anywhere) and SAM through transformers."""
+"""SFM backends, registered in one place.
+
+A backend is one module under ``ssprompt/sfm/`` with a loader ``load_x(checkpoint, device)`` that
+returns a frozen ``PromptableSFM``; adding one means writing that module and one ``REGISTRY``
+line below (the CLI's ``--sfm`` help is built from it).
+"""
 
 from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import UserError
 from .base import Features, Outputs, PromptableSFM, freeze
 
-BACKENDS = ("embedded", "sam")
+
+@dataclass(frozen=True)
+class Backend:
+    loader: str              # "module:function" under ssprompt.sfm, imported on first use
+    description: str         # one line, for --help
+    checkpoint: str | None   # what --checkpoint must be; None: optional (packaged weights)
+
+
+REGISTRY: dict[str, Backend] = {
+    "embedded": Backend("embedded:load_embedded",
+                        "the packaged small SFM (spatial + semantic prompts; default)", None),
+    "sam": Backend("sam:load_sam", "SAM v1, transformers SamModel (spatial prompts only)",
+                   "a local SamModel.save_pretrained directory"),
+    "sam2": Backend("sam2:load_sam2", "SAM 2, transformers Sam2Model (spatial prompts only)",
+                    "a local Sam2Model.save_pretrained directory"),
+    "sam3": Backend("sam3:load_sam3",
+                    "SAM 3, transformers Sam3Model (object queries + class-name text prompts)",
+                    "a local Sam3Model.save_pretrained directory with its tokenizer"),
+}
+BACKENDS = tuple(REGISTRY)
+
+
+def backends_help() -> str:
+    """One line per registered backend, for ``--sfm``'s help."""
+    return "; ".join(f"{name}: {b.description}" for name, b in REGISTRY.items())
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -22,19 +54,18 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def load_sfm(name: str = "embedded", checkpoint: str | None = None,
              device: str = "auto") -> PromptableSFM:
-    """A frozen SFM backend by name; ``checkpoint`` is a weights file (embedded) or a local
-    SAM directory (sam)."""
+    """A frozen SFM backend by its ``REGISTRY`` name; ``checkpoint`` is what that backend
+    loads (a weights file for embedded, a local transformers directory for the others)."""
+    backend = REGISTRY.get(name)
+    if backend is None:
+        raise UserError(f"--sfm {name}: unknown backend; choose one of {', '.join(BACKENDS)}")
+    if checkpoint is None and backend.checkpoint is not None:
+        raise UserError(f"--sfm {name}: needs --checkpoint DIR, {backend.checkpoint}")
     dev = resolve_device(device)
-    if name == "embedded":
-        from .embedded import load_embedded
-        return load_embedded(checkpoint, dev)
-    if name == "sam":
-        if checkpoint is None:
-            raise UserError("--sfm sam: needs --checkpoint DIR, a local SAM checkpoint saved by "
-                            "transformers (SamModel.save_pretrained)")
-        from .sam import load_sam
-        return load_sam(checkpoint, dev)
-    raise UserError(f"--sfm {name}: unknown backend; choose one of {', '.join(BACKENDS)}")
+    module, fn = backend.loader.split(":")
+    loader = getattr(importlib.import_module(f"{__name__}.{module}"), fn)
+    return loader(checkpoint, dev)
 
 
-__all__ = ["Features", "Outputs", "PromptableSFM", "freeze", "load_sfm", "resolve_device"]
+__all__ = ["BACKENDS", "REGISTRY", "Backend", "Features", "Outputs", "PromptableSFM",
+           "backends_help", "freeze", "load_sfm", "resolve_device"]

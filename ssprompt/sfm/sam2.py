@@ -1,0 +1,64 @@
+"""SAM 2 through Hugging Face transformers' ``Sam2Model``: a frozen, spatial-only SFM backend.
+
+SAM 2 keeps SAM v1's prompt encoder and mask-decoder contract, so everything but two methods is
+``sam_common.PointPromptSFM`` (see ``sam.py`` for the conventions: letterboxed input, one
+positive point per prompt in the padded square frame, class logits ``[logit(clamp(iou)), 0]``).
+What differs:
+
+* the image encoder (Hiera + FPN) gives three maps; the two high-resolution ones (already
+  projected by the mask decoder's ``conv_s0`` / ``conv_s1``, as ``Sam2Model`` does) are cached
+  beside the image embedding (to which SAM 2's ``no_memory_embedding`` is added, as for a single
+  image), and the mask decoder reads all three;
+* the mask decoder is called with ``multimask_output=False``, so in eval mode it applies SAM 2's
+  own stability fallback to the best of its multimask outputs, exactly as ``Sam2Model.forward``.
+
+EdgeTAM (``EdgeTamModel``) shares this interface but its image encoder needs ``timm``, which is
+not installed here, so it is not registered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .base import freeze
+from .sam_common import (PointPromptSFM, check_checkpoint_dir, from_pretrained, pixel_stats,
+                         weights_file_hash)
+
+HOW_TO_GET = ("download one on a machine with network (e.g. `huggingface-cli download "
+              "facebook/sam2.1-hiera-base-plus --local-dir sam2-base-plus`; it must hold a "
+              "transformers Sam2Model config.json), copy it here, then pass --checkpoint DIR")
+LEVELS = ("feat_s0", "feat_s1", "image_embeddings")  # high-res to low-res
+
+
+class Sam2SFM(PointPromptSFM):
+    """A frozen ``transformers.Sam2Model`` behind the ``PromptableSFM`` seam."""
+
+    what = "SAM 2"
+
+    def _embed(self, pixels: Tensor) -> dict[str, Tensor]:
+        maps = self.model.get_image_embeddings(pixels)
+        return dict(zip(LEVELS, maps))
+
+    def _decode_masks(self, tensors, sparse, dense):
+        emb = tensors["image_embeddings"]
+        pos = self.model.get_image_wide_positional_embeddings().expand(emb.shape[0], -1, -1, -1)
+        masks, iou = self.model.mask_decoder(
+            image_embeddings=emb, image_positional_embeddings=pos,
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+            multimask_output=False,
+            high_resolution_features=[tensors["feat_s0"], tensors["feat_s1"]])[:2]
+        return masks, iou
+
+
+def load_sam2(checkpoint: str | Path, device: str | torch.device = "cpu") -> Sam2SFM:
+    """A frozen SAM 2 backend from a LOCAL transformers ``Sam2Model.save_pretrained``
+    directory; never downloads."""
+    from transformers import Sam2Model
+
+    path, files = check_checkpoint_dir(checkpoint, "sam2", "SAM 2", HOW_TO_GET)
+    model = from_pretrained(Sam2Model, path, "SAM 2", HOW_TO_GET)
+    sfm = Sam2SFM(model, weights_file_hash(files), **pixel_stats(path))
+    return freeze(sfm.to(device))

@@ -1,0 +1,240 @@
+"""What the transformers-based backends share: checkpoint directories, weight hashes, pixel
+statistics, the letterbox fallback, chunked decoding, and the SAM v1 / SAM 2 point-prompt glue.
+
+SAM v1 (``sam.py``) and SAM 2 (``sam2.py``) have the same prompt encoder and the same mask
+decoder contract, so ``PointPromptSFM`` holds all of their seam code; each of them only says how
+to embed an image and how to call its mask decoder. SAM 3 (``sam3.py``) uses the loading helpers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+from ..geometry import letterbox_shape
+from .base import Features, Outputs
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IOU_EPS = 1e-4      # a predicted IoU is clamped to [eps, 1 - eps] before its logit
+PROMPT_CHUNK = 64   # SAM decoders copy the image embedding per prompt: decode this many at once
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def weight_files(directory: Path) -> list[Path]:
+    files = {p for pat in WEIGHT_PATTERNS for p in directory.glob(pat) if p.is_file()}
+    return sorted(files, key=lambda p: p.name)
+
+
+def weights_file_hash(files: list[Path]) -> str:
+    """sha256 (first 16 hex) of the weight files' bytes, in name order."""
+    h = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def pixel_stats(directory: Path, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+    """The checkpoint processor's image mean/std when it ships one, else the given defaults."""
+    try:
+        pre = json.loads((directory / "preprocessor_config.json").read_text())
+        m, s = pre.get("image_mean"), pre.get("image_std")
+        if len(m) == 3 and len(s) == 3:
+            mean, std = tuple(map(float, m)), tuple(map(float, s))
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return {"pixel_mean": tuple(mean), "pixel_std": tuple(std)}
+
+
+def check_checkpoint_dir(checkpoint, model_type: str, what: str, how_to_get: str
+                         ) -> tuple[Path, list[Path]]:
+    """A LOCAL ``save_pretrained`` directory whose config.json names ``model_type``; returns
+    (path, weight files) or raises a one-line ``UserError`` ending in ``how_to_get``."""
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise UserError(f"{path}: {what} checkpoint not found; {how_to_get}")
+    if not path.is_dir():
+        raise UserError(f"{path}: a {what} checkpoint is a directory (config.json + "
+                        f"model.safetensors), not a file; {how_to_get}")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except OSError:
+        raise UserError(f"{path}: not a transformers checkpoint (no config.json); "
+                        f"{how_to_get}") from None
+    except ValueError:
+        raise UserError(f"{path}/config.json: not valid JSON; {how_to_get}") from None
+    found = config.get("model_type") if isinstance(config, dict) else None
+    if found != model_type:
+        raise UserError(f"{path}: not a {what} checkpoint (model_type {found!r}, expected "
+                        f"{model_type!r}); {how_to_get}")
+    files = weight_files(path)
+    if not files:
+        raise UserError(f"{path}: no weights file (model.safetensors or pytorch_model.bin); "
+                        f"{how_to_get}")
+    return path, files
+
+
+def from_pretrained(model_cls, path: Path, what: str, how_to_get: str):
+    """``model_cls.from_pretrained`` on a local directory, offline, with every failure (corrupt
+    file, wrong shapes, missing weights) turned into a one-line ``UserError``."""
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
+    bars_were_off = hf_logging.is_progress_bar_enabled() is False
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = model_cls.from_pretrained(str(path), local_files_only=True,
+                                                output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, EOFError, SafetensorError,
+            pickle.UnpicklingError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{path}: corrupt or incompatible {what} checkpoint ({msg})") from None
+    finally:
+        if not bars_were_off:
+            hf_logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise UserError(f"{path}: incomplete {what} checkpoint ({len(missing)} weights missing, "
+                        f"e.g. {missing[0]}); {how_to_get}")
+    return model
+
+
+# -- images ----------------------------------------------------------------------------------
+def letterbox_tensor(images: Tensor, size: int) -> Tensor:
+    """(B, 3, H, W) -> (B, 3, size, size) as ``geometry.to_batch`` does it (longest side
+    resized, zero padding at bottom / right); a no-op when the input is already letterboxed."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    nh, nw = letterbox_shape(images.shape[-2], images.shape[-1], size)
+    x = F.interpolate(images, size=(nh, nw), mode="bilinear", align_corners=False,
+                      antialias=True)
+    return F.pad(x, (0, size - nw, 0, size - nh))
+
+
+def chunked(fn, n: int, chunk: int, *tensors: Tensor) -> list:
+    """``fn(*[t[:, s:s + chunk] for t in tensors])`` over chunks of dim 1 (length ``n``). While
+    gradients are recorded each chunk is checkpointed (recomputed in backward), so peak memory is
+    one chunk's activations, not all of them."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    outs = []
+    for s in range(0, n, chunk):
+        part = [t[:, s:s + chunk] for t in tensors]
+        outs.append(checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part))
+    return outs
+
+
+def batched_prompts(spatial: Tensor, b: int, dim: int) -> Tensor:
+    """(N, D) shared by every image or (B, N, D) per image -> (B, N, D); else ValueError."""
+    if spatial.dim() == 2:
+        spatial = spatial.unsqueeze(0).expand(b, -1, -1)
+    if spatial.dim() != 3 or spatial.shape[0] != b or spatial.shape[-1] != dim:
+        raise ValueError(f"spatial must be (N, {dim}) or ({b}, N, {dim}); "
+                         f"got {tuple(spatial.shape)}")
+    return spatial
+
+
+# -- SAM v1 / SAM 2 ----------------------------------------------------------------------------
+class PointPromptSFM(nn.Module):
+    """A frozen SAM-family model (``SamModel``, ``Sam2Model``) behind the ``PromptableSFM``
+    seam: one positive point per prompt, one mask per prompt, class-agnostic scores.
+
+    Subclasses define ``_embed(pixels) -> dict`` (the cached image tensors) and
+    ``_decode_masks(tensors, sparse, dense) -> (masks (B, N, 1, h, w), iou (B, N, 1))``."""
+
+    what = "SAM"            # for messages
+
+    def __init__(self, model, weights_hash: str = "untrained",
+                 pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.embed_dim = int(cfg.prompt_encoder_config.hidden_size)
+        self.image_size = int(cfg.prompt_encoder_config.image_size)
+        self.prompt_chunk = PROMPT_CHUNK
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32)
+                             .view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32)
+                             .view(1, 3, 1, 1), persistent=False)
+        self._hash = weights_hash
+
+    @property
+    def _ref(self) -> Tensor:
+        """A frozen weight: the device and dtype the model runs in."""
+        return self.model.prompt_encoder.no_mask_embed.weight
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Features:
+        """(B, 3, S, S) letterboxed images in [0, 1] (S = ``image_size``, what the feature cache
+        gives) -> the image encoder's features. Other sizes are letterboxed here (fallback)."""
+        ref = self._ref
+        x = letterbox_tensor(images.to(device=ref.device, dtype=torch.float32), self.image_size)
+        x = (x - self.pixel_mean) / self.pixel_std
+        return Features(self._embed(x.to(ref.dtype)))
+
+    def encode_points(self, points: Tensor) -> Tensor:
+        """(N, 2) [0, 1] (x, y) in the padded square input -> (N, D): the prompt encoder's own
+        embedding of one positive point per prompt. Differentiable w.r.t. ``points``."""
+        ref = self._ref
+        pts = points.to(device=ref.device, dtype=ref.dtype) * self.image_size
+        pts = pts.reshape(1, -1, 1, 2)  # (batch 1, N prompts, 1 point each, xy)
+        labels = torch.ones(pts.shape[:3], dtype=torch.int, device=ref.device)
+        sparse, _ = self.model.prompt_encoder(input_points=pts, input_labels=labels,
+                                              input_boxes=None, input_masks=None)
+        # sparse: (1, N, 2, D) = [the point, the "not a point" padding token]
+        return sparse[0, :, 0, :]
+
+    def encode_texts(self, names: list[str]) -> None:
+        return None  # no text encoder
+
+    def padding_embedding(self) -> Tensor:
+        """(D,) the token the prompt encoder appends to point-only prompts (label -1)."""
+        return self.model.prompt_encoder.not_a_point_embed.weight[0]
+
+    def decode(self, feats: Features, spatial: Tensor, semantic: Tensor | None) -> Outputs:
+        """Each of the N spatial embeddings, (N, D) or (B, N, D), is the sparse prompt of its
+        own prompt; returns low-res mask logits (B, N, h, w) over the padded square and class
+        logits (B, N, 2) = [logit(clamp(predicted IoU)), 0]. Prompts are decoded
+        ``prompt_chunk`` at a time (the decoder copies the image embedding per prompt)."""
+        if semantic is not None:
+            raise UserError(f"SemPrompt needs a text encoder and {self.what} has none; "
+                            "use --learners spatial")
+        ref = self._ref
+        tensors = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in feats.tensors.items()}
+        b = len(feats)
+        spatial = batched_prompts(spatial, b, self.embed_dim).to(device=ref.device,
+                                                                  dtype=ref.dtype)
+        h, w = self.model.prompt_encoder.image_embedding_size
+        dense = ref.reshape(1, -1, 1, 1).expand(b, -1, h, w)      # the no-mask embedding
+        pad = self.padding_embedding().view(1, 1, 1, -1)
+
+        def run(sp: Tensor) -> tuple[Tensor, Tensor]:
+            sparse = torch.cat([sp.unsqueeze(2), pad.expand(b, sp.shape[1], 1, -1)], dim=2)
+            masks, iou = self._decode_masks(tensors, sparse, dense)
+            return masks[:, :, 0], iou[:, :, 0]
+
+        parts = chunked(run, spatial.shape[1], self.prompt_chunk, spatial)
+        mask_logits = torch.cat([m for m, _ in parts], dim=1)      # (B, N, h', w')
+        obj = torch.logit(torch.cat([i for _, i in parts], dim=1).clamp(IOU_EPS, 1 - IOU_EPS))
+        class_logits = torch.stack([obj, torch.zeros_like(obj)], dim=-1)  # (B, N, 2)
+        return Outputs(mask_logits, class_logits)
+
+    def weights_hash(self) -> str:
+        return self._hash
+
+    # -- what a subclass fills ------------------------------------------------------------------
+    def _embed(self, pixels: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _decode_masks(self, tensors: dict[str, Tensor], sparse: Tensor, dense: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
