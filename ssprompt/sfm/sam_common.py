@@ -56,10 +56,12 @@ def pixel_stats(directory: Path, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
     return {"pixel_mean": tuple(mean), "pixel_std": tuple(std)}
 
 
-def check_checkpoint_dir(checkpoint, model_type: str, what: str, how_to_get: str
-                         ) -> tuple[Path, list[Path]]:
-    """A LOCAL ``save_pretrained`` directory whose config.json names ``model_type``; returns
-    (path, weight files) or raises a one-line ``UserError`` ending in ``how_to_get``."""
+def check_checkpoint_dir(checkpoint, model_type: str | tuple[str, ...], what: str,
+                         how_to_get: str) -> tuple[Path, list[Path]]:
+    """A LOCAL ``save_pretrained`` directory whose config.json names ``model_type`` (or one of
+    them); returns (path, weight files) or raises a one-line ``UserError`` ending in
+    ``how_to_get``."""
+    accepted = (model_type,) if isinstance(model_type, str) else tuple(model_type)
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise UserError(f"{path}: {what} checkpoint not found; {how_to_get}")
@@ -74,9 +76,9 @@ def check_checkpoint_dir(checkpoint, model_type: str, what: str, how_to_get: str
     except ValueError:
         raise UserError(f"{path}/config.json: not valid JSON; {how_to_get}") from None
     found = config.get("model_type") if isinstance(config, dict) else None
-    if found != model_type:
+    if found not in accepted:
         raise UserError(f"{path}: not a {what} checkpoint (model_type {found!r}, expected "
-                        f"{model_type!r}); {how_to_get}")
+                        f"{' or '.join(map(repr, accepted))}); {how_to_get}")
     files = weight_files(path)
     if not files:
         raise UserError(f"{path}: no weights file (model.safetensors or pytorch_model.bin); "

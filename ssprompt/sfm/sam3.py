@@ -1,0 +1,299 @@
+"""SAM 3 through Hugging Face transformers' ``Sam3Model``: the full SSPrompt method (spatial AND
+semantic prompts) on a real, installable SFM.
+
+SAM 3 ("segment anything with concepts") encodes a text concept with a CLIP text encoder, fuses
+it into the image features (DETR encoder), and lets a fixed set of learned *object queries*
+(``detr_decoder.query_embed`` + learned reference boxes ``detr_decoder.reference_points``, 200 in
+the released model) each propose one mask with one score for that concept, plus one presence
+score for the concept in the image. Only transformers' own modules run; this file maps the
+backend seam (``base.PromptableSFM``) onto them:
+
+* **Spatial prompts are object queries.** The paper's spatial prompts are "one query, one mask";
+  in SAM 3 that is an object query: its content embedding and its reference box decide where it
+  looks and which mask it gives. A spatial prompt is therefore the (D + 4)-vector
+  ``[query content (D) | reference box (cx, cy, w, h) before its sigmoid (4)]``, and ``decode``
+  swaps the N given rows in for SAM 3's own query parameters for that call
+  (``torch.func.functional_call``: the model's code runs unchanged, with N queries instead of
+  200). ``encode_points(p)`` gives, for N points, the N learned queries whose reference-box
+  centres are closest to the points (a one-to-one Hungarian assignment; N > 200 reuses queries in
+  rounds), unchanged. So the default layout of N = 200 points returns exactly SAM 3's 200 queries
+  (in grid order; the decoder is permutation-equivariant) and zero-shot is SAM 3 itself, while
+  N = 25 / 50 / 100 keep the N learned queries that best cover an N-point grid. The other
+  candidate, N grid boxes through the geometry encoder, was rejected: geometry prompts are
+  exemplars that condition *all* queries together (one box does not give one mask), so they
+  cannot play "one prompt, one mask". A learned query cannot be moved by 2-D coordinates, so
+  ``vanilla_2d`` is refused with a one-line error.
+* **Class prompts are token sequences.** SAM 3 conditions on the per-token text features
+  (``get_text_features(...).pooler_output``: T = 32 tokens x D, CLIP tokenizer padded to 32, with
+  an attention mask); no pooled vector is ever used by the model, and pooling would change what it
+  sees. A class prompt is the whole sequence flattened, (T * D,), with the padding tokens set to
+  exactly zero; ``decode`` recovers the attention mask as "a token is valid iff its row is not
+  all zero". Masked tokens get exactly zero gradient, so under weighted / average fusion started
+  from the default they stay zero (AdamW's decay and the anchor keep zeros at zero) and the
+  class keeps its own token count. (``init="random"`` draws noise with the vocabulary's
+  per-coordinate spread: slots padded in every class name stay zero, others become tokens.)
+  Prompt engineering goes through the same encoder (template sequences, CLIP ensembling).
+* **Outputs.** SAM 3 answers one concept per forward: the C concepts run along the batch
+  dimension with the cached image features (``concept_chunk`` (image, concept) pairs per forward,
+  each chunk checkpointed while training, so C = 150 and N = 200 fit in memory). SAM 3's score
+  of query n for concept c is ``p(c, n) = sigmoid(logit(c, n)) * sigmoid(presence(c))`` (what its
+  processor thresholds). The class logits are ``[log p(1, n), ..., log p(C, n), log prod_c
+  (1 - p(c, n))]``: for one concept their softmax is exactly SAM 3's score and its complement,
+  for several it normalises SAM 3's independent per-concept probabilities against "none of
+  them". Query n's mask is its mask for its best concept (argmax_c p(c, n)), the class that
+  Mask2Former-style post-processing gives it. With ``semantic=None`` the one concept "object" is
+  used (class logits (B, N, 2)).
+* Images arrive letterboxed to the square input (``geometry.to_batch``), are normalised with the
+  processor's mean/std (0.5 / 0.5 unless ``preprocessor_config.json`` says otherwise), and the
+  three FPN levels SAM 3's detector reads are cached (their position encodings are recomputed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+from .base import Features, Outputs, freeze
+from .sam_common import (batched_prompts, check_checkpoint_dir, from_pretrained,
+                         letterbox_tensor, pixel_stats, weights_file_hash)
+
+HOW_TO_GET = ("download one on a machine with network (the gated `facebook/sam3`: accept its "
+              "licence, then `huggingface-cli download facebook/sam3 --local-dir sam3`), copy "
+              "the directory (weights, config.json and tokenizer files) here, then pass "
+              "--checkpoint DIR")
+SAM3_SCORE_THRESHOLD = 0.3  # Sam3Processor.post_process_instance_segmentation's default
+CONCEPT_CHUNK = 8           # (image, concept) pairs per SAM 3 forward
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def log1m_product_sigmoid(a: Tensor, b: Tensor) -> Tensor:
+    """log(1 - sigmoid(a) * sigmoid(b)), stable for any a, b:
+    1 - s(a)s(b) = (e^-a + e^-b + e^-(a+b)) s(a) s(b)."""
+    a, b = torch.broadcast_tensors(a, b)
+    return (torch.logsumexp(torch.stack([-a, -b, -a - b]), 0) + F.logsigmoid(a)
+            + F.logsigmoid(b))
+
+
+class Sam3SFM(nn.Module):
+    """A frozen ``transformers.Sam3Model`` (+ its tokenizer) behind the ``PromptableSFM`` seam.
+    ``embed_dim`` is the spatial prompt width (D + 4), ``text_dim`` the class prompt width
+    (T * D)."""
+
+    what = "SAM 3"
+
+    def __init__(self, model, tokenizer, weights_hash: str = "untrained",
+                 pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5)):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.config
+        self.hidden = int(cfg.detr_decoder_config.hidden_size)
+        self.embed_dim = self.hidden + 4
+        self.text_len = int(cfg.text_config.max_position_embeddings)
+        self.text_hidden = int(cfg.detr_encoder_config.hidden_size)
+        self.text_dim = self.text_len * self.text_hidden
+        self.image_size = int(cfg.vision_config.backbone_config.image_size)
+        self.num_queries = int(cfg.detr_decoder_config.num_queries)
+        self.levels = len(cfg.vision_config.scale_factors) - 1  # the detector drops the last
+        self.object_mask_threshold = SAM3_SCORE_THRESHOLD
+        self.concept_chunk = CONCEPT_CHUNK
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32)
+                             .view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32)
+                             .view(1, 3, 1, 1), persistent=False)
+        self._hash = weights_hash
+        self._pos: dict = {}
+        self._object_text: Tensor | None = None
+
+    @property
+    def _ref(self) -> Tensor:
+        return self.model.detr_decoder.query_embed.weight
+
+    # -- the backend seam ------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Features:
+        """(B, 3, S, S) letterboxed images in [0, 1] -> the FPN levels SAM 3's detector reads,
+        ``fpn0`` (4x) .. ``fpn2`` (1x). Other sizes are letterboxed here (fallback)."""
+        ref = self._ref
+        x = letterbox_tensor(images.to(device=ref.device, dtype=torch.float32), self.image_size)
+        x = ((x - self.pixel_mean) / self.pixel_std).to(ref.dtype)
+        out = self.model.get_vision_features(pixel_values=x)
+        return Features({f"fpn{i}": out.fpn_hidden_states[i] for i in range(self.levels)})
+
+    def queries(self) -> Tensor:
+        """(Q, D + 4) SAM 3's own object queries: content | reference box before sigmoid."""
+        dec = self.model.detr_decoder
+        return torch.cat([dec.query_embed.weight, dec.reference_points.weight], -1).detach()
+
+    def encode_points(self, points: Tensor) -> Tensor:
+        """(N, 2) [0, 1] (x, y) -> (N, D + 4): the learned queries whose reference-box centres
+        are closest to the points, one each (Hungarian; rounds of Q when N > Q)."""
+        if points.requires_grad:
+            raise UserError("--mode vanilla_2d: SAM 3's spatial prompts are its learned object "
+                            "queries, which 2-D coordinates cannot move; use --mode average, "
+                            "weighted or learned_only")
+        from scipy.optimize import linear_sum_assignment
+
+        q = self.queries()
+        centres = q[:, self.hidden:self.hidden + 2].float().sigmoid().cpu().numpy()
+        pts = points.detach().float().reshape(-1, 2).cpu().numpy()
+        cost = ((pts[:, None, :] - centres[None, :, :]) ** 2).sum(-1)  # (N, Q)
+        pick = np.empty(len(pts), dtype=np.int64)
+        for s in range(0, len(pts), len(centres)):
+            rows, cols = linear_sum_assignment(cost[s:s + len(centres)])
+            pick[s + rows] = cols
+        return q[torch.from_numpy(pick).to(q.device)].float()
+
+    @torch.no_grad()
+    def encode_texts(self, names: list[str]) -> Tensor:
+        """(C, T * D): SAM 3's per-token text features of each name (CLIP tokenizer padded to
+        T), padding tokens zeroed, flattened."""
+        ref = self._ref
+        tok = self.tokenizer(list(names), padding="max_length", max_length=self.text_len,
+                             truncation=True, return_tensors="pt")
+        ids = tok["input_ids"].to(ref.device)
+        mask = tok["attention_mask"].to(ref.device)
+        feats = self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+        return (feats * mask[..., None].to(feats.dtype)).flatten(1).float()
+
+    def decode(self, feats: Features, spatial: Tensor, semantic: Tensor | None) -> Outputs:
+        """Spatial (N, D + 4) or (B, N, D + 4) object queries and semantic (C, T * D) or
+        (B, C, T * D) class prompts -> mask logits (B, N, h, w) over the padded square and
+        class logits (B, N, C + 1) (see the module docstring)."""
+        ref = self._ref
+        b = len(feats)
+        vision = [feats.tensors[f"fpn{i}"].to(device=ref.device, dtype=ref.dtype)
+                  for i in range(self.levels)]
+        spatial = batched_prompts(spatial, b, self.embed_dim).to(device=ref.device,
+                                                                  dtype=ref.dtype)
+        if semantic is None:
+            semantic = self._object()
+        if semantic.dim() == 2:
+            semantic = semantic.unsqueeze(0).expand(b, -1, -1)
+        if semantic.dim() != 3 or semantic.shape[0] != b or semantic.shape[-1] != self.text_dim:
+            raise ValueError(f"semantic must be (C, {self.text_dim}) or ({b}, C, "
+                             f"{self.text_dim}); got {tuple(semantic.shape)}")
+        text = semantic.to(device=ref.device, dtype=ref.dtype).reshape(
+            b, semantic.shape[1], self.text_len, self.text_hidden)
+        valid = (text != 0).any(-1)                                   # (B, C, T)
+        if not valid.any(-1).all():
+            raise ValueError("a class prompt is all zeros (no token to attend to)")
+        masks, logits = [], []
+        for s, e in self._groups(spatial):
+            m, lg = self._decode_group([v[s:e] for v in vision], spatial[s], text[s:e],
+                                       valid[s:e])
+            masks.append(m)
+            logits.append(lg)
+        return Outputs(torch.cat(masks), torch.cat(logits))
+
+    def weights_hash(self) -> str:
+        return self._hash
+
+    # -- internals -------------------------------------------------------------------------
+    def _object(self) -> Tensor:
+        """The one concept "object", for class-agnostic decoding."""
+        if self._object_text is None or self._object_text.device != self._ref.device:
+            self._object_text = self.encode_texts(["object"])
+        return self._object_text
+
+    @staticmethod
+    def _groups(spatial: Tensor) -> list[tuple[int, int]]:
+        """Runs of consecutive images that share one set of queries (SAM 3's queries are
+        parameters, shared by a forward's whole batch); several prompt sets trained together
+        (``train_many``) give one run each."""
+        b = spatial.shape[0]
+        if spatial.stride(0) == 0:
+            return [(0, b)]
+        cuts = [0] + [i for i in range(1, b) if not torch.equal(spatial[i], spatial[i - 1])]
+        return list(zip(cuts, cuts[1:] + [b]))
+
+    def _position(self, level: Tensor) -> Tensor:
+        """The neck's sine position encoding of an FPN level (image-independent, memoised)."""
+        key = (tuple(level.shape[1:]), level.device, level.dtype)
+        if key not in self._pos:
+            self._pos[key] = self.model.vision_encoder.neck.position_encoding(
+                torch.Size((1, *level.shape[1:])), level.device, level.dtype)
+        return self._pos[key]
+
+    def _forward(self, queries: Tensor, text: Tensor, valid: Tensor, repeat: int,
+                 *vision: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One ``Sam3Model.forward`` on cached features (each image repeated ``repeat`` times,
+        one per concept) with ``queries`` swapped in for SAM 3's object queries."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+        levels = [v.repeat_interleave(repeat, 0) for v in vision]
+        pos = [self._position(v).expand(v.shape[0], -1, -1, -1) for v in levels]
+        embeds = Sam3VisionEncoderOutput(fpn_hidden_states=(*levels, levels[-1]),
+                                         fpn_position_encoding=(*pos, pos[-1]))
+        swap = {"detr_decoder.query_embed.weight": queries[:, :self.hidden],
+                "detr_decoder.reference_points.weight": queries[:, self.hidden:]}
+        out = torch.func.functional_call(
+            self.model, swap, args=(),
+            kwargs={"vision_embeds": embeds,
+                    "text_embeds": BaseModelOutputWithPooling(pooler_output=text),
+                    "attention_mask": valid.long()})
+        return out.pred_masks, out.pred_logits, out.presence_logits
+
+    def _decode_group(self, vision: list[Tensor], queries: Tensor, text: Tensor, valid: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+        """g images sharing ``queries`` (N, D + 4), C concepts each -> (g, N, h, w) masks of
+        each query's best concept, (g, N, C + 1) class logits."""
+        g, c = text.shape[:2]
+        n = queries.shape[0]
+        k = max(1, self.concept_chunk // g)                 # concepts per forward
+        grad = torch.is_grad_enabled() and (queries.requires_grad or text.requires_grad)
+        log_p, no_object, best, best_mask = [], 0.0, None, None
+        for c0 in range(0, c, k):
+            t = text[:, c0:c0 + k]
+            kk = t.shape[1]
+            args = (queries, t.flatten(0, 1), valid[:, c0:c0 + k].flatten(0, 1), kk, *vision)
+            masks, logit, presence = (checkpoint(self._forward, *args, use_reentrant=False)
+                                      if grad else self._forward(*args))
+            h, w = masks.shape[-2:]
+            masks = masks.view(g, kk, n, h, w)
+            logit, presence = logit.view(g, kk, n), presence.view(g, kk, 1)
+            lp = F.logsigmoid(logit) + F.logsigmoid(presence)          # log p(c, n)
+            log_p.append(lp)
+            no_object = no_object + log1m_product_sigmoid(logit, presence).sum(1)
+            top, arg = lp.max(1)                                       # (g, N)
+            pick = masks.gather(1, arg[:, None, :, None, None].expand(g, 1, n, h, w))[:, 0]
+            if best is None:
+                best, best_mask = top, pick
+            else:
+                better = top > best
+                best_mask = torch.where(better[..., None, None], pick, best_mask)
+                best = torch.where(better, top, best)
+        class_logits = torch.cat([torch.cat(log_p, 1).transpose(1, 2), no_object[..., None]], -1)
+        return best_mask, class_logits
+
+
+def load_sam3(checkpoint: str | Path, device: str | torch.device = "cpu") -> Sam3SFM:
+    """A frozen SAM 3 backend from a LOCAL directory holding ``Sam3Model.save_pretrained`` and
+    its (CLIP) tokenizer files; never downloads."""
+    from transformers import AutoTokenizer, Sam3Model
+
+    path, files = check_checkpoint_dir(checkpoint, ("sam3", "sam3_video"), "SAM 3", HOW_TO_GET)
+    # without its files transformers builds an EMPTY CLIP tokenizer (every name -> one unknown
+    # token) instead of failing: refuse that explicitly
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{path}: no tokenizer next to the SAM 3 weights (none of "
+                        f"{', '.join(TOKENIZER_FILES)}); {HOW_TO_GET}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"{path}: unusable tokenizer next to the SAM 3 weights ({msg}); "
+                        f"{HOW_TO_GET}") from None
+    if len(tokenizer) < 256:
+        raise UserError(f"{path}: the tokenizer has {len(tokenizer)} tokens, not a CLIP "
+                        f"vocabulary; {HOW_TO_GET}")
+    model = from_pretrained(Sam3Model, path, "SAM 3", HOW_TO_GET)
+    sfm = Sam3SFM(model, tokenizer, weights_file_hash(files),
+                  **pixel_stats(path, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    return freeze(sfm.to(device))

@@ -1,0 +1,332 @@
+"""The SAM 3 backend, on a tiny randomly initialised Sam3Model (+ a tiny CLIP tokenizer) saved
+and loaded back through the user's path, ``load_sfm("sam3", DIR)``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import CLIPTokenizer, Sam3Config, Sam3Model  # noqa: E402
+from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
+
+from ssprompt.errors import UserError  # noqa: E402
+from ssprompt.prompts.fusion import MODES  # noqa: E402
+from ssprompt.prompts.layout import grid_layout  # noqa: E402
+from ssprompt.prompts.promptset import (PromptConfig, PromptSet, load_prompts,  # noqa: E402
+                                        save_prompts)
+from ssprompt.sfm import load_sfm  # noqa: E402
+from ssprompt.sfm.base import PromptableSFM  # noqa: E402
+from ssprompt.sfm.sam3 import Sam3SFM, log1m_product_sigmoid  # noqa: E402
+
+torch.set_num_threads(1)
+H = 64        # every hidden size
+SIZE = 224    # input; patch 14 -> 16 x 16 tokens; masks 64 x 64
+Q = 50        # object queries
+T = 32        # text tokens
+NAMES = ["cat", "traffic light", "sky"]
+
+
+def tiny_config() -> Sam3Config:
+    sub = dict(hidden_size=H, num_attention_heads=2, intermediate_size=128)
+    return Sam3Config(
+        vision_config=dict(
+            backbone_config=dict(model_type="sam3_vit_model", hidden_size=H,
+                                 intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, image_size=SIZE, patch_size=14,
+                                 window_size=8, global_attn_indexes=[1],
+                                 pretrain_image_size=SIZE),
+            fpn_hidden_size=H, backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]]),
+        text_config=dict(vocab_size=514, hidden_size=H, intermediate_size=128,
+                         projection_dim=H, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=T, bos_token_id=512, eos_token_id=513,
+                         pad_token_id=513),
+        geometry_encoder_config=dict(num_layers=1, **sub),
+        detr_encoder_config=dict(num_layers=1, **sub),
+        detr_decoder_config=dict(num_layers=2, num_queries=Q, **sub),
+        mask_decoder_config=dict(hidden_size=H, num_attention_heads=2),
+    )
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer with the 256 byte symbols and no merges (one token a character)."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    chars = [chr(c) for c in cs]
+    vocab = {s: i for i, s in enumerate(chars + [c + "</w>" for c in chars]
+                                        + ["<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def save_tiny(path, seed: int = 0):
+    torch.manual_seed(seed)
+    model = Sam3Model(tiny_config()).eval()
+    with torch.no_grad():  # spread the reference boxes over the image, as trained ones are
+        ref = model.detr_decoder.reference_points.weight
+        ref.copy_(torch.randn(ref.shape) * torch.tensor([1.5, 1.5, 0.5, 0.5]) - 
+                  torch.tensor([0.0, 0.0, 1.5, 1.5]))
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("sam3"))
+
+
+@pytest.fixture(scope="module")
+def sam3(ckpt):
+    return load_sfm("sam3", str(ckpt), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ref_model(ckpt):
+    """transformers' own Sam3Model on the same checkpoint: the reference."""
+    return Sam3Model.from_pretrained(str(ckpt), local_files_only=True).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def feats(sam3, images):
+    return sam3.encode_image(images)
+
+
+def _ref_forward(ref_model, images, names, queries=None):
+    """Sam3Model.forward on pixels with the tokenizer's ids, one concept per image batch."""
+    tok = tiny_tokenizer()(names, padding="max_length", max_length=T, return_tensors="pt")
+    x = (images - 0.5) / 0.5
+    outs = []
+    with torch.no_grad():
+        for c in range(len(names)):
+            ids = tok.input_ids[c:c + 1].expand(len(images), -1)
+            am = tok.attention_mask[c:c + 1].expand(len(images), -1)
+            if queries is None:
+                outs.append(ref_model(pixel_values=x, input_ids=ids, attention_mask=am))
+            else:
+                outs.append(torch.func.functional_call(
+                    ref_model, {"detr_decoder.query_embed.weight": queries[:, :H],
+                                "detr_decoder.reference_points.weight": queries[:, H:]},
+                    kwargs=dict(pixel_values=x, input_ids=ids, attention_mask=am)))
+    return outs
+
+
+def test_protocol_sizes_and_frozen(sam3):
+    assert isinstance(sam3, Sam3SFM) and isinstance(sam3, PromptableSFM)
+    assert sam3.embed_dim == H + 4 and sam3.text_dim == T * H and sam3.image_size == SIZE
+    assert all(not p.requires_grad for p in sam3.parameters()) and not sam3.training
+
+
+def test_default_embeddings_come_from_sam3s_own_encoders(sam3, ref_model):
+    # class prompts: SAM 3's per-token text features, padding zeroed, flattened
+    got = sam3.encode_texts(NAMES)
+    assert got.shape == (3, T * H)
+    tok = tiny_tokenizer()(NAMES, padding="max_length", max_length=T, return_tensors="pt")
+    with torch.no_grad():
+        ref = ref_model.get_text_features(input_ids=tok.input_ids,
+                                          attention_mask=tok.attention_mask).pooler_output
+    seq = got.view(3, T, H)
+    valid = tok.attention_mask.bool()
+    torch.testing.assert_close(seq[valid], ref[valid])
+    assert (seq[~valid] == 0).all() and (seq[valid].abs().sum(-1) > 0).all()
+    assert (valid.sum(1) == torch.tensor([5, 14, 5])).all()   # a token a letter, + 2
+    # spatial prompts: N = Q grid points give exactly SAM 3's Q learned queries, one each
+    own = torch.cat([ref_model.detr_decoder.query_embed.weight,
+                     ref_model.detr_decoder.reference_points.weight], -1).detach()
+    sp = sam3.encode_points(grid_layout(Q))
+    assert sp.shape == (Q, H + 4)
+    match = (sp[:, None, :] == own[None]).all(-1)               # (Q, Q)
+    assert (match.sum(1) == 1).all() and (match.sum(0) == 1).all()
+    # N < Q: distinct learned queries, each the closest free one to its point
+    sp25 = sam3.encode_points(grid_layout(25))
+    idx = ((sp25[:, None, :] == own[None]).all(-1)).float().argmax(1)
+    assert len(set(idx.tolist())) == 25
+    centres = own[idx, H:H + 2].sigmoid()
+    d_assigned = (centres - grid_layout(25)).norm(dim=1).mean()
+    d_random = (own[torch.randperm(Q)[:25], H:H + 2].sigmoid() - grid_layout(25)).norm(dim=1)
+    assert d_assigned < d_random.mean()
+    # N > Q reuses queries in rounds
+    assert sam3.encode_points(grid_layout(200)).shape == (200, H + 4)
+
+
+def test_decode_with_defaults_matches_sam3_forward(sam3, ref_model, images, feats):
+    spatial = sam3.encode_points(grid_layout(Q))
+    semantic = sam3.encode_texts(NAMES)
+    with torch.no_grad():
+        out = sam3.decode(feats, spatial, semantic)
+    refs = _ref_forward(ref_model, images, NAMES)
+    own = torch.cat([ref_model.detr_decoder.query_embed.weight,
+                     ref_model.detr_decoder.reference_points.weight], -1).detach()
+    perm = ((spatial[:, None, :] == own[None]).all(-1)).float().argmax(1)  # grid -> model order
+    assert out.mask_logits.shape == (2, Q, 64, 64) and out.class_logits.shape == (2, Q, 4)
+    log_p = torch.stack([torch.nn.functional.logsigmoid(r.pred_logits[:, perm])
+                         + torch.nn.functional.logsigmoid(r.presence_logits) for r in refs], -1)
+    torch.testing.assert_close(out.class_logits[..., :3], log_p, atol=1e-4, rtol=1e-4)
+    best = log_p.argmax(-1)                                     # (B, N) each query's concept
+    masks = torch.stack([r.pred_masks[:, perm] for r in refs], 2)  # (B, N, C, h, w)
+    want = masks.gather(2, best[:, :, None, None, None].expand(-1, -1, 1, 64, 64))[:, :, 0]
+    torch.testing.assert_close(out.mask_logits, want, atol=1e-4, rtol=1e-4)
+    assert len(set(best.flatten().tolist())) > 1                # the argmax really chooses
+    # one concept: the softmax over [concept, no object] is SAM 3's own score exactly
+    with torch.no_grad():
+        one = sam3.decode(feats, spatial, semantic[1:2])
+    score = refs[1].pred_logits[:, perm].sigmoid() * refs[1].presence_logits.sigmoid()
+    torch.testing.assert_close(one.class_logits.softmax(-1)[..., 0], score, atol=1e-5,
+                               rtol=1e-4)
+    torch.testing.assert_close(one.mask_logits, refs[1].pred_masks[:, perm], atol=1e-4,
+                               rtol=1e-4)
+
+
+def test_fewer_queries_match_sam3_with_those_queries(sam3, ref_model, images, feats):
+    spatial = sam3.encode_points(grid_layout(25))
+    with torch.no_grad():
+        out = sam3.decode(feats, spatial, sam3.encode_texts(NAMES[:1]))
+    ref = _ref_forward(ref_model, images, NAMES[:1], queries=spatial)[0]
+    torch.testing.assert_close(out.mask_logits, ref.pred_masks, atol=1e-4, rtol=1e-4)
+
+
+def test_chunking_and_batched_prompt_sets_do_not_change_outputs(sam3, feats):
+    spatial = sam3.encode_points(grid_layout(25))
+    semantic = sam3.encode_texts(NAMES)
+    with torch.no_grad():
+        whole = sam3.decode(feats, spatial, semantic)
+        sam3.concept_chunk = 1
+        try:
+            chunked = sam3.decode(feats, spatial, semantic)
+        finally:
+            sam3.concept_chunk = 8
+        # two prompt sets along the batch (train_many): image 0 with set A, image 1 with set B
+        other = spatial.flip(0).clone()
+        sp = torch.stack([spatial, other])
+        se = torch.stack([semantic, semantic.flip(0)])
+        mixed = sam3.decode(feats, sp, se)
+        alone_b = sam3.decode(feats.index(slice(1, 2)), other, semantic.flip(0))
+    torch.testing.assert_close(whole.mask_logits, chunked.mask_logits)
+    torch.testing.assert_close(whole.class_logits, chunked.class_logits)
+    torch.testing.assert_close(mixed.mask_logits[:1], whole.mask_logits[:1], atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(mixed.mask_logits[1:], alone_b.mask_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed.class_logits[1:], alone_b.class_logits, atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_gradients_reach_only_the_prompts(sam3, feats):
+    spatial = torch.nn.Parameter(sam3.encode_points(grid_layout(25)))
+    semantic = torch.nn.Parameter(sam3.encode_texts(NAMES))
+    out = sam3.decode(feats, spatial, semantic)
+    (out.mask_logits.sigmoid().mean() + out.class_logits.log_softmax(-1)[..., 0].mean()
+     ).backward()
+    assert spatial.grad is not None and spatial.grad[:, :H].abs().sum() > 0
+    assert spatial.grad[:, H:].abs().sum() > 0                     # the reference boxes too
+    g = semantic.grad.view(3, T, H)
+    valid = (semantic.detach().view(3, T, H) != 0).any(-1)
+    assert g[valid].abs().sum() > 0 and (g[~valid] == 0).all()     # padding gets no gradient
+    assert all(p.grad is None and not p.requires_grad for p in sam3.parameters())
+
+
+@pytest.mark.parametrize("learners", ["spatial", "semantic", "spatial,semantic"])
+@pytest.mark.parametrize("mode", MODES)
+def test_every_learner_and_fusion_mode_trains(sam3, feats, mode, learners):
+    cfg = PromptConfig(mode=mode, learners=learners, n_prompts=25)
+    ps = PromptSet(sam3, NAMES, cfg, generator=torch.Generator().manual_seed(0))
+    spatial, semantic = ps()
+    assert spatial.shape == (25, H + 4) and semantic.shape == (3, T * H)
+    out = sam3.decode(feats, spatial, semantic)
+    assert out.mask_logits.shape == (2, 25, 64, 64) and out.class_logits.shape == (2, 25, 4)
+    assert torch.isfinite(out.mask_logits).all() and torch.isfinite(out.class_logits).all()
+    if mode == "default":
+        assert ps.num_trainable() == 0
+        return
+    (out.mask_logits.mean() + out.class_logits.mean()).backward()
+    names = {n for n, p in ps.named_parameters() if p.requires_grad}
+    assert names and all(p.grad is not None for p in ps.parameters() if p.requires_grad)
+    assert any(n.startswith("spatial") for n in names) == ("spatial" in learners)
+    assert any(n.startswith("semantic") for n in names) == ("semantic" in learners)
+    assert all(p.grad is None for p in sam3.parameters())
+
+
+@pytest.mark.parametrize("n", [25, 200])
+def test_any_number_of_queries(sam3, feats, n):
+    spatial = sam3.encode_points(grid_layout(n)).requires_grad_()
+    out = sam3.decode(feats, spatial, sam3.encode_texts(NAMES[:2]))
+    assert out.mask_logits.shape == (2, n, 64, 64) and out.class_logits.shape == (2, n, 3)
+    assert torch.isfinite(out.mask_logits).all()
+    out.mask_logits.mean().backward()
+    assert spatial.grad.shape == (n, H + 4) and spatial.grad.abs().sum() > 0
+
+
+def test_class_agnostic_and_prompt_engineering(sam3, feats):
+    spatial = sam3.encode_points(grid_layout(25))
+    with torch.no_grad():
+        agnostic = sam3.decode(feats, spatial, None)
+        obj = sam3.decode(feats, spatial, sam3.encode_texts(["object"]))
+    assert agnostic.class_logits.shape == (2, 25, 2)
+    torch.testing.assert_close(agnostic.class_logits, obj.class_logits)
+    pe = PromptSet(sam3, NAMES, PromptConfig(mode="prompt_engineering"))
+    eng = pe()[1]
+    assert eng.shape == (3, T * H) and not torch.allclose(eng, sam3.encode_texts(NAMES))
+
+
+def test_prompts_save_and_reload(sam3, feats, tmp_path):
+    ps = PromptSet(sam3, NAMES, PromptConfig(mode="weighted", n_prompts=25),
+                   generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ps.semantic.learned.add_(0.01 * torch.randn_like(ps.semantic.learned)
+                                 * (ps.semantic.default != 0))
+        ps.spatial.learned.add_(0.01)
+    save_prompts(tmp_path / "p.safetensors", ps, {"sfm": sam3.weights_hash()})
+    loaded = load_prompts(tmp_path / "p.safetensors")
+    spatial, semantic = loaded[0], loaded[1]
+    with torch.no_grad():
+        a = sam3.decode(feats, *ps())
+        b = sam3.decode(feats, spatial, semantic)
+    torch.testing.assert_close(a.mask_logits, b.mask_logits)
+    torch.testing.assert_close(a.class_logits, b.class_logits)
+
+
+def test_log1m_product_sigmoid_is_stable():
+    a = torch.tensor([-30.0, 0.0, 3.0, 40.0])
+    b = torch.tensor([5.0, 0.0, -2.0, 40.0])
+    want = torch.log1p(-(a.double().sigmoid() * b.double().sigmoid())).float()
+    got = log1m_product_sigmoid(a, b)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[:3], want[:3])
+    assert got[3] < -35                              # log(1 - ~1), not -inf or nan
+
+
+def test_vanilla_2d_and_bad_input_are_one_line_errors(sam3, feats, ckpt, tmp_path):
+    ps = PromptSet(sam3, NAMES, PromptConfig(mode="vanilla_2d", learners="spatial",
+                                             n_prompts=25))
+    with pytest.raises(UserError, match="object queries") as e:
+        ps()
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="all zeros"):
+        sam3.decode(feats, sam3.encode_points(grid_layout(4)), torch.zeros(1, T * H))
+    with pytest.raises(UserError, match="needs --checkpoint"):
+        load_sfm("sam3", None, device="cpu")
+    with pytest.raises(UserError, match="not found") as e:
+        load_sfm("sam3", str(tmp_path / "nope"), device="cpu")
+    assert "huggingface-cli download facebook/sam3" in str(e.value)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "sam"}))
+    with pytest.raises(UserError, match="not a SAM 3 checkpoint"):
+        load_sfm("sam3", str(tmp_path), device="cpu")
+    notok = tmp_path / "no_tokenizer"
+    notok.mkdir()
+    for f in ckpt.iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            (notok / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(UserError, match="tokenizer") as e:
+        load_sfm("sam3", str(notok), device="cpu")
+    assert "\n" not in str(e.value)
