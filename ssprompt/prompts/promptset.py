@@ -1,11 +1,18 @@
 """A variant's full set of prompts (spatial + semantic), built from one config, saved and
-reloaded as safetensors."""
+reloaded as safetensors.
+
+A prompts file describes itself: its safetensors metadata holds the class names and their
+thing / stuff flags, the SFM weights hash, N, the mode and learners and the training config, so
+loading it for another SFM or another class list is refused (``check_prompts``). Files written
+before that (no class names inside) still load; only their class count is checked.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -50,9 +57,12 @@ class PromptSet(nn.Module):
     """Spatial (N, D) and semantic (C, D) prompts for one variant; ``forward`` gives both."""
 
     def __init__(self, sfm: PromptableSFM, class_names: list[str] | None, cfg: PromptConfig,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, is_thing: list[bool] | None = None):
         super().__init__()
         self.cfg = cfg
+        # what the prompts file records about the vocabulary (see save_prompts)
+        self.class_names = None if class_names is None else list(class_names)
+        self.is_thing = None if is_thing is None else [bool(x) for x in is_thing]
         kw = {"init": cfg.init, "weight": cfg.weight, "generator": generator}
         has_text = class_names is not None and sfm.encode_texts(class_names[:1]) is not None
         if "semantic" in cfg.learners and cfg.mode not in ("default", "vanilla_2d",
@@ -103,9 +113,17 @@ class PromptSet(nn.Module):
         return out
 
 
+PROMPTS_FORMAT = 2  # 1: no vocabulary inside (class count checked only)
+
+
 def save_prompts(path: Path, prompts: PromptSet, meta: dict) -> None:
-    """Fused embeddings (what the decoder reads) + every learner tensor, and JSON metadata."""
-    from safetensors.torch import save_file
+    """Fused embeddings (what the decoder reads) + every learner tensor, and JSON metadata:
+    ``meta`` (the caller's: ``sfm`` weights hash, ``config``, ``metrics``, ...) plus what makes
+    the file self-describing, taken from ``prompts`` unless ``meta`` gives it: ``class_names``,
+    ``is_thing``, ``n_prompts``, ``mode``, ``learners``."""
+    from safetensors.torch import save
+
+    from ..io import write_bytes
 
     spatial, semantic = prompts()
     tensors = {"spatial": spatial.detach().float().clone().contiguous()}
@@ -115,13 +133,29 @@ def save_prompts(path: Path, prompts: PromptSet, meta: dict) -> None:
         tensors[f"learner.{k}"] = v.detach().float().clone().contiguous()
     for k, v in prompts.fusion_weights().items():
         tensors[f"weight.{k}"] = v.float().clone().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"ssprompt": json.dumps(meta)})
-    tmp.replace(path)
+    meta = {"format": PROMPTS_FORMAT, "class_names": prompts.class_names,
+            "is_thing": prompts.is_thing, "n_prompts": int(spatial.shape[-2]),
+            "mode": prompts.cfg.mode, "learners": list(prompts.cfg.learners), **meta}
+    write_bytes(path, save(tensors, metadata={"ssprompt": json.dumps(meta)}))
 
 
-def load_prompts(path: str | Path) -> tuple[Tensor, Tensor | None, dict]:
+class LearnedPrompts(NamedTuple):
+    """What a prompts file holds: ``spatial, semantic, meta = load_prompts(path)``."""
+
+    spatial: Tensor                # (N, D) fused spatial embeddings
+    semantic: Tensor | None        # (C, D) fused class embeddings, None for a spatial-only SFM
+    meta: dict
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.meta.get("class_names")
+
+    @property
+    def is_thing(self) -> list[bool] | None:
+        return self.meta.get("is_thing")
+
+
+def load_prompts(path: str | Path) -> LearnedPrompts:
     """(spatial (N, D), semantic (C, D) or None, metadata) from a prompts file."""
     from safetensors import SafetensorError, safe_open
 
@@ -137,7 +171,31 @@ def load_prompts(path: str | Path) -> tuple[Tensor, Tensor | None, dict]:
         raise UserError(f"{path}: corrupt prompts file ({str(e).splitlines()[0][:120]})") from None
     except KeyError:
         raise UserError(f"{path}: not an ssprompt prompts file (no 'spatial' tensor)") from None
-    return spatial, semantic, meta
+    return LearnedPrompts(spatial, semantic, meta)
+
+
+def check_prompts(prompts: LearnedPrompts, sfm: PromptableSFM, class_names: list[str] | None,
+                  path: str | Path) -> None:
+    """Refuse, in one line, prompts learned for other SFM weights or another class list.
+    Spatial-only prompts (SAM: scored class-agnostically) fit any class list."""
+    meta = prompts.meta
+    if meta.get("sfm") and meta["sfm"] != sfm.weights_hash():
+        raise UserError(f"{path}: learned for SFM weights {meta['sfm']}, but this SFM is "
+                        f"{sfm.weights_hash()}")
+    if prompts.semantic is None or class_names is None:
+        return
+    saved = prompts.class_names
+    if saved is not None and list(saved) != list(class_names):
+        diff = next((i for i, (a, b) in enumerate(zip(saved, class_names)) if a != b),
+                    min(len(saved), len(class_names)))
+        ours, theirs = (repr(n[diff]) if diff < len(n) else "missing"
+                        for n in (saved, class_names))
+        raise UserError(f"{path}: learned for another class list ({len(saved)} classes, this "
+                        f"data has {len(class_names)}; class {diff} is {ours} in the prompts, "
+                        f"{theirs} here)")
+    if prompts.semantic.shape[0] != len(class_names):
+        raise UserError(f"{path}: has {prompts.semantic.shape[0]} class prompts but the data "
+                        f"has {len(class_names)} classes")
 
 
 def config_dict(cfg: PromptConfig) -> dict:
