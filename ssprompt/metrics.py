@@ -46,10 +46,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.utilities import dim_zero_cat
 
-from .inference import (MASK2FORMER_OBJECT_THRESHOLD, instance_inference, panoptic_inference,
-                        semantic_inference, upsample)
-
-from .data.scenes import VOID  # noqa: E402  (one name for void, defined with the labels)
+from .data.scenes import VOID  # one name for void, defined with the labels
 
 
 def _pct(x: float | None) -> float | None:
@@ -73,7 +70,8 @@ def _cat(state: list[Tensor] | Tensor, dtype: torch.dtype) -> Tensor:
 # ------------------------------------------------------------------------------------ mIoU
 class MeanIoU(MulticlassConfusionMatrix):
     """Mean IoU over classes with ground-truth pixels (detectron2); ``ignore_index`` pixels of the
-    target are left out. ``update(pred, target)`` takes (H, W) or (B, H, W) class maps."""
+    target are left out. ``update(pred, target)`` takes (H, W) or (B, H, W) class maps and adds
+    to torchmetrics' ``confmat`` state with one ``bincount`` (no input checks or formatting)."""
 
     full_state_update = False
 
@@ -82,7 +80,12 @@ class MeanIoU(MulticlassConfusionMatrix):
                          validate_args=False, **kw)
 
     def update(self, pred: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        super().update(pred.reshape(-1).long(), target.reshape(-1).long().to(pred.device))
+        c = self.num_classes
+        pred = pred.reshape(-1).to(self.confmat.device, torch.long)
+        target = torch.as_tensor(target).reshape(-1).to(self.confmat.device, torch.long)
+        scored = target != self.ignore_index
+        pair = target[scored] * c + pred[scored]
+        self.confmat += torch.bincount(pair, minlength=c * c).view(c, c).to(self.confmat.dtype)
 
     def compute(self) -> dict:  # type: ignore[override]
         """{"mIoU": percent | None, "per_class": [percent | None]}."""
@@ -99,9 +102,20 @@ class MeanIoU(MulticlassConfusionMatrix):
 
 
 # ------------------------------------------------------------------------------------- AP50
+def _rle_counts(masks: np.ndarray) -> list[bytes]:
+    """Compressed COCO RLE ``counts`` of bool masks (K, H, W), encoded in one call."""
+    from pycocotools import mask as mask_util
+
+    if len(masks) == 0:
+        return []
+    return [r["counts"] for r in
+            mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))]
+
+
 class InstanceAP50(Metric):
-    """COCO mask AP at IoU 0.5 of thing instances. ``update(preds, gt)``: ``preds`` from
-    ``instance_inference``, ``gt`` a Scene (its thing segments, honouring ``iscrowd``)."""
+    """COCO mask AP at IoU 0.5 of thing instances. ``update(instances, gt)``: ``instances`` a
+    ``postprocess.Instances`` (or a list of {"mask", "category", "score"}), ``gt`` a Scene (its
+    thing segments, honouring ``iscrowd``)."""
 
     full_state_update = False
     # per image: (height, width, #gt, #dt); per gt: (category, iscrowd, #rle bytes);
@@ -114,26 +128,16 @@ class InstanceAP50(Metric):
         for name in ("images", "gt_meta", "dt_meta", "dt_score", "gt_rle", "dt_rle"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, preds: list[dict], gt) -> None:
-        from pycocotools import mask as mask_util
-
-        def rle_bytes(m: np.ndarray) -> bytes:
-            return mask_util.encode(np.asfortranarray(m.astype(np.uint8)))["counts"]
-
-        h, w = gt.instance.shape
-        gt_meta, gt_rle = [], []
-        for seg in gt.segments:
-            if not seg["isthing"]:
-                continue
-            b = rle_bytes(np.asarray(gt.instance) == seg["id"])
-            gt_meta += [int(seg["category"]), int(seg.get("iscrowd", 0) or 0), len(b)]
-            gt_rle.append(b)
-        dt_meta, dt_score, dt_rle = [], [], []
-        for p in preds:
-            b = rle_bytes(p["mask"].detach().cpu().numpy().astype(bool))
-            dt_meta += [int(p["category"]), len(b)]
-            dt_score.append(float(p["score"]))
-            dt_rle.append(b)
+    def update(self, instances, gt) -> None:
+        if isinstance(instances, list):
+            instances = _as_instances(instances, gt.instance.shape)
+        things = [s for s in gt.segments if s["isthing"]]
+        ids = np.array([s["id"] for s in things], dtype=np.int64)
+        gt_rle = _rle_counts(np.asarray(gt.instance)[None] == ids[:, None, None])
+        gt_meta = [v for s, b in zip(things, gt_rle)
+                   for v in (int(s["category"]), int(s.get("iscrowd", 0) or 0), len(b))]
+        dt_rle = _rle_counts(instances.masks.detach().cpu().numpy())
+        dt_meta = [v for c, b in zip(instances.categories.tolist(), dt_rle) for v in (c, len(b))]
         dev = self.device
 
         def as_bytes(chunks: list[bytes]) -> Tensor:
@@ -142,11 +146,12 @@ class InstanceAP50(Metric):
                 return torch.zeros(0, dtype=torch.uint8, device=dev)
             return torch.frombuffer(buf, dtype=torch.uint8).clone().to(dev)
 
+        h, w = gt.instance.shape
         self.images.append(torch.tensor([h, w, len(gt_rle), len(dt_rle)], dtype=torch.long,
                                         device=dev))
         self.gt_meta.append(torch.tensor(gt_meta, dtype=torch.long, device=dev))
         self.dt_meta.append(torch.tensor(dt_meta, dtype=torch.long, device=dev))
-        self.dt_score.append(torch.tensor(dt_score, dtype=torch.float64, device=dev))
+        self.dt_score.append(instances.scores.detach().to(dev, torch.float64).reshape(-1))
         self.gt_rle.append(as_bytes(gt_rle))
         self.dt_rle.append(as_bytes(dt_rle))
 
@@ -179,46 +184,73 @@ class InstanceAP50(Metric):
 
     def compute(self) -> dict:
         """{"AP50": percent | None, "per_class": [percent | None]} (None: no GT instance)."""
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-
         images, gts, dts = self._coco()
-        has_gt = [any(g["category_id"] == c + 1 and not g["iscrowd"] for g in gts)
-                  for c in range(self.num_classes)]
+        has_gt = [False] * self.num_classes
+        for g in gts:
+            if not g["iscrowd"]:
+                has_gt[g["category_id"] - 1] = True
         if not any(has_gt):
             return {"AP50": None, "per_class": [None] * self.num_classes}
         if not dts:
             return {"AP50": 0.0, "per_class": [0.0 if h else None for h in has_gt]}
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_gt = COCO()
-            # "info" too: pycocotools 2.0.10's loadRes copies it and fails without it
-            coco_gt.dataset = {"info": {"description": "ssprompt"}, "images": images,
-                               "annotations": gts,
-                               "categories": [{"id": c + 1, "name": str(c)}
-                                              for c in range(self.num_classes)]}
-            coco_gt.createIndex()
-            coco_dt = coco_gt.loadRes(dts)
-            ev = COCOeval(coco_gt, coco_dt, iouType="segm")
-            ev.params.maxDets = [1, 10, self.max_dets]
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        # precision: [IoU thr, recall thr, category, area range, max dets]
-        prec = ev.eval["precision"][0, :, :, 0, -1]
-        per_class: list[float | None] = [None] * self.num_classes
-        for k, cat in enumerate(ev.params.catIds):
-            col = prec[:, k]
-            col = col[col > -1]
-            per_class[cat - 1] = _pct(float(col.mean())) if col.size else None
-        ap50 = float(ev.stats[1])
-        return {"AP50": _pct(ap50) if ap50 >= 0 else None, "per_class": per_class}
+        ap50, per_class = coco_ap50(images, gts, dts, self.num_classes, self.max_dets)
+        return {"AP50": _pct(ap50) if ap50 >= 0 else None,
+                "per_class": [None if a is None else _pct(a) for a in per_class]}
+
+
+def _as_instances(preds: list[dict], hw: tuple[int, int]):
+    """A list of {"mask", "category", "score"} as one ``Instances``."""
+    from .postprocess import Instances
+
+    if not preds:
+        return Instances(torch.zeros(0, *hw, dtype=torch.bool), torch.zeros(0, dtype=torch.long),
+                         torch.zeros(0))
+    return Instances(torch.stack([torch.as_tensor(p["mask"]).bool() for p in preds]),
+                     torch.tensor([int(p["category"]) for p in preds]),
+                     torch.tensor([float(p["score"]) for p in preds], dtype=torch.float64))
+
+
+def coco_ap50(images: list[dict], gts: list[dict], dts: list[dict], num_classes: int,
+              max_dets: int = 100) -> tuple[float, list[float | None]]:
+    """pycocotools ``COCOeval(iouType="segm")``: AP at IoU 0.5, area "all", ``max_dets``
+    detections (as ``stats[1]``; -1 when undefined), and per class (None: no ground truth).
+    Only that one (IoU, area, max-dets) setting is evaluated: COCO matches each setting on its
+    own, so the others would change nothing but the time."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        # "info" too: pycocotools 2.0.10's loadRes copies it and fails without it
+        coco_gt.dataset = {"info": {"description": "ssprompt"}, "images": images,
+                           "annotations": gts,
+                           "categories": [{"id": c + 1, "name": str(c)}
+                                          for c in range(num_classes)]}
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(dts)
+        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        ev.params.iouThrs = np.array([0.5])
+        ev.params.areaRng, ev.params.areaRngLbl = [[0, 1e10]], ["all"]
+        ev.params.maxDets = [max_dets]
+        ev.evaluate()
+        ev.accumulate()
+    # precision: [IoU thr, recall thr, category, area range, max dets]
+    prec = ev.eval["precision"][0, :, :, 0, -1]
+    per_class: list[float | None] = [None] * num_classes
+    for k, cat in enumerate(ev.params.catIds):
+        col = prec[:, k]
+        col = col[col > -1]
+        per_class[cat - 1] = float(col.mean()) if col.size else None
+    valid = prec[prec > -1]
+    return (float(np.mean(valid)) if valid.size else -1.0), per_class
 
 
 # --------------------------------------------------------------------------------------- PQ
 class PanopticQuality(Metric):
     """COCO panoptic quality (panopticapi ``pq_compute``). ``update(pred_seg, pred_segments,
     gt)``: a map of predicted segment ids (0 = void), its segments {"id", "category", ...},
-    and a Scene whose ``instance`` map (0 = void) and ``segments`` are the ground truth."""
+    and a Scene whose ``instance`` map (0 = void) and ``segments`` are the ground truth.
+    Segments are as large as the maps say; listed segments absent from a map drop out."""
 
     full_state_update = False
 
@@ -231,60 +263,52 @@ class PanopticQuality(Metric):
                            dist_reduce_fx="sum")
 
     def update(self, pred_seg: Tensor, pred_segments: list[dict], gt) -> None:
-        gt_map = torch.as_tensor(np.asarray(gt.instance, dtype=np.int64)).flatten()
-        pred_map = torch.as_tensor(pred_seg).detach().cpu().long().flatten()
-        offset = int(pred_map.max()) + 1 if pred_map.numel() else 1
-        pairs, counts = torch.unique(gt_map * offset + pred_map, return_counts=True)
-        inter = {(int(p) // offset, int(p) % offset): int(n)
-                 for p, n in zip(pairs.tolist(), counts.tolist())}
-        gt_area: dict[int, int] = {}
-        pred_area: dict[int, int] = {}
-        for (g, p), n in inter.items():
-            gt_area[g] = gt_area.get(g, 0) + n
-            pred_area[p] = pred_area.get(p, 0) + n
-        # segments are as large as the maps say (panopticapi); listed but absent ones drop out
-        gt_segs = {s["id"]: s for s in gt.segments if gt_area.get(s["id"], 0) > 0}
-        pred_segs = {s["id"]: s for s in pred_segments if pred_area.get(s["id"], 0) > 0}
-        tp, fp, fn, iou_sum = (torch.zeros_like(self.tp, device="cpu") for _ in range(4))
+        c = len(self.is_thing)
+        g = _Segments(gt.segments, np.asarray(gt.instance))
+        p = _Segments(pred_segments, torch.as_tensor(pred_seg).detach().cpu().numpy())
+        # every (gt id, pred id) pair that overlaps, with its intersection in pixels
+        offset = int(p.map.max()) + 1 if p.map.size else 1
+        pairs, inter = np.unique(g.map * offset + p.map, return_counts=True)
+        gid, pid = pairs // offset, pairs % offset
+        gi, pi = g.index(gid), p.index(pid)
+        g.area_from(gi, inter)
+        p.area_from(pi, inter)
+        # a predicted segment's overlap with ground-truth void (id 0): out of the union
+        on_void = np.zeros(len(p.ids), np.int64)
+        sel = (gid == 0) & (pi >= 0)
+        on_void[pi[sel]] = inter[sel]
 
-        gt_matched, pred_matched = set(), set()
-        for (g, p), n in inter.items():
-            if g not in gt_segs or p not in pred_segs:
-                continue
-            gs, ps = gt_segs[g], pred_segs[p]
-            if gs.get("iscrowd", 0) or gs["category"] != ps["category"]:
-                continue
-            union = pred_area[p] + gt_area[g] - n - inter.get((0, p), 0)
-            iou = n / union
-            if iou > 0.5:
-                tp[gs["category"]] += 1
-                iou_sum[gs["category"]] += iou
-                gt_matched.add(g)
-                pred_matched.add(p)
+        # matches: same category, gt not crowd, IoU > 0.5 (so each segment matches at most once)
+        cand = (gi >= 0) & (pi >= 0)
+        cand[cand] = ((g.cat[gi[cand]] == p.cat[pi[cand]]) & ~g.crowd[gi[cand]]
+                      & g.present[gi[cand]] & p.present[pi[cand]])
+        mg, mp, n = gi[cand], pi[cand], inter[cand]
+        iou = n / (p.area[mp] + g.area[mg] - n - on_void[mp])
+        match = iou > 0.5
+        mg, mp, iou = mg[match], mp[match], iou[match]
+        tp = np.bincount(g.cat[mg], minlength=c)
+        iou_sum = np.zeros(c, np.float64)
+        np.add.at(iou_sum, g.cat[mg], iou)          # in pair order, as panopticapi sums
+        g_free = g.present & ~np.isin(np.arange(len(g.ids)), mg)
+        p_free = p.present & ~np.isin(np.arange(len(p.ids)), mp)
 
-        crowd: dict[int, int] = {}   # category -> its crowd segment id
-        for g, gs in gt_segs.items():
-            if g in gt_matched:
-                continue
-            if gs.get("iscrowd", 0):
-                crowd[gs["category"]] = g
-                continue
-            fn[gs["category"]] += 1
-        for p, ps in pred_segs.items():
-            if p in pred_matched:
-                continue
-            ignored = inter.get((0, p), 0)
-            if ps["category"] in crowd:
-                ignored += inter.get((crowd[ps["category"]], p), 0)
-            if ignored / pred_area[p] > 0.5:
-                continue
-            fp[ps["category"]] += 1
+        fn = np.bincount(g.cat[g_free & ~g.crowd], minlength=c)
+        # an unmatched prediction is no false positive when more than half of it lies on void
+        # or on the (last listed) crowd region of its own category
+        ignored = on_void.copy()
+        crowd_of = dict(zip(g.cat[g_free & g.crowd].tolist(), g.ids[g_free & g.crowd].tolist()))
+        if crowd_of:
+            overlap = dict(zip(zip(gid.tolist(), pid.tolist()), inter.tolist()))
+            for k in np.flatnonzero(p_free):
+                crowd = crowd_of.get(int(p.cat[k]))
+                if crowd is not None:
+                    ignored[k] += overlap.get((crowd, int(p.ids[k])), 0)
+        fp_mask = p_free & ~(ignored / np.maximum(p.area, 1) > 0.5)
+        fp = np.bincount(p.cat[fp_mask], minlength=c)
 
         dev = self.tp.device
-        self.tp += tp.to(dev)
-        self.fp += fp.to(dev)
-        self.fn += fn.to(dev)
-        self.iou += iou_sum.to(dev)
+        for state, value in ((self.tp, tp), (self.fp, fp), (self.fn, fn), (self.iou, iou_sum)):
+            state += torch.as_tensor(value, dtype=torch.float64).to(dev)
 
     def compute(self) -> dict:
         """{"PQ","SQ","RQ","PQ_th","PQ_st": percent | None, "per_class": [PQ percent | None]}."""
@@ -307,38 +331,57 @@ class PanopticQuality(Metric):
                               for c in range(len(self.is_thing))]}
 
 
+class _Segments:
+    """One side of a PQ comparison: listed segments as arrays (id, category, crowd) beside the
+    id map; ``area`` / ``present`` come from the map."""
+
+    def __init__(self, segments: list[dict], id_map: np.ndarray) -> None:
+        self.map = np.asarray(id_map, dtype=np.int64).reshape(-1)
+        self.ids = np.array([s["id"] for s in segments], dtype=np.int64)
+        self.cat = np.array([s["category"] for s in segments], dtype=np.int64)
+        self.crowd = np.array([bool(s.get("iscrowd", 0)) for s in segments], dtype=bool)
+        self._order = np.argsort(self.ids, kind="stable")
+        self.area = np.zeros(len(self.ids), np.int64)
+        self.present = np.zeros(len(self.ids), bool)
+
+    def index(self, ids: np.ndarray) -> np.ndarray:
+        """Position of each id in the segment list; -1 for unlisted ids (and void, 0)."""
+        if not len(self.ids):
+            return np.full(len(ids), -1)
+        pos = np.searchsorted(self.ids, ids, sorter=self._order).clip(0, len(self.ids) - 1)
+        found = self._order[pos]
+        return np.where((self.ids[found] == ids) & (ids != 0), found, -1)
+
+    def area_from(self, idx: np.ndarray, counts: np.ndarray) -> None:
+        sel = idx >= 0
+        self.area = np.bincount(idx[sel], weights=counts[sel],
+                                minlength=len(self.ids)).astype(np.int64)
+        self.present = self.area > 0
+
+
 # -------------------------------------------------------------------------------- evaluator
 class SegmentationEvaluator:
-    """mIoU, AP50 and PQ of a model's outputs on ground-truth scenes (percent, 2 decimals)."""
+    """mIoU, AP50 and PQ of post-processed predictions on ground-truth scenes (percent, 2
+    decimals)."""
 
-    def __init__(self, class_names: list[str], is_thing: list[bool], sync: bool = True,
-                 object_mask_threshold: float = MASK2FORMER_OBJECT_THRESHOLD) -> None:
+    def __init__(self, class_names: list[str], is_thing: list[bool], sync: bool = True) -> None:
         """``sync=False``: never gather states across ranks (each rank scores on its own, as
-        in a study whose ranks run different cells). ``object_mask_threshold``: panoptic
-        post-processing's class-confidence cut (Mask2Former's 0.8 unless the SFM says)."""
+        in a study whose ranks run different cells)."""
         if len(class_names) != len(is_thing):
             raise ValueError("class_names and is_thing differ in length")
         self.class_names, self.is_thing = list(class_names), [bool(t) for t in is_thing]
-        self.object_mask_threshold = float(object_mask_threshold)
         kw = {} if sync else {"sync_on_compute": False}
         self.miou = MeanIoU(len(self.class_names), **kw)
         self.ap = InstanceAP50(len(self.class_names), **kw)
         self.pq = PanopticQuality(self.is_thing, **kw)
 
-    def update(self, outputs, scenes: list) -> None:
-        """``outputs``: an ``Outputs`` batch aligned with ``scenes``; logits are upsampled to
-        each scene's size before post-processing."""
-        masks = outputs.mask_logits.detach()
-        classes = outputs.class_logits.detach()
-        for i, scene in enumerate(scenes):
-            h, w = scene.semantic.shape
-            m = upsample(masks[i:i + 1].float(), (h, w))[0]
-            c = classes[i].float()
-            target = torch.as_tensor(np.asarray(scene.semantic, dtype=np.int64))
-            self.miou.update(semantic_inference(m, c).cpu(), target)
-            self.ap.update(instance_inference(m, c, self.is_thing), scene)
-            seg, segs = panoptic_inference(m, c, self.is_thing, self.object_mask_threshold)
-            self.pq.update(seg, segs, scene)
+    def update(self, predictions: list, scenes: list) -> None:
+        """``predictions``: ``postprocess.Prediction`` objects aligned with ``scenes``, at the
+        scenes' sizes."""
+        for pred, scene in zip(predictions, scenes, strict=True):
+            self.miou.update(pred.semantic, scene.semantic)
+            self.ap.update(pred.instances, scene)
+            self.pq.update(pred.panoptic, pred.segments, scene)
 
     def compute(self) -> dict:
         miou, ap, pq = self.miou.compute(), self.ap.compute(), self.pq.compute()

@@ -19,14 +19,12 @@ def _zero_shot(ws, data, threshold: float | None = None) -> dict:
     """Metrics of the default prompts (N = 100 grid, bare class names) on ``data``; the
     panoptic threshold is the SFM's own unless ``threshold`` is given."""
     from .evaluate import evaluate
-    from .metrics import SegmentationEvaluator
     from .prompts.semantic import default_semantic
     from .prompts.spatial import default_spatial
 
-    ev = None if threshold is None else SegmentationEvaluator(
-        data.class_names, data.is_thing, sync=False, object_mask_threshold=threshold)
     return evaluate(ws.sfm, default_spatial(ws.sfm, 100),
-                    default_semantic(ws.sfm, data.class_names), data, ws.cache, evaluator=ev)
+                    default_semantic(ws.sfm, data.class_names), data, ws.cache,
+                    object_mask_threshold=threshold)
 
 
 def evaluate_zero_shot(ws, n_test: int = 200) -> dict:
@@ -39,7 +37,7 @@ def evaluate_zero_shot(ws, n_test: int = 200) -> dict:
 
 def write_card(folder: Path, command: str) -> None:
     from .experiment import Workspace
-    from .inference import MASK2FORMER_OBJECT_THRESHOLD
+    from .postprocess import MASK2FORMER_OBJECT_THRESHOLD
     from .sfm.embedded import load_embedded
 
     weights = folder / "embedded_sfm.safetensors"

@@ -183,6 +183,7 @@ def _score(rank: int, world: int, init_file: str, out_file: str) -> None:
     from ssprompt.data.scenes import SceneSplit
     from ssprompt.distributed import rank_world, shard
     from ssprompt.metrics import SegmentationEvaluator
+    from ssprompt.postprocess import postprocess
 
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -193,7 +194,8 @@ def _score(rank: int, world: int, init_file: str, out_file: str) -> None:
         ev = SegmentationEvaluator(data.class_names, data.is_thing, sync=world > 1)
         for i in shard(len(data)):
             scene = data[i]
-            ev.update(_oracle_outputs(scene, len(data.class_names), seed=i), [scene])
+            out = _oracle_outputs(scene, len(data.class_names), seed=i)
+            ev.update(postprocess(out, [scene.semantic.shape], 96, data.is_thing), [scene])
         result = {"rounded": ev.compute(), "ap": ev.ap.compute(), "pq": ev.pq.compute(),
                   "n_local": len(shard(len(data)))}
         if rank == 0:

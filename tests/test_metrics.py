@@ -9,6 +9,7 @@ from torchmetrics.detection import PanopticQuality as TMPanopticQuality
 
 from ssprompt.data.scenes import VOID, Scene
 from ssprompt.metrics import InstanceAP50, MeanIoU, PanopticQuality, SegmentationEvaluator
+from ssprompt.postprocess import postprocess
 from ssprompt.sfm.base import Outputs
 
 torch.set_num_threads(1)
@@ -394,6 +395,13 @@ def _perfect_outputs(scene: Scene, num_classes: int, down: int = 1) -> Outputs:
     return Outputs(torch.stack(masks)[None], cls[None])
 
 
+def _predict(outputs: Outputs, scene: Scene, is_thing: list[bool], threshold: float = 0.8):
+    """Post-processed predictions of ``outputs`` for ``[scene]`` (the SFM's input is the
+    scene's own square)."""
+    return postprocess(outputs, [scene.semantic.shape], scene.semantic.shape[0], is_thing,
+                       threshold)
+
+
 def _evaluator_scene() -> Scene:
     inst = np.zeros((8, 8), np.int32)
     inst[:, :4] = 1                        # stuff class 2
@@ -409,7 +417,7 @@ def test_evaluator_perfect(down):
     names, is_thing = ["a", "b", "s", "t", "unused"], [True, True, False, False, True]
     sc = _evaluator_scene()
     ev = SegmentationEvaluator(names, is_thing)
-    ev.update(_perfect_outputs(sc, 5, down), [sc])
+    ev.update(_predict(_perfect_outputs(sc, 5, down), sc, is_thing), [sc])
     out = ev.compute()
     for k in ("mIoU", "AP50", "PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
         assert out[k] == 100.0, k
@@ -417,7 +425,7 @@ def test_evaluator_perfect(down):
                                           "isthing": True}
     assert out["per_class"]["s"]["AP50"] is None and out["per_class"]["s"]["PQ"] == 100.0
     ev.reset()
-    ev.update(_perfect_outputs(sc, 5, down), [sc])
+    ev.update(_predict(_perfect_outputs(sc, 5, down), sc, is_thing), [sc])
     assert ev.compute()["PQ"] == 100.0
 
 
@@ -426,19 +434,71 @@ def test_evaluator_stuff_only_and_class_agnostic():
     stuff = make_scene(np.select([sc.instance == 3, sc.instance == 4], [1, 2], sc.instance),
                        [seg(1, 0, False), seg(2, 1, False)])
     ev = SegmentationEvaluator(["s", "t"], [False, False])
-    ev.update(_perfect_outputs(stuff, 2), [stuff])
+    ev.update(_predict(_perfect_outputs(stuff, 2), stuff, [False, False]), [stuff])
     out = ev.compute()
     assert out["AP50"] is None and out["PQ_th"] is None
     assert out["mIoU"] == 100.0 and out["PQ"] == out["PQ_st"] == 100.0
 
-    things = [dict(s, category=0) for s in sc.segments if s["isthing"]]
-    inst = np.where(np.isin(sc.instance, [3, 4]), sc.instance, 0)
-    agnostic = make_scene(inst, things)
-    ev = SegmentationEvaluator(["object"], [True])
-    ev.update(_perfect_outputs(agnostic, 1), [agnostic])
-    out = ev.compute()
-    assert out["AP50"] == 100.0 and out["PQ"] == 100.0 and out["PQ_st"] is None
-    assert out["mIoU"] == 100.0
+
+
+# --------------------------------------------------------------------------- class-agnostic
+def _agnostic_outputs(boxes: list[tuple[int, int, int, int]], object_logit: list[float]
+                      ) -> Outputs:
+    """A class-agnostic SFM's outputs on an 8 x 8 scene: one query per box, class logits
+    (object, no object) = (``object_logit``, 0)."""
+    masks = torch.full((len(boxes), 8, 8), -10.0)
+    for q, (y0, y1, x0, x1) in enumerate(boxes):
+        masks[q, y0:y1, x0:x1] = 10.0
+    cls = torch.tensor([[v, 0.0] for v in object_logit])
+    return Outputs(masks[None], cls[None])
+
+
+def _score_agnostic(outputs: Outputs) -> dict:
+    from ssprompt.evaluate import AGNOSTIC_IS_THING, AGNOSTIC_NAMES, object_vs_background
+    from ssprompt.postprocess import with_background
+
+    sc = object_vs_background(_evaluator_scene())
+    ev = SegmentationEvaluator(AGNOSTIC_NAMES, AGNOSTIC_IS_THING)
+    ev.update([with_background(p) for p in _predict(outputs, sc, [True])], [sc])
+    return ev.compute()
+
+
+def test_class_agnostic_hand_computed():
+    # ground truth: objects A (rows 0-4, cols 0-2) and B (rows 4-8, cols 4-6), 8 px each; the
+    # other 48 px are background (stuff). q0 finds A; q1 (less sure) claims 16 background px
+    # (rows 0-4, cols 4-8); B is missed. Predicted background: the 40 px no query claims.
+    out = _score_agnostic(_agnostic_outputs([(0, 4, 0, 2), (0, 4, 4, 8)], [9.0, 4.0]))
+    # object: TP 8, FP 16, FN 8 -> 8 / 32; background: 32 / (48 + 40 - 32)
+    assert out["per_class"]["object"]["IoU"] == 25.0
+    assert out["per_class"]["background"]["IoU"] == round(100 * 32 / 56, 2)
+    assert out["mIoU"] == round(100 * (8 / 32 + 32 / 56) / 2, 2)
+    # AP50: the TP ranks first, the FP second, B never found: precision 1 up to recall 0.5
+    assert out["AP50"] == round(100 * 51 / 101, 2)
+    # PQ: object TP (IoU 1) + FP + FN -> 1 / 2; background IoU 32 / 56 > 0.5 -> TP
+    assert out["PQ_th"] == 50.0 and out["PQ_st"] == round(100 * 32 / 56, 2)
+    assert out["PQ"] == round(100 * (0.5 + 32 / 56) / 2, 2)
+
+
+def test_class_agnostic_scores_bad_predictions_low_and_perfect_ones_100():
+    claim_all = _score_agnostic(_agnostic_outputs([(0, 8, 0, 8)], [9.0]))
+    assert claim_all["mIoU"] == 12.5          # object 16 / 64, background 0
+    claim_none = _score_agnostic(_agnostic_outputs([(0, 8, 0, 8)], [-9.0]))
+    assert claim_none["mIoU"] == 37.5         # object 0, background 48 / 64
+    assert claim_none["AP50"] == 0.0 and claim_none["PQ_th"] == 0.0
+    perfect = _score_agnostic(_agnostic_outputs([(0, 4, 0, 2), (4, 8, 4, 6)], [9.0, 9.0]))
+    assert perfect["mIoU"] == perfect["AP50"] == perfect["PQ"] == 100.0
+
+
+def test_class_agnostic_random_prompts_score_well_below_100():
+    from ssprompt.data.scenes import SceneSplit
+    from ssprompt.evaluate import evaluate
+    from ssprompt.sfm.embedded import EmbeddedSFM
+
+    torch.manual_seed(0)
+    sfm = EmbeddedSFM(embed_dim=32, mask_dim=16, layers=1).eval()
+    out = evaluate(sfm, torch.randn(16, 32), None, SceneSplit("shift", "test", n=4))
+    assert set(out["per_class"]) == {"object", "background"}
+    assert out["mIoU"] < 70 and out["PQ"] < 70, out
 
 
 def test_evaluator_panoptic_threshold_keeps_unsure_queries():
@@ -455,9 +515,9 @@ def test_evaluator_panoptic_threshold_keeps_unsure_queries():
     unsure[-1] = cls[-1]                               # the idle query stays "no object"
     out = Outputs(out.mask_logits, unsure[None])
     strict = SegmentationEvaluator(names, is_thing)
-    lenient = SegmentationEvaluator(names, is_thing, object_mask_threshold=0.4)
-    strict.update(out, [sc])
-    lenient.update(out, [sc])
+    lenient = SegmentationEvaluator(names, is_thing)
+    strict.update(_predict(out, sc, is_thing), [sc])
+    lenient.update(_predict(out, sc, is_thing, 0.4), [sc])
     assert strict.compute()["PQ"] == 0.0
     assert lenient.compute()["PQ"] == 100.0
     assert strict.compute()["mIoU"] == lenient.compute()["mIoU"] == 100.0
@@ -476,9 +536,8 @@ def test_evaluate_uses_the_sfms_own_threshold(tmp_path, monkeypatch):
     sfm = load_embedded(tmp_path / "w.safetensors")
     assert sfm.object_mask_threshold == 0.3           # travels with the weights
     seen = []
-    real = E.SegmentationEvaluator
-    monkeypatch.setattr(E, "SegmentationEvaluator",
-                        lambda *a, **kw: seen.append(kw["object_mask_threshold"]) or real(*a, **kw))
+    real = E.postprocess
+    monkeypatch.setattr(E, "postprocess", lambda *a: seen.append(a[-1]) or real(*a))
     data = SceneSplit("shift", "test", n=1)
     E.evaluate(sfm, default_spatial(sfm, 4), default_semantic(sfm, data.class_names), data)
     assert seen == [0.3]

@@ -1,44 +1,46 @@
-"""Mask2Former-style post-processing: semantic, instance and panoptic inference."""
+"""Post-processing (Mask2Former's rules): semantic, instance and panoptic inference, batched, at
+each image's own size."""
 
 from __future__ import annotations
 
 import torch
 
-from ssprompt.inference import (instance_inference, panoptic_inference, semantic_inference,
-                                upsample)
+from ssprompt.geometry import unletterbox
+from ssprompt.postprocess import (BACKGROUND, Prediction, Probabilities, instance_inference,
+                                  panoptic_inference, postprocess, semantic_inference,
+                                  with_background)
+from ssprompt.sfm.base import Outputs
 
 torch.set_num_threads(1)
 BIG = 10.0
 
 
 def _block_masks(h: int, w: int, boxes: list[tuple[int, int, int, int]]) -> torch.Tensor:
-    """Mask logits +BIG inside each box (y0, y1, x0, x1), -BIG outside."""
+    """Mask logits (1, N, h, w): +BIG inside each box (y0, y1, x0, x1), -BIG outside."""
     m = torch.full((len(boxes), h, w), -BIG)
     for q, (y0, y1, x0, x1) in enumerate(boxes):
         m[q, y0:y1, x0:x1] = BIG
-    return m
+    return m[None]
 
 
 def _onehot_logits(labels: list[int], c: int, scale: float = BIG) -> torch.Tensor:
-    """Class logits (N, C + 1) sharply peaked at ``labels`` (C = no object)."""
+    """Class logits (1, N, C + 1) sharply peaked at ``labels`` (C = no object)."""
     logits = torch.zeros(len(labels), c + 1)
     for q, lab in enumerate(labels):
         logits[q, lab] = scale
-    return logits
+    return logits[None]
+
+
+def _probs(masks: torch.Tensor, classes: torch.Tensor) -> Probabilities:
+    return Probabilities.of(masks, classes)
 
 
 def test_semantic_picks_obvious_class():
     masks = _block_masks(6, 6, [(0, 6, 0, 3), (0, 6, 3, 6), (0, 6, 0, 6)])
     classes = _onehot_logits([2, 0, 3], c=4)   # third query: "no object"
-    sem = semantic_inference(masks, classes)
+    sem = semantic_inference(_probs(masks, classes))[0]
     assert sem.dtype == torch.long and sem.shape == (6, 6)
     assert (sem[:, :3] == 2).all() and (sem[:, 3:] == 0).all()
-
-
-def test_semantic_class_agnostic_is_all_zero():
-    masks = torch.randn(3, 5, 5)
-    sem = semantic_inference(masks, torch.randn(3, 2))
-    assert (sem == 0).all()
 
 
 def test_instance_thing_only_topk_and_scores():
@@ -47,12 +49,11 @@ def test_instance_thing_only_topk_and_scores():
     masks = torch.randn(4, 8, 8) * 3
     masks[3] = -BIG                          # an empty mask: dropped
     classes = torch.randn(4, 4)
-    out = instance_inference(masks, classes, is_thing, topk=5)
+    out = instance_inference(_probs(masks[None], classes[None]), is_thing, topk=5)[0]
     assert 0 < len(out) <= 5
     prob = classes.softmax(-1)[:, :-1]
-    for inst in out:
-        assert is_thing[inst["category"]]
-        assert inst["mask"].dtype == torch.bool and inst["mask"].any()
+    assert all(is_thing[c] for c in out.categories.tolist())
+    assert out.masks.dtype == torch.bool and out.masks.flatten(1).any(1).all()
     # the top-5 thing (query, class) pairs with non-empty masks, scored as Mask2Former does
     cand = sorted(((float(prob[q, c]), q, c) for q in range(4) for c in (0, 2)), reverse=True)[:5]
     expected = []
@@ -61,14 +62,15 @@ def test_instance_thing_only_topk_and_scores():
         if b.any():
             expected.append((c, p * float(masks[q].sigmoid()[b].mean()), b))
     assert len(out) == len(expected)
-    for inst, (c, score, b) in zip(out, expected):
+    for inst, (c, score, b) in zip(out.as_dicts(), expected):
         assert inst["category"] == c
         assert abs(inst["score"] - score) < 1e-4
         assert torch.equal(inst["mask"], b)
 
 
 def test_instance_no_thing_classes():
-    assert instance_inference(torch.randn(3, 4, 4), torch.randn(3, 3), [False, False]) == []
+    out = instance_inference(_probs(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 3)), [False, False])
+    assert [len(o) for o in out] == [0, 0] and out[0].masks.shape == (0, 4, 4)
 
 
 def _check_panoptic(seg: torch.Tensor, segments: list[dict], is_thing: list[bool]) -> None:
@@ -87,12 +89,14 @@ def _check_panoptic(seg: torch.Tensor, segments: list[dict], is_thing: list[bool
 def test_panoptic_random_logits_are_consistent():
     torch.manual_seed(1)
     is_thing = [True, True, False, False]
-    for _ in range(5):
-        masks = torch.randn(12, 10, 10) * 4
-        classes = torch.randn(12, 5) * 4
-        seg, segments = panoptic_inference(masks, classes, is_thing, 0.5, 0.5)
+    masks = torch.randn(5, 12, 10, 10) * 4
+    classes = torch.randn(5, 12, 5) * 4
+    out = panoptic_inference(_probs(masks, classes), is_thing, 0.3, 0.3)
+    assert len(out) == 5
+    for seg, segments in out:
         assert seg.shape == (10, 10) and seg.dtype == torch.long
         _check_panoptic(seg, segments, is_thing)
+    assert sum(len(s) for _, s in out) >= 5          # not a vacuous check
 
 
 def test_panoptic_rules():
@@ -106,33 +110,69 @@ def test_panoptic_rules():
         (0, 4, 4, 8),   # q5 argmax is no-object -> dropped
     ])
     classes = torch.tensor([[9.0, 0, 0], [5.0, 0, 0], [0, 9.0, 0], [0, 9.0, 0],
-                            [1.0, 0, 0.5], [0, 0, 9.0]])
-    seg, segments = panoptic_inference(masks, classes, is_thing)
+                            [1.0, 0, 0.5], [0, 0, 9.0]])[None]
+    seg, segments = panoptic_inference(_probs(masks, classes), is_thing)[0]
     _check_panoptic(seg, segments, is_thing)
     assert [(s["category"], s["area"]) for s in segments] == [(0, 16), (1, 32)]
     assert (seg[:4, :4] == 1).all() and (seg[4:] == 2).all() and (seg[:4, 4:] == 0).all()
-    assert abs(segments[0]["score"] - float(classes[0].softmax(-1)[0])) < 1e-6
+    assert abs(segments[0]["score"] - float(classes[0, 0].softmax(-1)[0])) < 1e-6
 
 
 def test_panoptic_overlap_threshold():
     # q1 is kept on only 4 of its 16 pixels (q0 takes the rest): 0.25 < 0.8 -> dropped
     masks = _block_masks(8, 8, [(0, 4, 0, 3), (0, 4, 0, 4)])   # q0 leaves column 3 to q1
     classes = _onehot_logits([0, 0], c=1)
-    classes[1, 0] = 8.0
-    seg, segments = panoptic_inference(masks, classes, [True])
+    classes[0, 1, 0] = 8.0
+    seg, segments = panoptic_inference(_probs(masks, classes), [True])[0]
     assert len(segments) == 1 and segments[0]["area"] == 12
-    seg2, segments2 = panoptic_inference(masks, classes, [True], overlap_threshold=0.2)
+    seg2, segments2 = panoptic_inference(_probs(masks, classes), [True], overlap_threshold=0.2)[0]
     assert len(segments2) == 2 and (seg2[0:4, 3] == 2).all()
 
 
 def test_panoptic_nothing_kept():
-    seg, segments = panoptic_inference(torch.randn(3, 4, 4), torch.zeros(3, 3), [True, False])
+    seg, segments = panoptic_inference(_probs(torch.randn(1, 3, 4, 4), torch.zeros(1, 3, 3)),
+                                       [True, False])[0]
     assert segments == [] and (seg == 0).all()
 
 
-def test_upsample():
-    x = torch.randn(2, 3, 4, 4)
-    assert upsample(x, (4, 4)) is x
-    y = upsample(x, (8, 8))
-    assert y.shape == (2, 3, 8, 8)
-    assert torch.allclose(y.mean((-2, -1)), x.mean((-2, -1)), atol=1e-5)
+def test_batched_equals_one_image_at_a_time():
+    # the numbers never depend on which images share a batch
+    g = torch.Generator().manual_seed(3)
+    is_thing = [True, True, False, True, False]
+    masks = torch.randn(4, 20, 12, 12, generator=g) * 4
+    classes = torch.randn(4, 20, 6, generator=g) * 3
+    together = postprocess(Outputs(masks, classes), [(24, 24)] * 4, 24, is_thing, 0.4)
+    for i in range(4):
+        alone = postprocess(Outputs(masks[i:i + 1], classes[i:i + 1]), [(24, 24)], 24,
+                            is_thing, 0.4)[0]
+        a = together[i]
+        assert torch.equal(a.semantic, alone.semantic) and torch.equal(a.panoptic, alone.panoptic)
+        assert a.segments == alone.segments
+        assert torch.equal(a.instances.masks, alone.instances.masks)
+        assert torch.equal(a.instances.scores, alone.instances.scores)
+
+
+def test_postprocess_maps_back_to_each_images_size():
+    # one query covers the top-left quarter of the letterboxed square; images of two shapes in
+    # one batch get their predictions at their own sizes
+    masks = _block_masks(16, 16, [(0, 8, 0, 8), (0, 16, 0, 16)]).expand(2, -1, -1, -1)
+    classes = _onehot_logits([0, 2], c=2).expand(2, -1, -1)
+    preds = postprocess(Outputs(masks, classes), [(32, 64), (64, 32)], 64, [True, False])
+    assert [tuple(p.semantic.shape) for p in preds] == [(32, 64), (64, 32)]
+    for p, hw in zip(preds, [(32, 64), (64, 32)]):
+        assert isinstance(p, Prediction) and tuple(p.panoptic.shape) == hw
+        assert p.instances.masks.shape[1:] == hw and p.instances.categories[0] == 0
+    wide = preds[0].instances.masks[0]                   # 32 x 64: square [0, 32) -> all rows
+    assert wide[:, :31].all() and wide[:31, :32].all() and not wide[:, 32:].any()
+    ref = unletterbox(masks[1], 64, (64, 32)) > 0
+    assert torch.equal(preds[1].instances.masks[0], ref[0])
+
+
+def test_with_background_claims_the_unclaimed_pixels():
+    masks = _block_masks(4, 4, [(0, 2, 0, 2), (2, 4, 2, 4)])
+    classes = torch.tensor([[[9.0, 0.0], [0.0, 9.0]]])    # q1 is "no object"
+    pred = with_background(postprocess(Outputs(masks, classes), [(4, 4)], 4, [True])[0])
+    assert (pred.semantic[:2, :2] == 0).all() and int((pred.semantic == BACKGROUND).sum()) == 12
+    assert [(s["category"], s["isthing"], s["area"]) for s in pred.segments] == \
+        [(0, True, 4), (BACKGROUND, False, 12)]
+    assert (pred.panoptic > 0).all()
