@@ -1,0 +1,32 @@
+"""ssprompt: learn prompts for a frozen segmentation foundation model (SFM).
+
+The Python API (see README, "Python API")::
+
+    from ssprompt import Predictor, load_prompts, load_sfm
+
+Importing ``ssprompt`` loads nothing heavy and changes no global state (environment, RNG,
+threads, matplotlib backend, progress bars): the names below are imported on first use.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Instances", "LearnedPrompts", "Prediction", "Predictor", "check_prompts",
+           "load_prompts", "load_sfm"]
+
+_WHERE = {"Predictor": "predictor", "load_sfm": "sfm", "load_prompts": "prompts.promptset",
+          "check_prompts": "prompts.promptset", "LearnedPrompts": "prompts.promptset",
+          "Prediction": "postprocess", "Instances": "postprocess"}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'ssprompt' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -112,6 +112,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
     from .io import write_json, write_text
     from .prompts.promptset import PromptConfig, save_prompts
     from .selection import SelectionConfig
+    from .study import check_train_values, parse_sets
     from .train import TrainConfig
 
     from .distributed import rank_world
@@ -119,9 +120,10 @@ def _cmd_train(a: argparse.Namespace) -> None:
     ws = _workspace(a)
     spec = CellSpec(task=a.data or a.task,
                     prompt=PromptConfig(a.mode, a.learners, a.n_prompts, a.init, a.weight),
-                    train=TrainConfig(seed=a.seed, **{k: v for k, v in (
+                    train=TrainConfig(seed=a.seed, **{**{k: v for k, v in (
                         ("steps", a.steps), ("lr", a.lr), ("batch", a.batch),
-                        ("spatial_lr_mult", a.spatial_lr_mult)) if v is not None}),
+                        ("spatial_lr_mult", a.spatial_lr_mult)) if v is not None},
+                        **check_train_values("--set", parse_sets(a.set))}),
                     shots=a.shots, seed=a.seed, n_test=a.n_test,
                     selection=SelectionConfig(enabled=not a.no_select, holdout=a.holdout,
                                               every=a.select_every, refit=a.refit))
@@ -148,10 +150,11 @@ def _cmd_train(a: argparse.Namespace) -> None:
 
 
 def _cmd_study(a: argparse.Namespace) -> None:
-    from .study import run_study
+    from .study import parse_sets, run_study
 
     run_study(a.config, a.out, quick=a.quick, force=a.force, sfm=a.sfm,
-              checkpoint=a.checkpoint, device=a.device, cache_dir=a.cache_dir)
+              checkpoint=a.checkpoint, device=a.device, cache_dir=a.cache_dir,
+              sets=parse_sets(a.set))
 
 
 def _cmd_bench(a: argparse.Namespace) -> None:
@@ -225,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refit", action="store_true",
                    help="after selection, train again on all shots for the selected steps")
     _add_split_args(s)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any TrainConfig field, YAML value (e.g. --set lr=0.01 --set "
+                        "log_every=1); repeatable; wins over --steps/--lr/--batch")
     s.add_argument("--out", required=True)
     _add_sfm_args(s)
     s.set_defaults(fn=_cmd_train)
@@ -235,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="configs/quick.yaml: a fast smoke run")
     s.add_argument("--force", action="store_true",
                    help="reuse a run folder whose config differs (finished cells are dropped)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the config, YAML value: --set train.steps=50 --set "
+                        "seeds=[0] --set variants.ssprompt.n_prompts=25; repeatable")
     _add_sfm_args(s)
     s.set_defaults(fn=_cmd_study)
 

@@ -10,6 +10,7 @@ config refuses to mix into the folder unless ``--force``. Under ``torchrun`` the
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -68,7 +69,67 @@ def _check_keys(where: str, got: dict, allowed: set[str]) -> None:
                         f"{', '.join(sorted(allowed))}")
 
 
-def load_config(path: str | Path) -> StudyConfig:
+def parse_sets(items: list[str] | None) -> dict:
+    """``--set key=value`` arguments -> {key: value}, each value parsed as YAML (``50``,
+    ``0.01``, ``[0, 1]``, ``true``, ``weighted``)."""
+    out = {}
+    for item in items or []:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set {item}: expected key=value (e.g. --set train.steps=50)")
+        try:
+            out[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {item}: value is not valid YAML "
+                            f"({str(e).splitlines()[0]})") from None
+    return out
+
+
+def apply_sets(raw: dict, sets: dict) -> dict:
+    """``raw`` with the ``--set`` overrides applied: a dotted key walks into mappings, and
+    ``variants.NAME.key`` into the variant called NAME (``--set variants.ssprompt.n_prompts=25``).
+    Unknown keys are caught by the config's own checks."""
+    raw = copy.deepcopy(raw)
+    for key, value in sets.items():
+        node, parts = raw, key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            where = ".".join(parts[:i + 1])
+            if isinstance(node, list):  # variants: by name
+                hit = [v for v in node if isinstance(v, dict) and v.get("name") == part]
+                if not hit:
+                    raise UserError(f"--set {key}: no variant named {part!r}")
+                node = hit[0]
+            elif isinstance(node, dict):
+                if node.get(part) is None and part != "variants":
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise UserError(f"--set {key}: {where} is not a mapping")
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: {'.'.join(parts[:-1])} is not a mapping")
+        node[parts[-1]] = value
+    return raw
+
+
+def check_train_values(where: str, values: dict) -> dict:
+    """``values`` as TrainConfig fields: unknown keys and values of the wrong type are refused
+    in one line; an int is accepted where a float is expected."""
+    _check_keys(where, values, TRAIN_KEYS)
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    out = {}
+    for k, v in values.items():
+        t = types[k]
+        if t is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+            kind = "a number" if t is float else "an integer"
+            raise UserError(f"{where}: {k}={v!r} must be {kind}")
+        out[k] = v
+    return out
+
+
+def load_config(path: str | Path, sets: dict | None = None) -> StudyConfig:
+    """A study config from YAML, with ``--set`` overrides (``parse_sets``) applied."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: study config not found")
@@ -78,12 +139,14 @@ def load_config(path: str | Path) -> StudyConfig:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a study config must be a mapping")
+    if sets:
+        raw = apply_sets(raw, sets)
+        path = Path(f"{path} (with --set {', '.join(sets)})")
     _check_keys(str(path), raw, TOP_KEYS)
     for key in ("tasks", "seeds", "variants"):
         if not raw.get(key):
             raise UserError(f"{path}: '{key}' must be a non-empty list")
-    train = dict(raw.get("train") or {})
-    _check_keys(f"{path}: train", train, TRAIN_KEYS)
+    train = check_train_values(f"{path}: train", dict(raw.get("train") or {}))
     selection = dict(raw.get("selection") or {})
     _check_keys(f"{path}: selection", selection, SELECTION_KEYS)
     variants, names = [], set()
@@ -92,7 +155,7 @@ def load_config(path: str | Path) -> StudyConfig:
         if not isinstance(v, dict) or "name" not in v or "mode" not in v:
             raise UserError(f"{where}: each variant needs a name and a mode")
         _check_keys(where, v, VARIANT_KEYS)
-        _check_keys(f"{where}.train", v.get("train") or {}, TRAIN_KEYS)
+        vtrain = check_train_values(f"{where}.train", v.get("train") or {})
         if v["name"] in names:
             raise UserError(f"{where}: duplicate variant name {v['name']!r}")
         names.add(v["name"])
@@ -103,7 +166,7 @@ def load_config(path: str | Path) -> StudyConfig:
                                   weight=v.get("weight", "prompt"))
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
-        variants.append(Variant(v["name"], prompt, v.get("group", "main"), v.get("train") or {}))
+        variants.append(Variant(v["name"], prompt, v.get("group", "main"), vtrain))
     shots = raw.get("shots", 16)
     if not isinstance(shots, int) or shots <= 0:
         raise UserError(f"{path}: shots must be a positive integer")
@@ -118,7 +181,7 @@ def cell_id(variant: Variant, task: str, seed: int) -> str:
 
 def run_study(config: str | None, out: str | None, quick: bool = False, force: bool = False,
               sfm: str = "embedded", checkpoint: str | None = None, device: str = "auto",
-              cache_dir: str | None = None) -> Path:
+              cache_dir: str | None = None, sets: dict | None = None) -> Path:
 
     from .distributed import barrier, init_from_env, local_only, rank_world
     from .experiment import CellSpec, Workspace, run_cells
@@ -127,7 +190,7 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
     from .sfm import load_sfm
 
     cfg_path = Path(config) if config else CONFIG_DIR / ("quick.yaml" if quick else "default.yaml")
-    cfg = load_config(cfg_path)
+    cfg = load_config(cfg_path, sets)
     run = Path(out) if out else Path("runs") / cfg.name
     init_from_env()
     rank, world = rank_world()

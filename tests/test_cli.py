@@ -96,3 +96,51 @@ def test_eval_writes_metrics_for_every_downstream_task(tmp_path):
         m = json.loads((tmp_path / task / "metrics.json").read_text())
         assert {"mIoU", "AP50", "PQ", "per_class"} <= set(m)
         assert "mIoU" in r.stdout and task in r.stdout
+
+
+# ------------------------------------------------------------------------ --set overrides
+def test_study_set_overrides_reach_the_config():
+    from ssprompt.study import CONFIG_DIR, load_config, parse_sets
+
+    sets = parse_sets(["train.steps=50", "seeds=[0, 1]", "variants.ssprompt.n_prompts=25",
+                       "variants.ssprompt.train.lr=1", "n_test=7"])
+    cfg = load_config(CONFIG_DIR / "quick.yaml", sets)
+    plain = load_config(CONFIG_DIR / "quick.yaml")
+    assert cfg.train["steps"] == 50 and cfg.seeds == [0, 1] and cfg.n_test == 7
+    v = {x.name: x for x in cfg.variants}["ssprompt"]
+    assert v.prompt.n_prompts == 25 and v.train == {"lr": 1.0}
+    assert cfg.raw["train"]["steps"] == 50   # what the run folder's config.yaml records
+    assert plain.train["steps"] != 50 and len(cfg.cells()) == 2 * len(plain.cells())
+
+
+@pytest.mark.parametrize("cmd,sets,needle", [
+    ("study", ["train.stepz=5"], "stepz"),
+    ("study", ["variants.nobody.n_prompts=5"], "nobody"),
+    ("study", ["seeds"], "key=value"),
+    ("train", ["stepz=5"], "stepz"),
+    ("train", ["lr=fast"], "lr"),
+    ("train", ["steps=[1, 2]"], "steps"),
+])
+def test_bad_set_is_one_line(tmp_path, cmd, sets, needle):
+    extra = ["--quick"] if cmd == "study" else ["--task", "novel"]
+    args = [cmd, *extra, "--out", str(tmp_path / "o")]
+    for s in sets:
+        args += ["--set", s]
+    r = ssprompt(*args)
+    assert_one_line_error(r, needle)
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_train_set_reaches_every_trainconfig_field(tmp_path):
+    import csv
+    import json
+
+    out = tmp_path / "run"
+    r = ssprompt("train", "--task", "novel", "--shots", "2", "--n-test", "2", "--n-prompts",
+                 "25", "--no-select", "--steps", "9", "--set", "steps=3", "--set", "lr=0.01",
+                 "--set", "log_every=1", "--set", "anchor=0", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    train = json.loads((out / "config.json").read_text())["config"]["train"]
+    assert (train["steps"], train["lr"], train["log_every"], train["anchor"]) == (3, 0.01, 1, 0.0)
+    rows = list(csv.DictReader((out / "loss.csv").open()))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]   # --set log_every=1: every step

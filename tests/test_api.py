@@ -1,0 +1,238 @@
+"""The Python API from the package root: the README's snippet on a non-square image, the
+predictor's shapes and classes, self-describing prompts files, and an import that leaves the
+process's global state alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The README's "Python API" snippet, verbatim (test_readme_snippet_is_this_one keeps them equal).
+SNIPPET = '''\
+import numpy as np
+from PIL import Image
+from ssprompt import Predictor, load_prompts, load_sfm
+
+sfm = load_sfm()                    # the packaged embedded SFM; or load_sfm("sam", "sam-vit-base")
+prompts = load_prompts("runs/novel/prompts.safetensors")   # from `ssprompt train --out runs/novel`
+predictor = Predictor(sfm, prompts)  # classes, thing/stuff flags: from the prompts file
+
+image = np.asarray(Image.open("photo.jpg").convert("RGB"))  # uint8 (H, W, 3), any size
+pred = predictor.predict(image)      # or predictor.set_image(image); predictor.predict()
+pred.semantic                        # (H, W) class index per pixel
+pred.instances.masks, pred.instances.categories, pred.instances.scores  # (K, H, W), (K,), (K,)
+pred.panoptic, pred.segments         # (H, W) segment ids, [{"id", "category", "isthing", ...}]
+predictor.class_names                # category index -> name
+batch = predictor.predict([image, image[:40]])   # a list of images: a list of predictions
+'''
+
+
+def _readme_snippet() -> str | None:
+    text = (ROOT / "README.md").read_text()
+    if "## Python API" not in text:
+        return None
+    section = text.split("## Python API", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_snippet_is_this_one():
+    """Once README has its "Python API" section, its snippet is the one tested below."""
+    readme = _readme_snippet()
+    if readme is None:
+        pytest.skip("README has no '## Python API' section yet")
+    assert readme.strip() == SNIPPET.strip()
+
+
+def _novel_prompts(sfm, path: Path, mode: str = "weighted") -> dict:
+    from ssprompt.data import open_dataset
+    from ssprompt.prompts.promptset import PromptConfig, PromptSet, save_prompts
+
+    data = open_dataset("novel", "test", n_test=1)
+    ps = PromptSet(sfm, data.class_names, PromptConfig(mode, n_prompts=25),
+                   generator=torch.Generator().manual_seed(0), is_thing=data.is_thing)
+    with torch.no_grad():  # move the learned embeddings, so they differ from the defaults
+        for p in ps.trainable():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    save_prompts(path, ps, {"sfm": sfm.weights_hash(), "config": {"task": "novel"}})
+    return {"class_names": data.class_names, "is_thing": data.is_thing}
+
+
+def test_readme_snippet_on_a_non_square_image(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from ssprompt import load_sfm
+
+    expect = _novel_prompts(load_sfm(device="cpu"), tmp_path / "runs/novel/prompts.safetensors")
+    image = np.random.default_rng(0).integers(0, 256, (72, 130, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "photo.jpg", quality=100)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(SNIPPET, "README snippet", "exec"), scope)
+    img, pred, predictor = scope["image"], scope["pred"], scope["predictor"]
+    h, w = img.shape[:2]
+    assert (h, w) == (72, 130)
+    assert tuple(pred.semantic.shape) == (h, w) and tuple(pred.panoptic.shape) == (h, w)
+    assert pred.instances.masks.shape[1:] == (h, w)
+    assert predictor.class_names == expect["class_names"]
+    assert predictor.is_thing == expect["is_thing"]
+    assert int(pred.semantic.max()) < len(expect["class_names"])
+    ids = set(pred.panoptic.unique().tolist()) - {0}
+    assert ids == {s["id"] for s in pred.segments if s["area"] > 0}
+    for s in pred.segments:  # a segment's class and thing flag agree with the class list
+        assert s["isthing"] == expect["is_thing"][s["category"]]
+    for k in pred.instances.categories.tolist():
+        assert expect["is_thing"][k]
+    assert [tuple(p.semantic.shape) for p in scope["batch"]] == [(72, 130), (40, 130)]
+
+
+def test_batch_and_set_image_agree_with_one_image(tmp_path):
+    from ssprompt import Predictor, load_sfm
+
+    sfm = load_sfm(device="cpu")
+    meta = _novel_prompts(sfm, tmp_path / "p.safetensors")
+    predictor = Predictor(sfm, str(tmp_path / "p.safetensors"))
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, s, dtype=np.uint8) for s in ((50, 90, 3), (96, 96, 3),
+                                                                 (120, 64, 3))]
+    one = [predictor.predict(im) for im in images]
+    many = predictor.predict(images)
+    predictor.set_image(images[2])
+    again = predictor.predict()
+    for a, b in zip(one, many):
+        assert torch.equal(a.semantic, b.semantic) and torch.equal(a.panoptic, b.panoptic)
+        assert a.semantic.shape == (a.panoptic.shape)
+    assert torch.equal(again.semantic, one[2].semantic)
+    # zero-shot from class names differs from the learned prompts somewhere
+    zs = Predictor(sfm, class_names=meta["class_names"], is_thing=meta["is_thing"],
+                   n_prompts=25).predict(images)
+    assert any(not torch.equal(z.semantic, m.semantic) for z, m in zip(zs, many))
+
+
+def test_bad_images_are_refused_in_one_line(tmp_path):
+    from ssprompt import Predictor, load_sfm
+    from ssprompt.errors import UserError
+
+    p = Predictor(load_sfm(device="cpu"), class_names=["cat", "grass"], is_thing=[True, False])
+    for bad in (np.zeros((10, 10), np.uint8), np.zeros((10, 10, 3), np.float32),
+                np.zeros((0, 10, 3), np.uint8)):
+        with pytest.raises(UserError, match="uint8"):
+            p.predict(bad)
+    with pytest.raises(UserError, match="set_image"):
+        p.predict()
+
+
+# ------------------------------------------------------------------ self-describing prompts
+def test_prompts_file_describes_itself_and_is_refused_elsewhere(tmp_path):
+    from cli_helpers import tiny_embedded
+
+    from ssprompt import Predictor, check_prompts, load_prompts, load_sfm
+    from ssprompt.errors import UserError
+
+    sfm = load_sfm(device="cpu")
+    path = tmp_path / "p.safetensors"
+    expect = _novel_prompts(sfm, path)
+    lp = load_prompts(path)
+    assert lp.class_names == expect["class_names"] and lp.is_thing == expect["is_thing"]
+    assert lp.meta["sfm"] == sfm.weights_hash() and lp.meta["n_prompts"] == 25
+    assert lp.meta["mode"] == "weighted" and lp.meta["learners"] == ["spatial", "semantic"]
+    assert lp.meta["config"] == {"task": "novel"}
+    spatial, semantic, meta = lp                       # still unpacks as before
+    assert spatial.shape[0] == 25 and semantic.shape[0] == len(expect["class_names"])
+    check_prompts(lp, sfm, expect["class_names"], path)  # the right SFM and classes: fine
+
+    swapped = list(expect["class_names"])
+    swapped[0], swapped[1] = swapped[1], swapped[0]      # same count, another class list
+    for names in (swapped, expect["class_names"][:-1]):
+        with pytest.raises(UserError) as e:
+            check_prompts(lp, sfm, names, path)
+        assert str(path) in str(e.value) and "class" in str(e.value)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="SFM weights"):
+        check_prompts(lp, tiny_embedded(), expect["class_names"], path)
+    with pytest.raises(UserError, match="SFM weights"):
+        Predictor(tiny_embedded(), path)
+
+
+def test_old_prompts_files_still_load(tmp_path):
+    """A file from before the vocabulary was recorded: loads, class count still checked."""
+    from safetensors.torch import save_file
+
+    from ssprompt import Predictor, check_prompts, load_prompts, load_sfm
+    from ssprompt.errors import UserError
+
+    sfm = load_sfm(device="cpu")
+    _novel_prompts(sfm, tmp_path / "new.safetensors")
+    new = load_prompts(tmp_path / "new.safetensors")
+    old = tmp_path / "old.safetensors"
+    save_file({"spatial": new.spatial, "semantic": new.semantic}, str(old),
+              metadata={"ssprompt": json.dumps({"sfm": sfm.weights_hash(), "seed": 0})})
+    lp = load_prompts(old)
+    assert lp.class_names is None and torch.equal(lp.semantic, new.semantic)
+    names = new.class_names
+    check_prompts(lp, sfm, names, old)
+    with pytest.raises(UserError, match="27 class prompts"):
+        check_prompts(lp, sfm, names[:5], old)
+    with pytest.raises(UserError, match="class_names"):
+        Predictor(sfm, lp)
+    pred = Predictor(sfm, lp, class_names=names).predict(np.zeros((30, 40, 3), np.uint8))
+    assert pred.semantic.shape == (30, 40)
+
+
+def test_eval_refuses_prompts_of_another_class_list(tmp_path):
+    from cli_helpers import assert_one_line_error, ssprompt
+
+    from ssprompt import load_sfm
+
+    _novel_prompts(load_sfm(device="cpu"), tmp_path / "p.safetensors")
+    r = ssprompt("eval", "--task", "shift", "--n-test", "2", "--prompts",
+                 tmp_path / "p.safetensors", "--out", tmp_path / "o")
+    assert_one_line_error(r, "p.safetensors", "class list")
+    assert not (tmp_path / "o").exists()
+
+
+# -------------------------------------------------------------------- no global side effects
+_STATE = r'''
+import json, os, random, sys, warnings
+import numpy as np, torch, tqdm, matplotlib
+# third-party libraries ssprompt builds on are imported first: what *they* do on import (scipy
+# registers a warnings filter, for one) is theirs; what is measured is ssprompt's own code
+import scipy.optimize, scipy.special, torchmetrics, pycocotools.coco, safetensors.torch, yaml
+import PIL.Image
+def state():
+    return {"env": dict(os.environ), "backend": str(matplotlib.rcParams._get_backend_or_none()),
+            "interactive": matplotlib.is_interactive(),
+            "tqdm": repr(tqdm.tqdm.__init__.__defaults__) + repr(tqdm.tqdm.__init__.__kwdefaults__)
+                    + repr(tqdm.tqdm.monitor_interval),
+            "torch_rng": torch.random.get_rng_state().tolist(),
+            "np_rng": repr(np.random.get_state()), "py_rng": repr(random.getstate()),
+            "threads": [torch.get_num_threads(), torch.get_num_interop_threads()],
+            "dtype": str(torch.get_default_dtype()), "grad": torch.is_grad_enabled(),
+            "warnings": repr(warnings.filters), "np_err": repr(np.geterr()),
+            "np_print": repr(np.get_printoptions())}
+before = state()
+import importlib, pkgutil, ssprompt
+from ssprompt import Predictor, load_prompts, load_sfm, Prediction, check_prompts
+for m in pkgutil.walk_packages(ssprompt.__path__, "ssprompt."):
+    if not m.name.endswith("__main__"):
+        importlib.import_module(m.name)
+after = state()
+print(json.dumps(sorted(k for k in before if before[k] != after[k])))
+'''
+
+
+def test_import_changes_no_global_state():
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE",
+                                                            "TOKENIZERS_PARALLELISM")}
+    r = subprocess.run([sys.executable, "-c", _STATE], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
