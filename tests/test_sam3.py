@@ -330,3 +330,34 @@ def test_vanilla_2d_and_bad_input_are_one_line_errors(sam3, feats, ckpt, tmp_pat
     with pytest.raises(UserError, match="tokenizer") as e:
         load_sfm("sam3", str(notok), device="cpu")
     assert "\n" not in str(e.value)
+
+
+def test_cli_full_ssprompt_train_and_eval_on_coco_panoptic(ckpt, tmp_path):
+    """`ssprompt train --sfm sam3 --learners spatial,semantic --mode weighted` on a COCO
+    panoptic fixture (96 x 96 scenes, letterboxed up to 224), then `ssprompt eval` of the saved
+    prompts: all three metrics, finite."""
+    import math
+
+    from cli_helpers import ssprompt
+    from ssprompt.data.coco import export_coco
+    from ssprompt.data.scenes import SceneSplit
+
+    root = tmp_path / "coco"
+    export_coco(SceneSplit("novel", "train", n=3), root, "train")
+    export_coco(SceneSplit("novel", "test", n=2), root, "test")
+    out = tmp_path / "run"
+    r = ssprompt("train", "--sfm", "sam3", "--checkpoint", ckpt, "--device", "cpu",
+                 "--data", f"coco:{root}", "--learners", "spatial,semantic", "--mode",
+                 "weighted", "--n-prompts", 25, "--shots", 2, "--steps", 2, "--batch", 2,
+                 "--no-select", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    trained = json.loads((out / "metrics.json").read_text())
+    assert trained["trained_params"] > 25 * (H + 4)           # spatial + semantic prompts
+    r = ssprompt("eval", "--sfm", "sam3", "--checkpoint", ckpt, "--device", "cpu",
+                 "--data", f"coco:{root}", "--prompts", out / "prompts.safetensors",
+                 "--out", tmp_path / "eval")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for k in ("mIoU", "AP50", "PQ"):
+        assert isinstance(m[k], float) and math.isfinite(m[k]) and 0.0 <= m[k] <= 100.0
+    assert m["n_test"] == 2 and m["sfm"] == trained.get("sfm", m["sfm"])
