@@ -1,0 +1,263 @@
+"""Held-out-shot selection (never silently worse than the default prompts), images of any size,
+many classes, bounded caches and bad input of real data."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import assert_one_line_error, save_tiny_embedded, ssprompt
+from ssprompt.data.coco import CocoDataset, export_coco
+from ssprompt.data.coins import CoinsSplit
+from ssprompt.data.scenes import VOID, Scene
+from ssprompt.experiment import CellSpec, Workspace, run_cell
+from ssprompt.features import FeatureCache
+from ssprompt.geometry import letterbox_labels, letterbox_shape, unletterbox
+from ssprompt.lru import LRUCache
+from ssprompt.prompts.promptset import PromptConfig
+from ssprompt.selection import SelectionConfig, decide, folds
+from ssprompt.train import TrainConfig
+
+METRICS = ("mIoU", "AP50", "PQ", "SQ", "RQ", "PQ_th", "PQ_st")
+
+
+def ok(r):
+    assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-3000:])
+    return r
+
+
+@pytest.fixture(scope="module")
+def committed_ws():
+    from ssprompt.sfm import load_sfm
+
+    return Workspace(load_sfm("embedded", None, "cpu"))
+
+
+@pytest.fixture(scope="module")
+def coins_root(tmp_path_factory) -> Path:
+    """Real photographs of several non-square sizes in one COCO split (train 8, test 12)."""
+    root = tmp_path_factory.mktemp("coins")
+    for split in ("train", "test"):
+        export_coco(CoinsSplit(split), root, split)
+    return root
+
+
+# ------------------------------------------------------------------------------- selection
+def test_folds_hold_out_disjoint_shots():
+    (fit, held), = folds(16, 0, 0.25)
+    assert len(held) == 4 and len(fit) == 12 and sorted(fit + held) == list(range(16))
+    assert folds(16, 0, 0.25) == [(fit, held)] and folds(16, 1, 0.25) != [(fit, held)]
+    loo = folds(3, 0, 0.25)                       # k = 2, 3: leave-one-out
+    assert len(loo) == 3 and sorted(h[0] for _, h in loo) == [0, 1, 2]
+    assert all(len(f) == 2 and h[0] not in f for f, h in loo)
+    assert folds(1, 0, 0.25) == []                # nothing to hold out
+
+
+class _FakeTracker:
+    def __init__(self, default, scores):
+        self.default = {"score": default}
+        self.curve = [{"step": 10 * (i + 1), "score": s} for i, s in enumerate(scores)]
+
+
+def test_decide_needs_a_strict_gain_over_the_defaults():
+    assert decide([_FakeTracker(50.0, [40, 50.0, 45])])[0] is None        # a tie is no gain
+    assert decide([_FakeTracker(50.0, [40, 52, 52, 30])])[0] == 20        # earliest best step
+    # folds: the mean curve decides (fold 2 loses at step 10 what fold 1 gains)
+    step, curve, default = decide([_FakeTracker(50, [60, 51]), _FakeTracker(40, [20, 41])])
+    assert default == 45 and [c["score"] for c in curve] == [40, 46] and step == 20
+
+
+def test_harmful_lr_falls_back_to_exactly_zero_shot(committed_ws):
+    """lr 1.0 wrecks the prompts; selection sees it on the held-out shots and returns the
+    default prompts, so every test metric equals zero-shot to the last digit."""
+    zs = run_cell(committed_ws, CellSpec("novel", PromptConfig("default"), n_test=30))[0]
+    harmful = TrainConfig(steps=10, lr=1.0, warmup=1, anchor=0.0)
+    spec = CellSpec("novel", PromptConfig("weighted"), harmful, shots=8, n_test=30,
+                    selection=SelectionConfig(every=5))
+    r, prompts, _ = run_cell(committed_ws, spec)
+    assert r["selection"]["selected"] == "default"
+    assert all(c["score"] < r["selection"]["default_score"] for c in r["selection"]["curve"])
+    assert {m: r[m] for m in METRICS} == {m: zs[m] for m in METRICS}
+    assert r["raw"]["mIoU"] < zs["mIoU"]          # what training alone would have shipped
+    assert prompts.num_trainable() == 0 and r["trained_params"] > 0
+
+
+def test_selection_keeps_a_real_gain(committed_ws):
+    """On `novel` (held-out class names) learning helps: selection keeps a trained step."""
+    zs = run_cell(committed_ws, CellSpec("novel", PromptConfig("default"), n_test=60))[0]
+    spec = CellSpec("novel", PromptConfig("weighted"), TrainConfig(steps=60), seed=1,
+                    n_test=60)
+    r = run_cell(committed_ws, spec)[0]
+    assert r["selection"]["selected"] != "default"
+    assert r["mIoU"] > zs["mIoU"] + 2
+
+
+def test_shots_equal_to_split_size_warns(tiny_sfm, coins_root):
+    ws = Workspace(tiny_sfm)
+    spec = CellSpec(f"coco:{coins_root}", PromptConfig("weighted"), TrainConfig(steps=2),
+                    shots=8, n_test=2, selection=SelectionConfig(every=1))
+    with pytest.warns(UserWarning, match="every image of the train split"):
+        r = run_cell(ws, spec)[0]
+    assert any("every image" in w for w in r["warnings"])
+
+
+# ------------------------------------------------------------------------ any image size
+def test_letterbox_round_trip_keeps_the_labels():
+    rng = np.random.default_rng(0)
+    for h, w in ((57, 130), (130, 57), (96, 96), (200, 40)):
+        labels = np.zeros((h, w), np.int32)
+        for k in range(1, 4):  # three rectangles
+            y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+            labels[y:y + h // 2, x:x + w // 2] = k
+        size = 64
+        boxed = letterbox_labels(labels, size)
+        nh, nw = letterbox_shape(h, w, size)
+        assert boxed.shape == (size, size) and max(nh, nw) == size
+        assert (boxed[nh:] == 0).all() and (boxed[:, nw:] == 0).all()   # padding
+        onehot = torch.from_numpy(np.eye(4, dtype=np.float32)[boxed]).permute(2, 0, 1) * 20 - 10
+        back = unletterbox(onehot, size, (h, w)).argmax(0).numpy()
+        assert back.shape == (h, w) and (back == labels).mean() > 0.9
+
+
+def test_non_square_images_train_and_eval_at_their_own_size(tiny_sfm, coins_root):
+    """Several non-square sizes in one split go through the embedded SFM (it used to crash on a
+    non-square image) and are scored against labels at their original size."""
+    ds = CocoDataset(coins_root, "test")
+    assert len({ds[i].image.shape for i in range(len(ds))}) > 3
+    assert all(ds[i].image.shape[0] != ds[i].image.shape[1] for i in range(len(ds)))
+    ws = Workspace(tiny_sfm)
+    spec = CellSpec(f"coco:{coins_root}", PromptConfig("weighted"), TrainConfig(steps=3),
+                    shots=4, selection=SelectionConfig(every=1))
+    r = run_cell(ws, spec)[0]
+    assert all(isinstance(r[m], float) for m in ("mIoU", "PQ"))
+    assert set(r["per_class"]) == {"coin", "table"}
+
+
+def test_free_split_names_via_cli(tmp_path, coins_root):
+    root = tmp_path / "c"
+    for split, name in (("train", "train2017"), ("test", "val2017")):
+        export_coco(CoinsSplit(split), root, name)
+    ckpt = save_tiny_embedded(tmp_path / "tiny.safetensors")
+    out = tmp_path / "run"
+    ok(ssprompt("train", "--data", f"coco:{root}", "--train-split", "train2017",
+                "--test-split", "val2017", "--checkpoint", ckpt, "--shots", "4", "--steps", "2",
+                "--select-every", "1", "--out", out))
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["selection"]["rule"] and isinstance(m["mIoU"], float)
+    r = ssprompt("eval", "--data", f"coco:{root}", "--checkpoint", ckpt)   # no split 'test'
+    assert_one_line_error(r, "test")
+
+
+# ----------------------------------------------------------------------------- many classes
+class _ManyClasses:
+    """Scenes whose segments use category indices up to 299 (300 classes, 255 among them)."""
+
+    def __init__(self, n_images: int, n_classes: int = 300):
+        self.class_names = [f"class {i}" for i in range(n_classes)]
+        self.is_thing = [i % 2 == 0 for i in range(n_classes)]
+        rng = np.random.default_rng(3)
+        self.scenes = []
+        for _ in range(n_images):
+            instance = np.zeros((48, 64), np.int32)
+            semantic = np.full((48, 64), VOID, np.int32)
+            segments = []
+            cats = [255, 299, 256] + rng.choice(n_classes, 3, replace=False).tolist()
+            for k, c in enumerate(cats[:4], start=1):
+                y, x = (k - 1) // 2 * 24, (k - 1) % 2 * 32
+                instance[y:y + 20, x:x + 28] = k
+                semantic[y:y + 20, x:x + 28] = c
+                segments.append({"id": k, "category": int(c), "isthing": self.is_thing[c],
+                                 "area": 560})
+            self.scenes.append(Scene(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8),
+                                     semantic, instance, segments))
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, i):
+        return self.scenes[i]
+
+
+def test_300_classes_train_eval_and_all_metrics(tiny_sfm, tmp_path):
+    root = tmp_path / "many"
+    export_coco(_ManyClasses(4), root, "train")
+    export_coco(_ManyClasses(3), root, "test")
+    ds = CocoDataset(root, "test")
+    assert len(ds.class_names) == 300 and ds[0].semantic.dtype == np.int32
+    assert {255, 299, 256} <= set(np.unique(ds[0].semantic).tolist())   # 255 is a class now
+    ws = Workspace(tiny_sfm)
+    spec = CellSpec(f"coco:{root}", PromptConfig("weighted"), TrainConfig(steps=2), shots=4,
+                    selection=SelectionConfig(every=1))
+    r = run_cell(ws, spec)[0]
+    assert all(isinstance(r[m], float) for m in ("mIoU", "AP50", "PQ"))
+    assert len(r["per_class"]) == 300 and r["per_class"]["class 255"]["IoU"] is not None
+
+
+# ------------------------------------------------------------------------------------ caches
+def test_lru_cache_bounded_by_bytes():
+    evicted = []
+    c = LRUCache(max_bytes=3 * 400, on_evict=lambda k, v: evicted.append(k))
+    for k in range(3):
+        c[k] = np.zeros(100, np.float32)        # 400 bytes each
+    c.get(0)                                    # 0 is now the most recently used
+    c[3] = np.zeros(100, np.float32)
+    assert evicted == [1] and 1 not in c and 0 in c and c.bytes == 1200
+
+
+def test_feature_cache_bounded_and_damaged_entry_recomputed(tiny_sfm, tmp_path):
+    images = [np.full((40, 56, 3), v, np.uint8) for v in (10, 90, 200)]
+    cache = FeatureCache(tmp_path, max_bytes=1)          # keeps one entry in memory
+    first = cache.get(tiny_sfm, images)
+    assert len(cache.mem) == 1 and cache.encoder_calls == 3
+    files = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(files) == 3
+    again = cache.get(tiny_sfm, images)                  # read back from disk, not recomputed
+    assert cache.encoder_calls == 3
+    for k, v in first.tensors.items():
+        assert torch.equal(v, again.tensors[k]) and again.tensors[k].device == v.device
+    files[0].write_bytes(b"not a safetensors file")
+    fresh = FeatureCache(tmp_path)
+    with pytest.warns(UserWarning, match=files[0].name):
+        fresh.get(tiny_sfm, images)
+    assert fresh.encoder_calls == 1
+
+
+# --------------------------------------------------------------------------------- bad input
+def _tiny_coco(root: Path, split: str, images: list, anns: list) -> None:
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    doc = {"images": images, "annotations": anns,
+           "categories": [{"id": 1, "name": "box"}]}
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("empty", ["train", "test"])
+def test_split_without_images_is_one_line_and_no_output(tmp_path, coins_root, empty):
+    root = tmp_path / "d"
+    export_coco(CoinsSplit("train"), root, "train")
+    export_coco(CoinsSplit("test"), root, "test")
+    _tiny_coco(root, empty, [], [])
+    (root / "annotations" / f"panoptic_{empty}.json").unlink()
+    ckpt = save_tiny_embedded(tmp_path / "tiny.safetensors")
+    out = tmp_path / "out"
+    r = ssprompt("train", "--data", f"coco:{root}", "--checkpoint", ckpt, "--shots", "2",
+                 "--steps", "1", "--out", out)
+    assert_one_line_error(r, f"instances_{empty}.json", "no images")
+    assert not out.exists()
+
+
+def test_polygon_with_two_points_names_the_annotation(tmp_path):
+    root = tmp_path / "p"
+    (root / "test").mkdir(parents=True)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "test" / "a.png")
+    _tiny_coco(root, "test", [{"id": 1, "file_name": "a.png", "height": 20, "width": 20}],
+               [{"id": 77, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                 "segmentation": [[1, 1, 5, 5]]}])
+    r = ssprompt("eval", "--data", f"coco:{root}", "--n-test", "1")
+    assert_one_line_error(r, "instances_test.json", "annotation id 77", "2.0 points")
