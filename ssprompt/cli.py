@@ -82,20 +82,27 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
     ws = _workspace(a)
     test = ws.dataset(a.data or a.task, "test", n_test=a.n_test)
-    if a.prompts:
-        learned = load_prompts(a.prompts)
-        check_prompts(learned, ws.sfm, test.class_names, a.prompts)
-        spatial, semantic, meta = learned
-        name = Path(a.prompts).parent.name or "prompts"
+    if a.predictions:  # score saved prediction files (`ssprompt predict`), no SFM pass
+        from .predict import score_predictions
+
+        metrics = score_predictions(a.predictions, test)
+        meta, name = {"predictions": a.predictions}, Path(a.predictions).name or "predictions"
     else:
-        spatial = default_spatial(ws.sfm, a.n_prompts)
-        has_text = ws.sfm.encode_texts(test.class_names[:1]) is not None
-        semantic = default_semantic(ws.sfm, test.class_names) if has_text else None
-        meta, name = {}, "zero-shot"
-    dev = next(ws.sfm.parameters()).device
-    # under torchrun each rank scores its shard; the metrics sync their states across ranks
-    metrics = evaluate(ws.sfm, spatial.to(dev), None if semantic is None else semantic.to(dev),
-                       test, ws.cache, batch=ws.eval_batch, indices=shard(len(test)))
+        if a.prompts:
+            learned = load_prompts(a.prompts)
+            check_prompts(learned, ws.sfm, test.class_names, a.prompts)
+            spatial, semantic, meta = learned
+            name = Path(a.prompts).parent.name or "prompts"
+        else:
+            spatial = default_spatial(ws.sfm, a.n_prompts)
+            has_text = ws.sfm.encode_texts(test.class_names[:1]) is not None
+            semantic = default_semantic(ws.sfm, test.class_names) if has_text else None
+            meta, name = {}, "zero-shot"
+        dev = next(ws.sfm.parameters()).device
+        # under torchrun each rank scores its shard; the metrics sync their states across ranks
+        metrics = evaluate(ws.sfm, spatial.to(dev),
+                           None if semantic is None else semantic.to(dev), test, ws.cache,
+                           batch=ws.eval_batch, indices=shard(len(test)))
     if rank_world()[0] != 0:
         return
     print(f"task {a.data or a.task}, {len(test)} test images, SFM {ws.sfm.weights_hash()}")
@@ -105,6 +112,46 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     if a.out:
         write_json(Path(a.out) / "metrics.json", out)
         print(f"wrote {Path(a.out) / 'metrics.json'}")
+
+
+def _cmd_predict(a: argparse.Namespace) -> None:
+    from .predict import dataset_items, folder_items, write_predictions
+    from .predictor import Predictor
+    from .prompts.promptset import load_prompts
+
+    if not (a.images or a.data or a.task):
+        raise UserError("predict: give --images DIR, --task NAME or --data coco:PATH")
+    if a.images and a.n_test is not None:
+        raise UserError("--n-test: only with --task / --data (not --images)")
+    learned = load_prompts(a.prompts) if a.prompts else None  # bad files fail before any work
+    items = folder_items(a.images) if a.images else None
+    ws = _workspace(a)
+    names = is_thing = None
+    if a.images:
+        cat_ids = []
+        if learned is None or (learned.semantic is not None and learned.class_names is None):
+            if not (a.data or a.task):
+                raise UserError("--images: give --prompts (they name their classes) or "
+                                "--task / --data for the classes to predict")
+        if a.data or a.task:
+            vocab = ws.dataset(a.data or a.task, "test", n_test=1)
+            names, is_thing = vocab.class_names, vocab.is_thing
+    else:
+        data = ws.dataset(a.data or a.task, "test", n_test=a.n_test)
+        items, cat_ids = dataset_items(data)
+        names, is_thing = data.class_names, data.is_thing
+    predictor = Predictor(ws.sfm, learned, class_names=names, is_thing=is_thing,
+                          n_prompts=a.n_prompts, cache=ws.cache, batch=ws.eval_batch)
+    if not cat_ids:
+        cat_ids = list(range(1, len(predictor.class_names) + 1))
+    about = {"sfm": ws.sfm.weights_hash(), "prompts": a.prompts,
+             "data": a.images or a.data or a.task,
+             "split": None if a.images else (a.test_split or "test"), "n_test": a.n_test}
+    out = Path(a.out)
+    write_predictions(out, predictor, items, cat_ids, about)
+    print(f"predicted {len(items)} images ({', '.join(predictor.class_names[:6])}"
+          f"{', ...' if len(predictor.class_names) > 6 else ''}); wrote {out}/: "
+          "instances_results.json, panoptic.json + panoptic/, semantic/, overlays/")
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
@@ -195,9 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-prompts", type=int, default=100)
     s.add_argument("--n-test", type=int, default=None, help="first N test images (default all)")
     _add_split_args(s)
+    s.add_argument("--predictions", default=None,
+                   help="score the files `ssprompt predict` wrote in this folder (same "
+                        "--task/--data and --n-test) instead of running the SFM")
     s.add_argument("--out", default=None, help="folder for metrics.json")
     _add_sfm_args(s)
     s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("predict", help="segment images; write COCO results, panoptic and "
+                       "semantic PNGs and overlays")
+    s.add_argument("--images", default=None, help="a folder of images (png, jpg, ...)")
+    s.add_argument("--task", default=None, help="a named task's test split: source | shift | "
+                   "novel | stuff (with --images: only its class list)")
+    s.add_argument("--data", default=None, help="coco:PATH: its test split (--test-split)")
+    s.add_argument("--prompts", default=None,
+                   help="a prompts.safetensors from `ssprompt train` (default: zero-shot)")
+    s.add_argument("--n-prompts", type=int, default=100, help="zero-shot: grid points")
+    s.add_argument("--n-test", type=int, default=None, help="first N images of the split")
+    _add_split_args(s)
+    s.add_argument("--out", required=True, help="folder for the prediction files")
+    _add_sfm_args(s)
+    s.set_defaults(fn=_cmd_predict)
 
     s = sub.add_parser("train", help="learn prompts few-shot on a task, then evaluate")
     s.add_argument("--task", default="shift")

@@ -1,0 +1,168 @@
+"""``ssprompt predict`` writes files the official tools read, and they score exactly as
+``ssprompt eval`` does in memory (``eval --predictions``); pycocotools agrees on AP50."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import assert_one_line_error, ssprompt
+from PIL import Image
+
+N_TEST = 8
+
+
+def _prompts(path):
+    """Prompts for `novel` on the packaged SFM whose learned embeddings moved a little."""
+    from ssprompt import load_sfm
+    from ssprompt.data import open_dataset
+    from ssprompt.prompts.promptset import PromptConfig, PromptSet, save_prompts
+
+    sfm = load_sfm(device="cpu")
+    data = open_dataset("novel", "test", n_test=1)
+    ps = PromptSet(sfm, data.class_names, PromptConfig("weighted", n_prompts=50),
+                   generator=torch.Generator().manual_seed(0), is_thing=data.is_thing)
+    with torch.no_grad():
+        for p in ps.trainable():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    save_prompts(path, ps, {"sfm": sfm.weights_hash()})
+    return path
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pred")
+    p = _prompts(tmp / "p.safetensors")
+    out = tmp / "pred"
+    r = ssprompt("predict", "--task", "novel", "--n-test", N_TEST, "--prompts", p,
+                 "--out", out, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return tmp, p, out
+
+
+def test_predict_writes_all_four_kinds_of_files(predicted):
+    _, _, out = predicted
+    manifest = json.loads((out / "predictions.json").read_text())
+    names = [im["file_name"] for im in manifest["images"]]
+    assert len(names) == N_TEST and manifest["class_names"][5] == "sandal"
+    for sub in ("semantic", "panoptic", "overlays"):
+        assert sorted(p.name for p in (out / sub).iterdir()) == sorted(names), sub
+    for im in manifest["images"]:
+        sem = np.asarray(Image.open(out / "semantic" / im["file_name"]))
+        assert sem.shape == (im["height"], im["width"]) and sem.max() < 27
+        over = np.asarray(Image.open(out / "overlays" / im["file_name"]))
+        assert over.ndim == 3 and over.shape[2] == 3 and over.shape[0] >= im["height"]
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_panoptic_files_follow_the_coco_panoptic_format(predicted):
+    """What panopticapi's pq_compute relies on: every non-void id of a PNG is listed in its
+    segments_info with the pixel count as area, and every category id is declared."""
+    from ssprompt.data.coco import rgb2id
+
+    _, _, out = predicted
+    doc = json.loads((out / "panoptic.json").read_text())
+    cats = {c["id"]: c for c in doc["categories"]}
+    assert len(doc["annotations"]) == N_TEST
+    n_segments = 0
+    for ann in doc["annotations"]:
+        ids = rgb2id(np.asarray(Image.open(out / "panoptic" / ann["file_name"]).convert("RGB")))
+        counts = dict(zip(*np.unique(ids[ids > 0], return_counts=True)))
+        listed = {s["id"]: s for s in ann["segments_info"]}
+        assert set(counts) == set(listed)
+        for sid, seg in listed.items():
+            assert seg["area"] == counts[sid] and seg["category_id"] in cats
+            assert seg["isthing"] == cats[seg["category_id"]]["isthing"]
+        n_segments += len(listed)
+    assert n_segments > N_TEST  # a real prediction, not an empty one
+
+
+def test_files_score_exactly_as_eval_and_pycocotools_agrees(predicted, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from ssprompt.data import open_dataset
+    from ssprompt.data.coco import export_coco
+
+    _, p, out = predicted
+    r = ssprompt("eval", "--task", "novel", "--n-test", N_TEST, "--prompts", p,
+                 "--out", tmp_path / "mem", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = ssprompt("eval", "--task", "novel", "--n-test", N_TEST, "--predictions", out,
+                 "--out", tmp_path / "files", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    mem = json.loads((tmp_path / "mem" / "metrics.json").read_text())
+    files = json.loads((tmp_path / "files" / "metrics.json").read_text())
+    for k in ("mIoU", "AP50", "PQ", "SQ", "RQ", "PQ_th", "PQ_st", "per_class"):
+        assert files[k] == mem[k], k
+
+    # pycocotools on the results JSON against the split exported as real COCO
+    root = export_coco(open_dataset("novel", "test", n_test=N_TEST), tmp_path / "gt", "test")
+    gt = COCO(str(root / "annotations" / "instances_test.json"))
+    dt = gt.loadRes(str(out / "instances_results.json"))
+    ev = COCOeval(gt, dt, iouType="segm")
+    ev.params.iouThrs = np.array([0.5])
+    ev.params.areaRng, ev.params.areaRngLbl = [[0, 1e10]], ["all"]
+    ev.params.maxDets = [100]
+    ev.evaluate()
+    ev.accumulate()
+    prec = ev.eval["precision"][0, :, :, 0, -1]
+    ap50 = 100 * float(np.mean([prec[:, k].mean() for k in range(prec.shape[1])
+                                if (prec[:, k] > -1).all()]))
+    assert round(ap50, 2) == mem["AP50"]
+
+
+def test_predict_a_folder_of_images_any_size(tmp_path):
+    from pycocotools.coco import COCO
+
+    p = _prompts(tmp_path / "p.safetensors")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"wide.png": (60, 140), "tall.jpg": (130, 70)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(imgs / name)
+    (imgs / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    r = ssprompt("predict", "--images", imgs, "--prompts", p, "--out", out, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((out / "predictions.json").read_text())
+    got = {im["source"].split("/")[-1]: (im["height"], im["width"]) for im in manifest["images"]}
+    assert got == sizes
+    for im in manifest["images"]:
+        assert np.asarray(Image.open(out / "semantic" / im["file_name"])).shape == \
+            (im["height"], im["width"])
+    gt = COCO()
+    gt.dataset = {"images": manifest["images"], "annotations": [],
+                  "categories": manifest["categories"]}
+    gt.createIndex()
+    results = json.loads((out / "instances_results.json").read_text())
+    if results:
+        dt = gt.loadRes(results)
+        for ann in dt.anns.values():
+            im = gt.imgs[ann["image_id"]]
+            assert dt.annToMask(ann).shape == (im["height"], im["width"])
+
+
+def test_predict_bad_input_is_one_line(tmp_path):
+    out = tmp_path / "out"
+    r = ssprompt("predict", "--images", tmp_path / "nowhere", "--out", out)
+    assert_one_line_error(r, "--images", "nowhere")
+    (tmp_path / "imgs").mkdir()
+    r = ssprompt("predict", "--images", tmp_path / "imgs", "--task", "novel", "--out", out)
+    assert_one_line_error(r, "no image files")
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "imgs" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    r = ssprompt("predict", "--images", tmp_path / "imgs", "--task", "novel", "--out", out)
+    assert_one_line_error(r, "b.png")
+    (tmp_path / "imgs" / "b.png").unlink()
+    r = ssprompt("predict", "--images", tmp_path / "imgs", "--out", out)
+    assert_one_line_error(r, "--prompts")
+    r = ssprompt("predict", "--task", "novel", "--prompts", tmp_path / "none.safetensors",
+                 "--out", out)
+    assert_one_line_error(r, "none.safetensors")
+    assert not out.exists()
+    r = ssprompt("eval", "--task", "novel", "--n-test", "3", "--predictions", tmp_path / "imgs")
+    assert_one_line_error(r, "predictions.json")
