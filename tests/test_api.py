@@ -52,16 +52,18 @@ def test_readme_snippet_is_this_one():
     assert readme.strip() == SNIPPET.strip()
 
 
-def _novel_prompts(sfm, path: Path, mode: str = "weighted") -> dict:
+def novel_prompts(sfm, path: Path, n_prompts: int = 25, step: float = 0.01) -> dict:
+    """A prompts file for `novel` whose learned embeddings moved ``step`` away from the
+    defaults (no training needed); returns its class names and thing flags."""
     from ssprompt.data import open_dataset
     from ssprompt.prompts.promptset import PromptConfig, PromptSet, save_prompts
 
     data = open_dataset("novel", "test", n_test=1)
-    ps = PromptSet(sfm, data.class_names, PromptConfig(mode, n_prompts=25),
+    ps = PromptSet(sfm, data.class_names, PromptConfig("weighted", n_prompts=n_prompts),
                    generator=torch.Generator().manual_seed(0), is_thing=data.is_thing)
-    with torch.no_grad():  # move the learned embeddings, so they differ from the defaults
+    with torch.no_grad():
         for p in ps.trainable():
-            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+            p.add_(step * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     save_prompts(path, ps, {"sfm": sfm.weights_hash(), "config": {"task": "novel"}})
     return {"class_names": data.class_names, "is_thing": data.is_thing}
 
@@ -71,7 +73,7 @@ def test_readme_snippet_on_a_non_square_image(tmp_path, monkeypatch):
 
     from ssprompt import load_sfm
 
-    expect = _novel_prompts(load_sfm(device="cpu"), tmp_path / "runs/novel/prompts.safetensors")
+    expect = novel_prompts(load_sfm(device="cpu"), tmp_path / "runs/novel/prompts.safetensors")
     image = np.random.default_rng(0).integers(0, 256, (72, 130, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "photo.jpg", quality=100)
     monkeypatch.chdir(tmp_path)
@@ -98,7 +100,7 @@ def test_batch_and_set_image_agree_with_one_image(tmp_path):
     from ssprompt import Predictor, load_sfm
 
     sfm = load_sfm(device="cpu")
-    meta = _novel_prompts(sfm, tmp_path / "p.safetensors")
+    meta = novel_prompts(sfm, tmp_path / "p.safetensors")
     predictor = Predictor(sfm, str(tmp_path / "p.safetensors"))
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, s, dtype=np.uint8) for s in ((50, 90, 3), (96, 96, 3),
@@ -139,7 +141,7 @@ def test_prompts_file_describes_itself_and_is_refused_elsewhere(tmp_path):
 
     sfm = load_sfm(device="cpu")
     path = tmp_path / "p.safetensors"
-    expect = _novel_prompts(sfm, path)
+    expect = novel_prompts(sfm, path)
     lp = load_prompts(path)
     assert lp.class_names == expect["class_names"] and lp.is_thing == expect["is_thing"]
     assert lp.meta["sfm"] == sfm.weights_hash() and lp.meta["n_prompts"] == 25
@@ -170,7 +172,7 @@ def test_old_prompts_files_still_load(tmp_path):
     from ssprompt.errors import UserError
 
     sfm = load_sfm(device="cpu")
-    _novel_prompts(sfm, tmp_path / "new.safetensors")
+    novel_prompts(sfm, tmp_path / "new.safetensors")
     new = load_prompts(tmp_path / "new.safetensors")
     old = tmp_path / "old.safetensors"
     save_file({"spatial": new.spatial, "semantic": new.semantic}, str(old),
@@ -192,7 +194,7 @@ def test_eval_refuses_prompts_of_another_class_list(tmp_path):
 
     from ssprompt import load_sfm
 
-    _novel_prompts(load_sfm(device="cpu"), tmp_path / "p.safetensors")
+    novel_prompts(load_sfm(device="cpu"), tmp_path / "p.safetensors")
     r = ssprompt("eval", "--task", "shift", "--n-test", "2", "--prompts",
                  tmp_path / "p.safetensors", "--out", tmp_path / "o")
     assert_one_line_error(r, "p.safetensors", "class list")

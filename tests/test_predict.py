@@ -15,19 +15,12 @@ N_TEST = 8
 
 
 def _prompts(path):
-    """Prompts for `novel` on the packaged SFM whose learned embeddings moved a little."""
-    from ssprompt import load_sfm
-    from ssprompt.data import open_dataset
-    from ssprompt.prompts.promptset import PromptConfig, PromptSet, save_prompts
+    """Prompts for `novel` on the packaged SFM, moved a little away from the defaults."""
+    from test_api import novel_prompts
 
-    sfm = load_sfm(device="cpu")
-    data = open_dataset("novel", "test", n_test=1)
-    ps = PromptSet(sfm, data.class_names, PromptConfig("weighted", n_prompts=50),
-                   generator=torch.Generator().manual_seed(0), is_thing=data.is_thing)
-    with torch.no_grad():
-        for p in ps.trainable():
-            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
-    save_prompts(path, ps, {"sfm": sfm.weights_hash()})
+    from ssprompt import load_sfm
+
+    novel_prompts(load_sfm(device="cpu"), path, n_prompts=50, step=0.02)
     return path
 
 
