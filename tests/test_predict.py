@@ -159,3 +159,65 @@ def test_predict_bad_input_is_one_line(tmp_path):
     assert not out.exists()
     r = ssprompt("eval", "--task", "novel", "--n-test", "3", "--predictions", tmp_path / "imgs")
     assert_one_line_error(r, "predictions.json")
+
+
+def test_predict_a_coco_split_keeps_its_ids_and_scores_as_eval(tmp_path):
+    """--data coco:ROOT: results carry the COCO file's own image and category ids (so loadRes
+    reads them against that file), and the files score as eval does."""
+    from pycocotools.coco import COCO
+
+    from ssprompt.data import open_dataset
+    from ssprompt.data.coco import export_coco
+
+    root = export_coco(open_dataset("novel", "test", n_test=4), tmp_path / "coco", "val2017")
+    doc = json.loads((root / "annotations" / "panoptic_val2017.json").read_text())
+    for c in doc["categories"]:  # ids the file chooses, not index + 1
+        c["id"] += 100
+    for a in doc["annotations"]:
+        for s in a["segments_info"]:
+            s["category_id"] += 100
+    for im in doc["images"]:
+        im["id"] += 500
+    for a in doc["annotations"]:
+        a["image_id"] += 500
+    (root / "annotations" / "panoptic_val2017.json").write_text(json.dumps(doc))
+    (root / "annotations" / "instances_val2017.json").unlink()
+    p = _prompts(tmp_path / "p.safetensors")
+    spec = ["--data", f"coco:{root}", "--test-split", "val2017", "--device", "cpu"]
+    r = ssprompt("predict", *spec, "--prompts", p, "--out", tmp_path / "pred")
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((tmp_path / "pred" / "instances_results.json").read_text())
+    assert results and {x["image_id"] for x in results} <= {501, 502, 503, 504}
+    assert {x["category_id"] for x in results} <= {c["id"] for c in doc["categories"]}
+    gt = COCO()
+    gt.dataset = {"images": doc["images"], "annotations": [], "categories": doc["categories"]}
+    gt.createIndex()
+    assert len(gt.loadRes(results).anns) == len(results)
+    for how in (["--prompts", p], ["--predictions", tmp_path / "pred"]):
+        r = ssprompt("eval", *spec, *how, "--out", tmp_path / how[0][2:])
+        assert r.returncode == 0, r.stderr[-2000:]
+    mem, files = (json.loads((tmp_path / d / "metrics.json").read_text())
+                  for d in ("prompts", "predictions"))
+    assert all(files[k] == mem[k] for k in ("mIoU", "AP50", "PQ", "per_class"))
+
+
+def test_predict_class_agnostic_with_a_tiny_sam(tmp_path):
+    """An SFM without a text encoder: classes object / background in every file, scored as
+    eval scores it."""
+    from test_sam import save_tiny
+
+    ckpt = tmp_path / "sam"
+    save_tiny(ckpt, seed=0)
+    spec = ["--task", "novel", "--n-test", "3", "--sfm", "sam", "--checkpoint", ckpt,
+            "--n-prompts", "16", "--device", "cpu"]
+    r = ssprompt("predict", *spec, "--out", tmp_path / "pred")
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert manifest["class_names"] == ["object", "background"] and manifest["class_agnostic"]
+    r = ssprompt("eval", *spec, "--out", tmp_path / "mem")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = ssprompt("eval", *spec, "--predictions", tmp_path / "pred", "--out", tmp_path / "files")
+    assert r.returncode == 0, r.stderr[-2000:]
+    mem, files = (json.loads((tmp_path / d / "metrics.json").read_text())
+                  for d in ("mem", "files"))
+    assert all(files[k] == mem[k] for k in ("mIoU", "AP50", "PQ", "per_class"))
