@@ -239,8 +239,10 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
             result["loss_log"] = log
             result["fusion_weights"] = {k: v.tolist() for k, v in prompts.fusion_weights().items()}
             if result["trained_params"]:
+                test = ws.dataset(task, "test", n_test=cfg.n_test)  # its vocabulary
                 save_prompts(cells_dir / f"{cid}.safetensors", prompts,
                              {"config": spec.as_dict(), "seed": seed, "sfm": result["sfm"],
+                              "class_names": test.class_names, "is_thing": test.is_thing,
                               "metrics": {m: result[m] for m in METRICS}})
             result.update({"variant": vname, "group": variant.group, "task": task,
                            "seed": seed})

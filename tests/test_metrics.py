@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torchmetrics.detection import PanopticQuality as TMPanopticQuality
 
 from ssprompt.data.scenes import VOID, Scene
-from ssprompt.metrics import InstanceAP50, MeanIoU, PanopticQuality, SegmentationEvaluator
+from ssprompt.metrics import (InstanceAP50, MeanIoU, PanopticQuality, SegmentationEvaluator,
+                              coco_ap50)
 from ssprompt.postprocess import postprocess
 from ssprompt.sfm.base import Outputs
 
@@ -560,4 +563,139 @@ def test_ap50_ground_truth_is_complete_coco(monkeypatch):
     m = InstanceAP50(1)
     m.update([{"mask": torch.as_tensor(inst == 1), "category": 0, "score": 0.9}],
              make_scene(inst, [seg(1, 0, True)]))
-    assert m.compute()["AP50"] == pytest.approx(100.0)
+    assert coco_ap50(*m._coco(), 1, library="pycocotools")[0] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------- the field's libraries as references
+def _pycocotools_stats1(images: list[dict], gts: list[dict], dts: list[dict], c: int) -> float:
+    """pycocotools' own AP50: ``COCOeval.summarize()``'s ``stats[1]`` with default settings."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"info": {}, "images": images, "annotations": gts,
+                      "categories": [{"id": k + 1, "name": str(k)} for k in range(c)]}
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(dts), iouType="segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[1])
+
+
+def _crowd_fixture(seed: int) -> InstanceAP50:
+    """Random scenes of 3 thing classes, some instances crowd, with jittered, relabelled and
+    spurious detections, as an InstanceAP50 state."""
+    rng = np.random.default_rng(seed)
+    m = InstanceAP50(3)
+    for _ in range(6):
+        inst = np.zeros((24, 24), np.int32)
+        segs = []
+        for i in range(1, 6):
+            y, x, h, w = rng.integers(0, 18, 2).tolist() + rng.integers(3, 7, 2).tolist()
+            inst[y:y + h, x:x + w] = i
+            segs.append(seg(i, int(rng.integers(0, 3)), True, crowd=int(rng.random() < 0.25)))
+        segs = [s for s in segs if (inst == s["id"]).any()]
+        preds = []
+        for s in segs + segs[:2]:
+            mask = np.roll(inst == s["id"], tuple(rng.integers(-2, 3, 2)), (0, 1))
+            cat = s["category"] if rng.random() < 0.8 else int(rng.integers(0, 3))
+            preds.append({"mask": torch.as_tensor(mask), "category": cat,
+                          "score": float(rng.random())})
+        m.update(preds, make_scene(inst, segs))
+    return m
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ap50_hotcoco_equals_pycocotools(seed):
+    from ssprompt.metrics import coco_ap50
+
+    m = _crowd_fixture(seed)
+    images, gts, dts = m._coco()
+    assert any(g["iscrowd"] for g in gts)
+    ours, per_class = coco_ap50(images, gts, dts, 3)
+    ref, ref_per_class = coco_ap50(images, [dict(g) for g in gts], [
+        {k: v for k, v in d.items() if k in ("image_id", "category_id", "score", "segmentation")}
+        for d in dts], 3, library="pycocotools")
+    assert 0 < ours < 1 and abs(ours - ref) <= 1e-9
+    assert per_class == pytest.approx(ref_per_class, abs=1e-9)
+    assert abs(ours - _pycocotools_stats1(*m._coco(), 3)) <= 1e-9
+
+
+def _hotcoco_pq(tmp_path, gt: Scene, pred_map: np.ndarray, pred_segs: list[dict],
+                is_thing: list[bool]) -> dict:
+    """hotcoco's panopticapi ``pq_compute`` on the case written as COCO panoptic PNG + JSON."""
+    import contextlib
+    import io
+    import json
+
+    from hotcoco.panoptic import pq_compute
+    from PIL import Image
+
+    def write(name: str, id_map: np.ndarray, segs: list[dict]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        ids = np.asarray(id_map, np.uint32)
+        rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / "1.png")
+        info = [{"id": s["id"], "category_id": s["category"] + 1,
+                 "iscrowd": int(s.get("iscrowd", 0)), "area": int((id_map == s["id"]).sum())}
+                for s in segs if (id_map == s["id"]).any()]
+        h, w = ids.shape
+        doc = {"images": [{"id": 1, "file_name": "1.png", "height": h, "width": w}],
+               "annotations": [{"image_id": 1, "file_name": "1.png", "segments_info": info}],
+               "categories": [{"id": c + 1, "name": str(c), "isthing": int(t)}
+                              for c, t in enumerate(is_thing)]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+        return folder
+
+    gf, pf = write("gt", gt.instance, gt.segments), write("pred", pred_map, pred_segs)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return pq_compute(str(tmp_path / "gt.json"), str(tmp_path / "pred.json"),
+                          gt_folder=str(gf), pred_folder=str(pf))
+
+
+def _hand_made_cases():
+    """The PQ cases above (crowd, void, stuff instance ids, predicted void), as
+    (gt, pred map, pred segments, is_thing)."""
+    yield (make_scene(strip(80, [(0, 20, 1), (20, 40, 2), (40, 60, 3)]),
+                      [seg(1, 0, True), seg(2, 0, True), seg(3, 1, False)]),
+           strip(80, [(0, 11, 1), (60, 63, 1), (21, 30, 2), (30, 60, 3), (15, 20, 4),
+                      (63, 73, 4)]),
+           [seg(1, 0, True), seg(2, 0, True), seg(3, 1, False), seg(4, 0, True)],
+           [True, False, True])
+    yield (make_scene(strip(40, [(0, 20, 1), (20, 40, 2)]),
+                      [seg(1, 0, True, crowd=1), seg(2, 0, True)]),
+           strip(40, [(0, 10, 1), (10, 20, 3), (20, 40, 2)]),
+           [seg(1, 0, True), seg(2, 0, True), seg(3, 1, True)], [True, True])
+    two = make_scene(strip(10, [(0, 8, 1), (8, 10, 2)]), [seg(1, 0, True), seg(2, 1, False)])
+    yield two, strip(10, [(0, 4, 1), (8, 10, 2)]), [seg(1, 0, True), seg(2, 1, False)], \
+        [True, False]
+    yield two, strip(10, [(8, 10, 2)]), [seg(2, 1, False)], [True, False]
+    yield (make_scene(strip(20, [(0, 10, 1), (10, 20, 2)]), [seg(1, 1, False), seg(2, 0, True)]),
+           strip(20, [(0, 6, 1), (6, 10, 2), (10, 20, 3)]),
+           [seg(1, 1, False), seg(2, 1, False), seg(3, 0, True)], [True, False])
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        gmap, gsegs, pmap, psegs = _random_pair(rng, [True, True, False, False])
+        yield make_scene(gmap, gsegs), pmap, psegs, [True, True, False, False]
+
+
+def test_pq_equals_panopticapi_via_hotcoco(tmp_path):
+    for i, (gt, pmap, psegs, is_thing) in enumerate(_hand_made_cases()):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        ref = _hotcoco_pq(folder, gt, pmap, psegs, is_thing)
+        ours = _pq(gt, pmap, psegs, is_thing)
+        for key, part in (("PQ", "All"), ("PQ_th", "Things"), ("PQ_st", "Stuff")):
+            want = None if ref[part]["n"] == 0 else 100 * ref[part]["pq"]
+            assert ours[key] == pytest.approx(want, abs=1e-9), (i, key)
+        assert ours["SQ"] == pytest.approx(100 * ref["All"]["sq"], abs=1e-9)
+        assert ours["RQ"] == pytest.approx(100 * ref["All"]["rq"], abs=1e-9)
+        for c, v in enumerate(ours["per_class"]):
+            if v is not None:
+                assert v == pytest.approx(100 * ref["per_class"][c + 1]["pq"], abs=1e-9), (i, c)

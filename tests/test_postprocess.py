@@ -16,29 +16,30 @@ BIG = 10.0
 
 
 def _block_masks(h: int, w: int, boxes: list[tuple[int, int, int, int]]) -> torch.Tensor:
-    """Mask logits (1, N, h, w): +BIG inside each box (y0, y1, x0, x1), -BIG outside."""
+    """Mask logits (N, h, w): +BIG inside each box (y0, y1, x0, x1), -BIG outside."""
     m = torch.full((len(boxes), h, w), -BIG)
     for q, (y0, y1, x0, x1) in enumerate(boxes):
         m[q, y0:y1, x0:x1] = BIG
-    return m[None]
+    return m
 
 
 def _onehot_logits(labels: list[int], c: int, scale: float = BIG) -> torch.Tensor:
-    """Class logits (1, N, C + 1) sharply peaked at ``labels`` (C = no object)."""
+    """Class logits (N, C + 1) sharply peaked at ``labels`` (C = no object)."""
     logits = torch.zeros(len(labels), c + 1)
     for q, lab in enumerate(labels):
         logits[q, lab] = scale
-    return logits[None]
+    return logits
 
 
 def _probs(masks: torch.Tensor, classes: torch.Tensor) -> Probabilities:
-    return Probabilities.of(masks, classes)
+    """One image's probabilities from mask logits (N, H, W) and class logits (N, C + 1)."""
+    return Probabilities.of(masks, classes.softmax(-1))
 
 
 def test_semantic_picks_obvious_class():
     masks = _block_masks(6, 6, [(0, 6, 0, 3), (0, 6, 3, 6), (0, 6, 0, 6)])
     classes = _onehot_logits([2, 0, 3], c=4)   # third query: "no object"
-    sem = semantic_inference(_probs(masks, classes))[0]
+    sem = semantic_inference(_probs(masks, classes))
     assert sem.dtype == torch.long and sem.shape == (6, 6)
     assert (sem[:, :3] == 2).all() and (sem[:, 3:] == 0).all()
 
@@ -49,7 +50,7 @@ def test_instance_thing_only_topk_and_scores():
     masks = torch.randn(4, 8, 8) * 3
     masks[3] = -BIG                          # an empty mask: dropped
     classes = torch.randn(4, 4)
-    out = instance_inference(_probs(masks[None], classes[None]), is_thing, topk=5)[0]
+    out = instance_inference(_probs(masks, classes), is_thing, topk=5)
     assert 0 < len(out) <= 5
     prob = classes.softmax(-1)[:, :-1]
     assert all(is_thing[c] for c in out.categories.tolist())
@@ -69,8 +70,8 @@ def test_instance_thing_only_topk_and_scores():
 
 
 def test_instance_no_thing_classes():
-    out = instance_inference(_probs(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 3)), [False, False])
-    assert [len(o) for o in out] == [0, 0] and out[0].masks.shape == (0, 4, 4)
+    out = instance_inference(_probs(torch.randn(3, 4, 4), torch.randn(3, 3)), [False, False])
+    assert len(out) == 0 and out.masks.shape == (0, 4, 4)
 
 
 def _check_panoptic(seg: torch.Tensor, segments: list[dict], is_thing: list[bool]) -> None:
@@ -89,10 +90,8 @@ def _check_panoptic(seg: torch.Tensor, segments: list[dict], is_thing: list[bool
 def test_panoptic_random_logits_are_consistent():
     torch.manual_seed(1)
     is_thing = [True, True, False, False]
-    masks = torch.randn(5, 12, 10, 10) * 4
-    classes = torch.randn(5, 12, 5) * 4
-    out = panoptic_inference(_probs(masks, classes), is_thing, 0.3, 0.3)
-    assert len(out) == 5
+    out = [panoptic_inference(_probs(torch.randn(12, 10, 10) * 4, torch.randn(12, 5) * 4),
+                              is_thing, 0.3, 0.3) for _ in range(5)]
     for seg, segments in out:
         assert seg.shape == (10, 10) and seg.dtype == torch.long
         _check_panoptic(seg, segments, is_thing)
@@ -110,28 +109,28 @@ def test_panoptic_rules():
         (0, 4, 4, 8),   # q5 argmax is no-object -> dropped
     ])
     classes = torch.tensor([[9.0, 0, 0], [5.0, 0, 0], [0, 9.0, 0], [0, 9.0, 0],
-                            [1.0, 0, 0.5], [0, 0, 9.0]])[None]
-    seg, segments = panoptic_inference(_probs(masks, classes), is_thing)[0]
+                            [1.0, 0, 0.5], [0, 0, 9.0]])
+    seg, segments = panoptic_inference(_probs(masks, classes), is_thing)
     _check_panoptic(seg, segments, is_thing)
     assert [(s["category"], s["area"]) for s in segments] == [(0, 16), (1, 32)]
     assert (seg[:4, :4] == 1).all() and (seg[4:] == 2).all() and (seg[:4, 4:] == 0).all()
-    assert abs(segments[0]["score"] - float(classes[0, 0].softmax(-1)[0])) < 1e-6
+    assert abs(segments[0]["score"] - float(classes[0].softmax(-1)[0])) < 1e-6
 
 
 def test_panoptic_overlap_threshold():
     # q1 is kept on only 4 of its 16 pixels (q0 takes the rest): 0.25 < 0.8 -> dropped
     masks = _block_masks(8, 8, [(0, 4, 0, 3), (0, 4, 0, 4)])   # q0 leaves column 3 to q1
     classes = _onehot_logits([0, 0], c=1)
-    classes[0, 1, 0] = 8.0
-    seg, segments = panoptic_inference(_probs(masks, classes), [True])[0]
+    classes[1, 0] = 8.0
+    seg, segments = panoptic_inference(_probs(masks, classes), [True])
     assert len(segments) == 1 and segments[0]["area"] == 12
-    seg2, segments2 = panoptic_inference(_probs(masks, classes), [True], overlap_threshold=0.2)[0]
+    seg2, segments2 = panoptic_inference(_probs(masks, classes), [True], overlap_threshold=0.2)
     assert len(segments2) == 2 and (seg2[0:4, 3] == 2).all()
 
 
 def test_panoptic_nothing_kept():
-    seg, segments = panoptic_inference(_probs(torch.randn(1, 3, 4, 4), torch.zeros(1, 3, 3)),
-                                       [True, False])[0]
+    seg, segments = panoptic_inference(_probs(torch.randn(3, 4, 4), torch.zeros(3, 3)),
+                                       [True, False])
     assert segments == [] and (seg == 0).all()
 
 
@@ -171,7 +170,7 @@ def test_postprocess_maps_back_to_each_images_size():
 def test_with_background_claims_the_unclaimed_pixels():
     masks = _block_masks(4, 4, [(0, 2, 0, 2), (2, 4, 2, 4)])
     classes = torch.tensor([[[9.0, 0.0], [0.0, 9.0]]])    # q1 is "no object"
-    pred = with_background(postprocess(Outputs(masks, classes), [(4, 4)], 4, [True])[0])
+    pred = with_background(postprocess(Outputs(masks[None], classes), [(4, 4)], 4, [True])[0])
     assert (pred.semantic[:2, :2] == 0).all() and int((pred.semantic == BACKGROUND).sum()) == 12
     assert [(s["category"], s["isthing"], s["area"]) for s in pred.segments] == \
         [(0, True, 4), (BACKGROUND, False, 12)]

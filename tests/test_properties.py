@@ -43,8 +43,8 @@ def test_panoptic_post_processing_never_gives_a_pixel_two_segments(n, c, seed):
     masks = torch.randn(n, 12, 12, generator=g) * 4
     classes = torch.randn(n, c + 1, generator=g) * 4
     is_thing = [bool(i % 2) for i in range(c)]
-    probs = Probabilities.of(masks[None], classes[None])
-    seg, segments = panoptic_inference(probs, is_thing, object_mask_threshold=0.3)[0]
+    probs = Probabilities.of(masks, classes.softmax(-1))
+    seg, segments = panoptic_inference(probs, is_thing, object_mask_threshold=0.3)
     ids = [s["id"] for s in segments]
     assert len(ids) == len(set(ids))                       # one entry per segment
     assert set(seg.unique().tolist()) - {0} == set(ids)    # the map holds exactly those ids
@@ -53,5 +53,5 @@ def test_panoptic_post_processing_never_gives_a_pixel_two_segments(n, c, seed):
     assert sum(s["area"] for s in segments) + int((seg == 0).sum()) == seg.numel()
     stuff = [s["category"] for s in segments if not s["isthing"]]
     assert len(stuff) == len(set(stuff))                   # one segment per stuff class
-    sem = semantic_inference(probs)[0]
+    sem = semantic_inference(probs)
     assert sem.shape == (12, 12) and int(sem.min()) >= 0 and int(sem.max()) < c

@@ -1,0 +1,188 @@
+"""Evaluation speed with cached features, and old-vs-new equality of every metric.
+
+    python -m bench.eval_speed [--quick] [--old /tmp/old]       # images/s, decoder share
+    python -m bench.eval_speed --compare-old /tmp/old           # same numbers as the old code?
+
+``--old`` / ``--compare-old`` name a checkout of an earlier commit (``git worktree add /tmp/old
+9ad490b``). Each code version runs in its own subprocess (``PYTHONPATH`` = its checkout), on the
+same machine in the same run, with the same thread count, so the ratio is a side-by-side one.
+``bench_eval(quick)`` is what ``python -m bench`` calls: plain numbers, no old code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("shift", "novel", "stuff")
+THREADS = 2
+
+
+# ------------------------------------------------------------------------ child processes
+def _load(task: str, n_test: int):
+    """The committed SFM and a test split, with every scene composed beforehand."""
+    from ssprompt.data.scenes import SceneSplit
+    from ssprompt.sfm import load_sfm
+
+    sfm = load_sfm("embedded", device="cpu")
+    test = SceneSplit(task, "test", n=n_test)
+    _ = [test[i] for i in range(len(test))]
+    return sfm, test
+
+
+def _child_time(task: str, n_test: int, repeats: int) -> dict:
+    """Cached evaluation of the default prompts (N = 100, bare names): best-of-``repeats``
+    images/s, and the share of that evaluation spent in ``sfm.decode``."""
+    import time
+
+    from ssprompt.evaluate import evaluate
+    from ssprompt.features import FeatureCache
+    from ssprompt.prompts.semantic import default_semantic
+    from ssprompt.prompts.spatial import default_spatial
+
+    sfm, test = _load(task, n_test)
+    sp, se = default_spatial(sfm, 100), default_semantic(sfm, test.class_names)
+    cache = FeatureCache()
+    evaluate(sfm, sp, se, test, cache)                    # fills the cache, warms up
+    decode, spent = sfm.decode, [0.0]
+
+    def timed_decode(*a, **kw):
+        t = time.perf_counter()
+        out = decode(*a, **kw)
+        spent[0] += time.perf_counter() - t
+        return out
+
+    sfm.decode = timed_decode
+    runs = []
+    for _ in range(repeats):
+        spent[0] = 0.0
+        t = time.perf_counter()
+        evaluate(sfm, sp, se, test, cache)
+        runs.append((time.perf_counter() - t, spent[0]))
+    wall, dec = min(runs)
+    return {"images": len(test), "img_per_s": len(test) / wall, "eval_s": wall,
+            "decoder_s": dec, "decoder_share": dec / wall}
+
+
+def _child_metrics(prompt_file: str, n_test: int) -> dict:
+    """Metrics of every prompt set in ``prompt_file`` ({name: (task, spatial, semantic)})."""
+    import torch
+
+    from ssprompt.evaluate import evaluate
+    from ssprompt.features import FeatureCache
+
+    sets = torch.load(prompt_file)
+    out, cache, loaded = {}, FeatureCache(), {}
+    for name, (task, sp, se) in sets.items():
+        if task not in loaded:
+            loaded[task] = _load(task, n_test)
+        sfm, test = loaded[task]
+        out[name] = evaluate(sfm, sp, se, test, cache)
+    return out
+
+
+def _run_child(root: Path, kind: str, **kw) -> dict:
+    """Run ``_child_<kind>(**kw)`` of this file with ``root``'s ssprompt; its JSON result."""
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(THREADS)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(kw)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if res.returncode:
+        raise RuntimeError(f"{root}: {kind} child failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ the bench
+def bench_eval(quick: bool, old: str | None = None) -> dict:
+    """Cached-feature evaluation of ``shift`` (default prompts, N = 100): images/s and the
+    share of the time in the decoder; with ``old`` (a checkout of an earlier commit) also the
+    old code's images/s and the speed-up, measured side by side."""
+    n_test, repeats = (50, 2) if quick else (200, 3)
+    new = _run_child(ROOT, "time", task="shift", n_test=n_test, repeats=repeats)
+    out = {"images": new["images"], "img_per_s_cached": round(new["img_per_s"], 1),
+           "decoder_share": round(new["decoder_share"], 3),
+           "decoder_s": round(new["decoder_s"], 3), "eval_s": round(new["eval_s"], 3)}
+    if old:
+        was = _run_child(Path(old), "time", task="shift", n_test=n_test, repeats=repeats)
+        out.update({"old_img_per_s_cached": round(was["img_per_s"], 1),
+                    "old_decoder_share": round(was["decoder_share"], 3),
+                    "speedup": round(new["img_per_s"] / was["img_per_s"], 2)})
+    return out
+
+
+# ------------------------------------------------------------------------ old-vs-new check
+def _prompt_sets(n_test: int, steps: int) -> dict:
+    """Zero-shot prompts and prompts learned for ``steps`` steps (full SSPrompt and
+    learned-only, seed 0, 16 shots) on every task: {name: (task, spatial, semantic)}."""
+    import torch
+
+    from ssprompt.features import FeatureCache
+    from ssprompt.prompts.promptset import PromptConfig, PromptSet
+    from ssprompt.train import TrainConfig, train_many
+
+    sets = {}
+    cache = FeatureCache()
+    for task in TASKS:
+        sfm, test = _load(task, n_test)
+        from ssprompt.data.scenes import SceneSplit
+        train = SceneSplit(task, "train", shots=16, seed=0)
+        for mode in ("weighted", "learned_only"):
+            torch.manual_seed(0)
+            prompts = PromptSet(sfm, test.class_names, PromptConfig(mode),
+                                generator=torch.Generator().manual_seed(0))
+            if mode == "weighted":
+                with torch.no_grad():
+                    sets[f"{task}/zero-shot"] = (task, *prompts.defaults())
+            train_many(sfm, [(prompts, train, TrainConfig(steps=steps, warmup=2))], cache)
+            with torch.no_grad():
+                sp, se = prompts()
+            sets[f"{task}/{mode}-{steps}steps"] = (task, sp.detach(), se.detach())
+    return sets
+
+
+def compare_old(old: str, n_test: int = 200, steps: int = 20) -> dict:
+    """Every metric of every prompt set from the old and the new code: equal or not."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "prompts.pt")
+        torch.save(_prompt_sets(n_test, steps), path)
+        new = _run_child(ROOT, "metrics", prompt_file=path, n_test=n_test)
+        was = _run_child(Path(old), "metrics", prompt_file=path, n_test=n_test)
+    report = {}
+    for name in new:
+        diff = {k: (was[name][k], new[name][k]) for k in new[name] if was[name][k] != new[name][k]}
+        report[name] = {"equal": not diff, "diff": diff,
+                        **{k: new[name][k] for k in ("mIoU", "AP50", "PQ", "SQ", "RQ", "PQ_th",
+                                                     "PQ_st")}}
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--old", help="time this earlier checkout's evaluation too")
+    ap.add_argument("--compare-old", help="check every metric against this earlier checkout")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        import torch
+
+        torch.set_num_threads(THREADS)
+        kind, kw = args.child
+        print(json.dumps(globals()[f"_child_{kind}"](**json.loads(kw))))
+    elif args.compare_old:
+        report = compare_old(args.compare_old, n_test=50 if args.quick else 200)
+        print(json.dumps(report, indent=1))
+        print("all equal:", all(r["equal"] for r in report.values()))
+    else:
+        print(json.dumps(bench_eval(args.quick, args.old), indent=1))
+
+
+if __name__ == "__main__":
+    main()
