@@ -43,15 +43,6 @@ class SamSFM(PointPromptSFM):
     def _embed(self, pixels: Tensor) -> dict[str, Tensor]:
         return {"image_embeddings": self.model.get_image_embeddings(pixels)}
 
-    def _decode_masks(self, tensors, sparse, dense):
-        emb = tensors["image_embeddings"]
-        pos = self.model.get_image_wide_positional_embeddings().expand(emb.shape[0], -1, -1, -1)
-        masks, iou = self.model.mask_decoder(
-            image_embeddings=emb, image_positional_embeddings=pos,
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-            multimask_output=False)[:2]
-        return masks, iou
-
 
 def load_sam(checkpoint: str | Path, device: str | torch.device = "cpu") -> SamSFM:
     """A frozen SAM backend from a LOCAL transformers checkpoint directory (the

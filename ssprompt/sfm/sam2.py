@@ -42,15 +42,8 @@ class Sam2SFM(PointPromptSFM):
         maps = self.model.get_image_embeddings(pixels)
         return dict(zip(LEVELS, maps))
 
-    def _decode_masks(self, tensors, sparse, dense):
-        emb = tensors["image_embeddings"]
-        pos = self.model.get_image_wide_positional_embeddings().expand(emb.shape[0], -1, -1, -1)
-        masks, iou = self.model.mask_decoder(
-            image_embeddings=emb, image_positional_embeddings=pos,
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-            multimask_output=False,
-            high_resolution_features=[tensors["feat_s0"], tensors["feat_s1"]])[:2]
-        return masks, iou
+    def _decoder_extras(self, tensors):
+        return {"high_resolution_features": [tensors["feat_s0"], tensors["feat_s1"]]}
 
 
 def load_sam2(checkpoint: str | Path, device: str | torch.device = "cpu") -> Sam2SFM:

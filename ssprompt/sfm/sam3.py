@@ -55,13 +55,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from .base import Features, Outputs, freeze
-from .sam_common import (batched_prompts, check_checkpoint_dir, from_pretrained,
-                         letterbox_tensor, pixel_stats, weights_file_hash)
+from .sam_common import (TransformersSFM, batched_prompts, check_checkpoint_dir,
+                         from_pretrained, pixel_stats, weights_file_hash)
 
 HOW_TO_GET = ("download one on a machine with network (the gated `facebook/sam3`: accept its "
               "licence, then `huggingface-cli download facebook/sam3 --local-dir sam3`), copy "
@@ -80,7 +80,7 @@ def log1m_product_sigmoid(a: Tensor, b: Tensor) -> Tensor:
             + F.logsigmoid(b))
 
 
-class Sam3SFM(nn.Module):
+class Sam3SFM(TransformersSFM):
     """A frozen ``transformers.Sam3Model`` (+ its tokenizer) behind the ``PromptableSFM`` seam.
     ``embed_dim`` is the spatial prompt width (D + 4), ``text_dim`` the class prompt width
     (T * D)."""
@@ -89,8 +89,8 @@ class Sam3SFM(nn.Module):
 
     def __init__(self, model, tokenizer, weights_hash: str = "untrained",
                  pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5)):
-        super().__init__()
-        self.model, self.tokenizer = model, tokenizer
+        super().__init__(model, weights_hash, pixel_mean, pixel_std)
+        self.tokenizer = tokenizer
         cfg = model.config
         self.hidden = int(cfg.detr_decoder_config.hidden_size)
         self.embed_dim = self.hidden + 4
@@ -102,11 +102,6 @@ class Sam3SFM(nn.Module):
         self.levels = len(cfg.vision_config.scale_factors) - 1  # the detector drops the last
         self.object_mask_threshold = SAM3_SCORE_THRESHOLD
         self.concept_chunk = CONCEPT_CHUNK
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32)
-                             .view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32)
-                             .view(1, 3, 1, 1), persistent=False)
-        self._hash = weights_hash
         self._pos: dict = {}
         self._object_text: Tensor | None = None
 
@@ -119,10 +114,7 @@ class Sam3SFM(nn.Module):
     def encode_image(self, images: Tensor) -> Features:
         """(B, 3, S, S) letterboxed images in [0, 1] -> the FPN levels SAM 3's detector reads,
         ``fpn0`` (4x) .. ``fpn2`` (1x). Other sizes are letterboxed here (fallback)."""
-        ref = self._ref
-        x = letterbox_tensor(images.to(device=ref.device, dtype=torch.float32), self.image_size)
-        x = ((x - self.pixel_mean) / self.pixel_std).to(ref.dtype)
-        out = self.model.get_vision_features(pixel_values=x)
+        out = self.model.get_vision_features(pixel_values=self._pixels(images))
         return Features({f"fpn{i}": out.fpn_hidden_states[i] for i in range(self.levels)})
 
     def queries(self) -> Tensor:
@@ -190,9 +182,6 @@ class Sam3SFM(nn.Module):
             masks.append(m)
             logits.append(lg)
         return Outputs(torch.cat(masks), torch.cat(logits))
-
-    def weights_hash(self) -> str:
-        return self._hash
 
     # -- internals -------------------------------------------------------------------------
     def _object(self) -> Tensor:

@@ -145,29 +145,51 @@ def batched_prompts(spatial: Tensor, b: int, dim: int) -> Tensor:
     return spatial
 
 
-# -- SAM v1 / SAM 2 ----------------------------------------------------------------------------
-class PointPromptSFM(nn.Module):
-    """A frozen SAM-family model (``SamModel``, ``Sam2Model``) behind the ``PromptableSFM``
-    seam: one positive point per prompt, one mask per prompt, class-agnostic scores.
+# -- the backends' common base ---------------------------------------------------------------
+class TransformersSFM(nn.Module):
+    """A frozen transformers model behind the seam: weights hash, pixel statistics, and the
+    letterbox + normalisation every image goes through. Subclasses set ``image_size`` and
+    ``_ref`` (a frozen weight: the device and dtype the model runs in)."""
 
-    Subclasses define ``_embed(pixels) -> dict`` (the cached image tensors) and
-    ``_decode_masks(tensors, sparse, dense) -> (masks (B, N, 1, h, w), iou (B, N, 1))``."""
+    image_size: int
 
-    what = "SAM"            # for messages
-
-    def __init__(self, model, weights_hash: str = "untrained",
-                 pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+    def __init__(self, model, weights_hash: str, pixel_mean, pixel_std):
         super().__init__()
         self.model = model
-        cfg = model.config
-        self.embed_dim = int(cfg.prompt_encoder_config.hidden_size)
-        self.image_size = int(cfg.prompt_encoder_config.image_size)
-        self.prompt_chunk = PROMPT_CHUNK
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32)
                              .view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32)
                              .view(1, 3, 1, 1), persistent=False)
         self._hash = weights_hash
+
+    def _pixels(self, images: Tensor) -> Tensor:
+        """(B, 3, S, S) in [0, 1] (another size is letterboxed: fallback) -> the model's
+        normalised input, on its device and in its dtype."""
+        ref = self._ref
+        x = letterbox_tensor(images.to(device=ref.device, dtype=torch.float32), self.image_size)
+        return ((x - self.pixel_mean) / self.pixel_std).to(ref.dtype)
+
+    def weights_hash(self) -> str:
+        return self._hash
+
+
+# -- SAM v1 / SAM 2 ----------------------------------------------------------------------------
+class PointPromptSFM(TransformersSFM):
+    """A frozen SAM-family model (``SamModel``, ``Sam2Model``) behind the ``PromptableSFM``
+    seam: one positive point per prompt, one mask per prompt, class-agnostic scores.
+
+    Subclasses define ``_embed(pixels) -> dict`` (the cached image tensors) and, when their
+    mask decoder reads more than the image embedding, ``_decoder_extras(tensors) -> dict``."""
+
+    what = "SAM"            # for messages
+
+    def __init__(self, model, weights_hash: str = "untrained",
+                 pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+        super().__init__(model, weights_hash, pixel_mean, pixel_std)
+        cfg = model.config
+        self.embed_dim = int(cfg.prompt_encoder_config.hidden_size)
+        self.image_size = int(cfg.prompt_encoder_config.image_size)
+        self.prompt_chunk = PROMPT_CHUNK
 
     @property
     def _ref(self) -> Tensor:
@@ -178,10 +200,7 @@ class PointPromptSFM(nn.Module):
     def encode_image(self, images: Tensor) -> Features:
         """(B, 3, S, S) letterboxed images in [0, 1] (S = ``image_size``, what the feature cache
         gives) -> the image encoder's features. Other sizes are letterboxed here (fallback)."""
-        ref = self._ref
-        x = letterbox_tensor(images.to(device=ref.device, dtype=torch.float32), self.image_size)
-        x = (x - self.pixel_mean) / self.pixel_std
-        return Features(self._embed(x.to(ref.dtype)))
+        return Features(self._embed(self._pixels(images)))
 
     def encode_points(self, points: Tensor) -> Tensor:
         """(N, 2) [0, 1] (x, y) in the padded square input -> (N, D): the prompt encoder's own
@@ -230,13 +249,21 @@ class PointPromptSFM(nn.Module):
         class_logits = torch.stack([obj, torch.zeros_like(obj)], dim=-1)  # (B, N, 2)
         return Outputs(mask_logits, class_logits)
 
-    def weights_hash(self) -> str:
-        return self._hash
+    def _decode_masks(self, tensors: dict[str, Tensor], sparse: Tensor, dense: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+        """The model's own mask decoder, single-mask output (as ``forward`` with
+        ``multimask_output=False``): (masks (B, N, 1, h, w), iou (B, N, 1))."""
+        emb = tensors["image_embeddings"]
+        pos = self.model.get_image_wide_positional_embeddings().expand(emb.shape[0], -1, -1, -1)
+        masks, iou = self.model.mask_decoder(
+            image_embeddings=emb, image_positional_embeddings=pos,
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+            multimask_output=False, **self._decoder_extras(tensors))[:2]
+        return masks, iou
 
     # -- what a subclass fills ------------------------------------------------------------------
     def _embed(self, pixels: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _decode_masks(self, tensors: dict[str, Tensor], sparse: Tensor, dense: Tensor
-                      ) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+    def _decoder_extras(self, tensors: dict[str, Tensor]) -> dict:
+        return {}
