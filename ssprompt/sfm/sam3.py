@@ -32,7 +32,9 @@ backend seam (``base.PromptableSFM``) onto them:
   from the default they stay zero (AdamW's decay and the anchor keep zeros at zero) and the
   class keeps its own token count. (``init="random"`` draws noise with the vocabulary's
   per-coordinate spread: slots padded in every class name stay zero, others become tokens.)
-  Prompt engineering goes through the same encoder (template sequences, CLIP ensembling).
+  Prompt engineering goes through the same encoder: ``semantic.engineered_semantic`` averages
+  the unit-normalised flattened template sequences, i.e. slot by slot (a crude baseline for a
+  per-token encoder: the templates' tokens do not line up).
 * **Outputs.** SAM 3 answers one concept per forward: the C concepts run along the batch
   dimension with the cached image features (``concept_chunk`` (image, concept) pairs per forward,
   each chunk checkpointed while training, so C = 150 and N = 200 fit in memory). SAM 3's score
