@@ -191,7 +191,16 @@ def _cmd_train(a: argparse.Namespace) -> None:
         write_text(out / "loss.csv", buf.getvalue())
     write_json(out / "config.json", meta)
     write_json(out / "metrics.json", result)
+    from .plots import plot_train_curves
+    plot_train_curves(out / "curves.png", log, result["selection"])
     print(_table([(a.mode, result)]))
+    sel = result["selection"]
+    if sel is not None:
+        picked = sel["selected"]
+        print("held-out selection: " + ("no step beat the default prompts on the held-out "
+                                        "shots; kept the defaults (zero-shot)"
+                                        if picked == "default" else f"kept step {picked}")
+              + f" (see {out}/curves.png)")
     print(f"trained {result['trained_params']} prompt parameters in {result['wall_s']} s; "
           f"wrote {out}/prompts.safetensors, metrics.json")
 

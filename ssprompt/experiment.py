@@ -12,7 +12,7 @@ import torch
 
 from .data import open_dataset
 from .distributed import shard
-from .evaluate import evaluate
+from .evaluate import evaluate_many
 from .features import FeatureCache
 from .prompts.promptset import PromptConfig, PromptSet, config_dict
 from .selection import SelectionConfig, Subset, Tracker, decide, folds, restore_defaults
@@ -73,6 +73,7 @@ class _Cell:
     trackers: list = field(default_factory=list)
     jobs: list[int] = field(default_factory=list)   # this cell's positions in the job list
     notes: list[str] = field(default_factory=list)
+    n_params: int = 0
 
 
 def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False):
@@ -94,6 +95,7 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False):
             if prompts.num_trainable() else None
         cell = _Cell(spec, prompts, make, train,
                      TrainConfig(**{**asdict(spec.train), "seed": spec.seed}))
+        cell.n_params = prompts.num_trainable()
         cells.append(cell)
         if train is None:
             continue
@@ -117,37 +119,37 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False):
                 cell.trackers.append(tracker)
             hooks.append(tracker)
     logs = train_many(ws.sfm, jobs, ws.cache, progress=progress, on_step=hooks)
-    train_s = (time.time() - t0) / len(specs)
+    # selection, then one evaluation pass over the test split for every cell's final prompts
+    # (and its unselected last-step prompts where they differ)
+    picks = [_select(ws, cell, progress) for cell in cells]
+    test = ws.dataset(specs[0].task, "test", n_test=specs[0].n_test)
+    if any(sp.task != specs[0].task or sp.n_test != specs[0].n_test for sp in specs):
+        raise ValueError("run_cells: every cell must share the task and test split")
+    with torch.no_grad():
+        sets = [cell.prompts() for cell in cells] + [raw for _, raw in picks if raw is not None]
+    metrics = evaluate_many(ws.sfm, sets, test, ws.cache, batch=ws.eval_batch,
+                            indices=shard(len(test)))
+    raws = iter(metrics[len(cells):])
+    wall = (time.time() - t0) / len(specs)
     out = []
-    for cell in cells:
-        t1 = time.time()
-        spec, test = cell.spec, ws.dataset(cell.spec.task, "test", n_test=cell.spec.n_test)
+    for cell, (selection, raw), m in zip(cells, picks, metrics):
         log = logs[cell.jobs[0]] if cell.jobs else []
-        n_params = cell.prompts.num_trainable()
-        score = lambda p: _evaluate(ws, p, test)  # noqa: E731
-        selection, raw = _select(ws, cell, score, progress)
-        metrics = score(cell.prompts)
         for note in cell.notes:
             warnings.warn(note, stacklevel=2)
-        result = {**metrics, "trained_params": n_params,
-                  "wall_s": round(train_s + time.time() - t1, 2), "sfm": ws.sfm.weights_hash(),
-                  "final_loss": log[-1]["loss"] if log else None, "selection": selection,
-                  "raw": raw, "warnings": cell.notes, "spec": spec.as_dict()}
+        raw_m = None if raw is None else \
+            {k: v for k, v in next(raws).items() if k != "per_class"}
+        result = {**m, "trained_params": cell.n_params, "wall_s": round(wall, 2),
+                  "sfm": ws.sfm.weights_hash(), "final_loss": log[-1]["loss"] if log else None,
+                  "selection": selection, "raw": raw_m, "warnings": cell.notes,
+                  "spec": cell.spec.as_dict()}
         out.append((result, cell.prompts, log))
     return out
 
 
-def _evaluate(ws: Workspace, prompts: PromptSet, test) -> dict:
-    with torch.no_grad():
-        spatial, semantic = prompts()
-    return evaluate(ws.sfm, spatial, semantic, test, ws.cache, batch=ws.eval_batch,
-                    indices=shard(len(test)))
-
-
-def _select(ws: Workspace, cell: _Cell, score, progress: bool) -> tuple[dict | None, dict | None]:
+def _select(ws: Workspace, cell: _Cell, progress: bool):
     """Apply held-out selection to ``cell.prompts`` in place. Returns (what was selected, with
-    the held-out curve; the test metrics of the unselected last-step prompts, where they
-    differ from the selected ones)."""
+    the held-out curves; the unselected last-step (spatial, semantic) embeddings where they
+    differ from the selected ones, else None)."""
     if cell.train is None:
         return None, None
     if not cell.jobs:        # k = 1: nothing to validate on
@@ -162,11 +164,11 @@ def _select(ws: Workspace, cell: _Cell, score, progress: bool) -> tuple[dict | N
             "curve": curve, "folds": [t.curve for t in cell.trackers],
             "default_folds": [t.default for t in cell.trackers],
             "selected": "default" if step is None else step, "refit": False}
-    last = cell.cfg.steps
     single = len(cell.trackers) == 1
     raw = None
-    if single and step != last:
-        raw = {k: v for k, v in score(cell.prompts).items() if k != "per_class"}
+    if single and step != cell.cfg.steps:
+        with torch.no_grad():
+            raw = tuple(None if x is None else x.detach().clone() for x in cell.prompts())
     if step is None:
         restore_defaults(cell.prompts, ws.sfm)
     elif single and not sel.refit:

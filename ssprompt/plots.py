@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -68,25 +69,66 @@ def plot_study(run: Path, cfg, rows: list[dict], summary: dict) -> None:
     if target is not None:
         _plot_weights(run, plt, [r for r in rows if r["variant"] == target], tasks, target)
 
-    # 4. loss curves: convergence of every trained variant (mean over seeds), one panel a task
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
-    for ax, t in zip(axes[0], tasks):
+    # 4. loss curves and held-out selection curves of every trained variant (mean over seeds)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4 * len(tasks), 6.2), squeeze=False)
+    for col, t in enumerate(tasks):
         for n in names:
-            logs = [r.get("loss_log") or [] for r in rows if r["variant"] == n and r["task"] == t]
-            logs = [lg for lg in logs if lg]
-            if not logs:
-                continue
-            steps = [e["step"] for e in logs[0]]
-            loss = np.mean([[e["loss"] for e in lg] for lg in logs], axis=0)
-            ax.plot(steps, loss, label=n, lw=1)
-        ax.set_yscale("log")
-        ax.set_title(t)
-        ax.set_xlabel("step")
+            sel = [r for r in rows if r["variant"] == n and r["task"] == t]
+            logs = [r["loss_log"] for r in sel if r.get("loss_log")]
+            if logs:
+                steps = [e["step"] for e in logs[0]]
+                loss = np.mean([[e["loss"] for e in lg] for lg in logs], axis=0)
+                axes[0][col].plot(steps, loss, label=n, lw=1)
+            gains = [held_out_gain(r.get("selection")) for r in sel]
+            gains = [g for g in gains if g is not None]
+            if gains:
+                axes[1][col].plot(gains[0][0], np.mean([g[1] for g in gains], axis=0),
+                                  label=n, lw=1, marker=".")
+        axes[0][col].set_yscale("log")
+        axes[0][col].set_title(t)
+        axes[1][col].axhline(0, color="k", lw=0.8)
+        axes[1][col].set_xlabel("step")
     axes[0][0].set_ylabel("training loss")
+    axes[1][0].set_ylabel("held-out score - defaults'")
     axes[0][-1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(run / "loss_curves.png", dpi=100)
     plt.close(fig)
+
+
+def held_out_gain(selection: dict | None):
+    """(steps, held-out score minus the default prompts' score) of a selection record."""
+    if not selection or not selection.get("curve"):
+        return None
+    return ([c["step"] for c in selection["curve"]],
+            [c["score"] - selection["default_score"] for c in selection["curve"]])
+
+
+def plot_train_curves(path: Path, log: list[dict], selection: dict | None) -> None:
+    """``ssprompt train``: the loss curve beside the held-out selection curve."""
+    import matplotlib
+
+    from .io import write_bytes
+
+    fig = matplotlib.figure.Figure(figsize=(8, 3.2))
+    ax1, ax2 = fig.subplots(1, 2)
+    if log:
+        ax1.plot([e["step"] for e in log], [e["loss"] for e in log])
+    ax1.set(xlabel="step", ylabel="training loss", yscale="log", title="loss (fit shots)")
+    gain = held_out_gain(selection)
+    if gain is not None:
+        ax2.plot(*gain, marker="o")
+        ax2.axhline(0, color="k", lw=0.8, label="default prompts")
+        picked = selection["selected"]
+        if picked != "default":
+            ax2.axvline(picked, color="g", ls="--", label=f"selected: step {picked}")
+        ax2.legend(fontsize=7)
+    ax2.set(xlabel="step", ylabel="score - defaults' score",
+            title="held-out shots: mean of mIoU, AP50, PQ")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_bytes(path, buf.getvalue())
 
 
 def _plot_weights(run: Path, plt, rows: list[dict], tasks, name: str) -> None:

@@ -287,14 +287,26 @@ def _mean_std(vals: list) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+def _raw(r: dict, m: str):
+    """The metric the cell's prompts had at their last training step, before selection (the
+    same as the selected one where selection kept the last step or was off)."""
+    return (r.get("raw") or r).get(m) if r.get("selection") else r.get(m)
+
+
+def _flat(r: dict) -> dict:
+    sel = r.get("selection") or {}
+    return {**r, "selected": sel.get("selected", ""),
+            **{f"raw_{m}": _raw(r, m) for m in METRICS}}
+
+
 def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None) -> dict:
     rows = load_cells(run, cfg)
     cols = ["variant", "group", "task", "seed", *METRICS, "SQ", "RQ", "PQ_th", "PQ_st",
-            "trained_params", "wall_s", "final_loss"]
+            "trained_params", "wall_s", "final_loss", "selected", *(f"raw_{m}" for m in METRICS)]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows(_flat(r) for r in rows)
     write_text(run / "results.csv", buf.getvalue())
 
     summary: dict = {}
@@ -303,6 +315,10 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None) -> dict:
             sel = [r for r in rows if r["variant"] == v.name and r["task"] == t]
             summary.setdefault(v.name, {})[t] = {
                 m: _mean_std([r.get(m) for r in sel]) for m in METRICS}
+            summary[v.name][t]["raw"] = {m: _mean_std([_raw(r, m) for r in sel])
+                                         for m in METRICS}
+            summary[v.name][t]["selected"] = [(r.get("selection") or {}).get("selected")
+                                              for r in sel]
             summary[v.name][t]["trained_params"] = sel[0]["trained_params"]
             summary[v.name][t]["wall_s"] = float(np.mean([r["wall_s"] for r in sel]))
     total_wall = sum(r["wall_s"] for r in rows)
@@ -317,24 +333,19 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None) -> dict:
     return summary
 
 
-def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None) -> str:
+def _table(cfg: StudyConfig, stats) -> list[str]:
+    """A markdown table, one row a variant; ``stats(variant, task)`` -> {metric: (mean, std)}."""
     zs = cfg.variants[0].name
-    lines = [f"# Study `{cfg.name}`", "",
-             f"{len(cfg.variants)} variants x {len(cfg.tasks)} tasks x {len(cfg.seeds)} seeds "
-             f"(seeds {cfg.seeds}), {cfg.shots}-shot, test images per task: "
-             f"{cfg.n_test or 'all'}. Mean ± std over seeds, in percent; **bold** = best in "
-             f"the column; (Δ) = difference to `{zs}`."
-             + (f" Wall time of this run: {wall_s / 60:.1f} min." if wall_s else ""), ""]
     head = "| variant | params |" + "".join(f" {t} {m} |" for t in cfg.tasks for m in METRICS)
-    lines += [head, "|---|---:|" + "---:|" * (len(cfg.tasks) * len(METRICS))]
-    best = {(t, m): max((summary[v.name][t][m][0] for v in cfg.variants
-                         if not np.isnan(summary[v.name][t][m][0])), default=np.nan)
+    lines = [head, "|---|---:|" + "---:|" * (len(cfg.tasks) * len(METRICS))]
+    best = {(t, m): max((stats(v.name, t)[m][0] for v in cfg.variants
+                         if not np.isnan(stats(v.name, t)[m][0])), default=np.nan)
             for t in cfg.tasks for m in METRICS}
     for v in cfg.variants:
         cells = []
         for t in cfg.tasks:
             for m in METRICS:
-                mean, std = summary[v.name][t][m]
+                mean, std = stats(v.name, t)[m]
                 if np.isnan(mean):
                     cells.append("n/a")
                     continue
@@ -342,8 +353,51 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None) -> s
                 if mean == best[(t, m)]:
                     s = f"**{s}**"
                 if v.name != zs:
-                    s += f" ({mean - summary[zs][t][m][0]:+.1f})"
+                    s += f" ({mean - stats(zs, t)[m][0]:+.1f})"
                 cells.append(s)
-        params = summary[v.name][cfg.tasks[0]]["trained_params"]
-        lines.append(f"| {v.name} | {params} | " + " | ".join(cells) + " |")
+        lines.append(f"| {v.name} | {stats.params(v.name)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None) -> str:
+    zs = cfg.variants[0].name
+    sel = cfg.selection
+    rule = (f"Every trained variant uses held-out-shot selection: {sel.holdout:.0%} of the "
+            f"{cfg.shots} shots are held out, candidates are scored there every {sel.every} "
+            "steps, and a variant keeps its default prompts unless a step beats them."
+            if sel.enabled else "No held-out selection: the last training step is kept.")
+    lines = [f"# Study `{cfg.name}`", "",
+             f"{len(cfg.variants)} variants x {len(cfg.tasks)} tasks x {len(cfg.seeds)} seeds "
+             f"(seeds {cfg.seeds}), {cfg.shots}-shot, test images per task: "
+             f"{cfg.n_test or 'all'}. Mean ± std over seeds, in percent; **bold** = best in "
+             f"the column; (Δ) = difference to `{zs}`."
+             + (f" Wall time of this run: {wall_s / 60:.1f} min." if wall_s else ""), "", rule,
+             ""]
+
+    class Stats:
+        def __init__(self, key=None):
+            self.key = key
+
+        def __call__(self, v, t):
+            return summary[v][t] if self.key is None else summary[v][t][self.key]
+
+        def params(self, v):
+            return summary[v][cfg.tasks[0]]["trained_params"]
+
+    lines += _table(cfg, Stats())
+    if sel.enabled:
+        lines += ["", "## What selection chose", "",
+                  "Per task, the step each seed kept (`default`: no step beat the default "
+                  "prompts on the held-out shots).", "",
+                  "| variant | " + " | ".join(cfg.tasks) + " |",
+                  "|---|" + "---|" * len(cfg.tasks)]
+        for v in cfg.variants:
+            picks = [", ".join(str(x) for x in summary[v.name][t]["selected"] if x is not None)
+                     or "-" for t in cfg.tasks]
+            lines.append(f"| {v.name} | " + " | ".join(picks) + " |")
+        lines += ["", "## The same runs without selection", "",
+                  "Test metrics of the prompts at the last training step (fitted on the same "
+                  "shots minus the held-out ones), i.e. what prompt learning gives when nothing "
+                  "checks it.", ""]
+        lines += _table(cfg, Stats("raw"))
     return "\n".join(lines) + "\n"
