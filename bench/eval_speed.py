@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("shift", "novel", "stuff")
-THREADS = 2
+THREADS = int(os.environ.get("SSPROMPT_BENCH_THREADS", "2"))  # torch threads of each child
 
 
 # ------------------------------------------------------------------------ child processes
@@ -70,20 +70,25 @@ def _child_time(task: str, n_test: int, repeats: int) -> dict:
             "decoder_s": dec, "decoder_share": dec / wall}
 
 
-def _child_metrics(prompt_file: str, n_test: int) -> dict:
-    """Metrics of every prompt set in ``prompt_file`` ({name: (task, spatial, semantic)})."""
+def _child_metrics(prompt_file: str, n_test: int, many: bool = False) -> dict:
+    """Metrics of every prompt set in ``prompt_file`` ({name: (task, spatial, semantic)}), one
+    ``evaluate`` each, or (``many``) one ``evaluate_many`` per task."""
     import torch
 
-    from ssprompt.evaluate import evaluate
     from ssprompt.features import FeatureCache
 
     sets = torch.load(prompt_file)
-    out, cache, loaded = {}, FeatureCache(), {}
-    for name, (task, sp, se) in sets.items():
-        if task not in loaded:
-            loaded[task] = _load(task, n_test)
-        sfm, test = loaded[task]
-        out[name] = evaluate(sfm, sp, se, test, cache)
+    out, cache = {}, FeatureCache()
+    for task in dict.fromkeys(t for t, _, _ in sets.values()):
+        sfm, test = _load(task, n_test)
+        names = [k for k, (t, _, _) in sets.items() if t == task]
+        prompts = [sets[k][1:] for k in names]
+        if many:
+            from ssprompt.evaluate import evaluate_many
+            out.update(zip(names, evaluate_many(sfm, prompts, test, cache)))
+        else:
+            from ssprompt.evaluate import evaluate
+            out.update((k, evaluate(sfm, sp, se, test, cache)) for k, (sp, se) in zip(names, prompts))
     return out
 
 
@@ -117,27 +122,28 @@ def bench_eval(quick: bool, old: str | None = None) -> dict:
 
 # ------------------------------------------------------------------------ old-vs-new check
 def _prompt_sets(n_test: int, steps: int) -> dict:
-    """Zero-shot prompts and prompts learned for ``steps`` steps (full SSPrompt and
-    learned-only, seed 0, 16 shots) on every task: {name: (task, spatial, semantic)}."""
+    """Zero-shot prompts (N = 100 grid, bare class names) and prompts learned for ``steps``
+    steps (full SSPrompt and learned-only, seed 0, 16 shots) on every task:
+    {name: (task, spatial, semantic)}."""
     import torch
 
+    from ssprompt.data.scenes import SceneSplit
     from ssprompt.features import FeatureCache
     from ssprompt.prompts.promptset import PromptConfig, PromptSet
+    from ssprompt.prompts.semantic import default_semantic
+    from ssprompt.prompts.spatial import default_spatial
     from ssprompt.train import TrainConfig, train_many
 
-    sets = {}
-    cache = FeatureCache()
+    sets, cache = {}, FeatureCache()
     for task in TASKS:
         sfm, test = _load(task, n_test)
-        from ssprompt.data.scenes import SceneSplit
+        sets[f"{task}/zero-shot"] = (task, default_spatial(sfm, 100),
+                                     default_semantic(sfm, test.class_names))
         train = SceneSplit(task, "train", shots=16, seed=0)
         for mode in ("weighted", "learned_only"):
             torch.manual_seed(0)
             prompts = PromptSet(sfm, test.class_names, PromptConfig(mode),
                                 generator=torch.Generator().manual_seed(0))
-            if mode == "weighted":
-                with torch.no_grad():
-                    sets[f"{task}/zero-shot"] = (task, *prompts.defaults())
             train_many(sfm, [(prompts, train, TrainConfig(steps=steps, warmup=2))], cache)
             with torch.no_grad():
                 sp, se = prompts()
@@ -146,20 +152,23 @@ def _prompt_sets(n_test: int, steps: int) -> dict:
 
 
 def compare_old(old: str, n_test: int = 200, steps: int = 20) -> dict:
-    """Every metric of every prompt set from the old and the new code: equal or not."""
+    """Every metric of every prompt set from the old code (``evaluate``) and the new one
+    (``evaluate`` one set at a time, and ``evaluate_many`` all sets of a task in one pass):
+    equal or not, per prompt set."""
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "prompts.pt")
         torch.save(_prompt_sets(n_test, steps), path)
-        new = _run_child(ROOT, "metrics", prompt_file=path, n_test=n_test)
         was = _run_child(Path(old), "metrics", prompt_file=path, n_test=n_test)
+        new = _run_child(ROOT, "metrics", prompt_file=path, n_test=n_test)
+        many = _run_child(ROOT, "metrics", prompt_file=path, n_test=n_test, many=True)
     report = {}
     for name in new:
         diff = {k: (was[name][k], new[name][k]) for k in new[name] if was[name][k] != new[name][k]}
-        report[name] = {"equal": not diff, "diff": diff,
-                        **{k: new[name][k] for k in ("mIoU", "AP50", "PQ", "SQ", "RQ", "PQ_th",
-                                                     "PQ_st")}}
+        report[name] = {"equal": not diff, "evaluate_many_equal": many[name] == was[name],
+                        "diff": diff, **{k: new[name][k] for k in ("mIoU", "AP50", "PQ", "SQ",
+                                                                   "RQ", "PQ_th", "PQ_st")}}
     return report
 
 
@@ -179,7 +188,7 @@ def main() -> None:
     elif args.compare_old:
         report = compare_old(args.compare_old, n_test=50 if args.quick else 200)
         print(json.dumps(report, indent=1))
-        print("all equal:", all(r["equal"] for r in report.values()))
+        print("all equal:", all(r["equal"] and r["evaluate_many_equal"] for r in report.values()))
     else:
         print(json.dumps(bench_eval(args.quick, args.old), indent=1))
 

@@ -699,3 +699,24 @@ def test_pq_equals_panopticapi_via_hotcoco(tmp_path):
         for c, v in enumerate(ours["per_class"]):
             if v is not None:
                 assert v == pytest.approx(100 * ref["per_class"][c + 1]["pq"], abs=1e-9), (i, c)
+
+
+# --------------------------------------------------------------------------- evaluate_many
+def test_evaluate_many_equals_one_set_at_a_time():
+    from ssprompt.data.scenes import SceneSplit
+    from ssprompt.evaluate import evaluate, evaluate_many
+    from ssprompt.features import FeatureCache
+    from ssprompt.sfm.embedded import EmbeddedSFM
+
+    torch.manual_seed(0)
+    sfm = EmbeddedSFM(embed_dim=32, mask_dim=16, layers=1, object_mask_threshold=0.05).eval()
+    data = SceneSplit("shift", "test", n=5)
+    c = len(data.class_names)
+    sets = [(torch.randn(8, 32), torch.randn(c, 32)) for _ in range(3)]
+    cache = FeatureCache()
+    together = evaluate_many(sfm, sets, data, cache, batch=2)
+    alone = [evaluate(sfm, sp, se, data, cache, batch=3) for sp, se in sets]
+    assert together == alone
+    assert len({(m["mIoU"], m["PQ"]) for m in alone}) == 3        # the sets really differ
+    with pytest.raises(ValueError, match="with and without"):
+        evaluate_many(sfm, [sets[0], (sets[1][0], None)], data, cache)

@@ -126,8 +126,8 @@ def test_sam_spatial_train_and_eval_class_agnostic(instances_root, sam_ckpt, tmp
     trained, evaluated = _train_then_eval(instances_root, tmp_path / "run", *sam,
                                           extra=("--learners", "spatial"))
     _assert_finite(trained)
-    # SAM has no classes: evaluation is class-agnostic, one "object" class
-    assert list(trained["per_class"]) == ["object"]
+    # SAM has no classes: evaluation is class-agnostic, {object, background}
+    assert list(trained["per_class"]) == ["object", "background"]
     _assert_same(trained, evaluated)
     # zero-shot SAM (default point layout) also evaluates on the COCO fixture
     ok(ssprompt("eval", "--data", f"coco:{instances_root}", "--n-test", 2, "--n-prompts", 16,
