@@ -104,7 +104,7 @@ def write_predictions(out: str | Path, predictor, items: list[Item], cat_ids: li
 
     out = Path(out)
     names, is_thing = predictor.class_names, predictor.is_thing
-    if len(cat_ids) != len(names):  # class-agnostic: object / background
+    if predictor.agnostic:  # object / background, not the data's classes
         cat_ids = list(range(1, len(names) + 1))
     categories = [{"id": int(c), "name": n, "isthing": int(t),
                    "supercategory": "thing" if t else "stuff"}

@@ -144,3 +144,21 @@ def test_train_set_reaches_every_trainconfig_field(tmp_path):
     assert (train["steps"], train["lr"], train["log_every"], train["anchor"]) == (3, 0.01, 1, 0.0)
     rows = list(csv.DictReader((out / "loss.csv").open()))
     assert [int(r["step"]) for r in rows] == [0, 1, 2]   # --set log_every=1: every step
+
+
+def test_study_with_set_runs_and_its_prompts_files_describe_themselves(tmp_path):
+    import yaml
+
+    from ssprompt.prompts.promptset import load_prompts
+
+    out = tmp_path / "study"
+    r = ssprompt("study", "--quick", "--device", "cpu", "--out", out, "--set", "tasks=[stuff]",
+                 "--set", "n_test=2", "--set", "shots=2", "--set", "train.steps=2",
+                 "--set", "variants=[{name: zero-shot, mode: default}, "
+                          "{name: ssprompt, mode: weighted, n_prompts: 25}]")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["tasks"] == ["stuff"] and cfg["train"]["steps"] == 2 and len(cfg["variants"]) == 2
+    lp = load_prompts(out / "cells" / "ssprompt__stuff__s0.safetensors")
+    assert lp.meta["n_prompts"] == 25 and len(lp.class_names) == lp.semantic.shape[0]
+    assert False in lp.is_thing and True in lp.is_thing   # stuff and things, told apart
