@@ -14,6 +14,11 @@ depth and the feature-map size: SAM 3 at 112 px with 2 ViT layers and 1 + 1 DETR
 at 256 px with 8 Hiera blocks, one image per step, one CPU thread (on a shared 2-core CPU two
 threads wait on each other at every op); it says so in ``size``. Random weights are fine for
 timing, not for accuracy.
+
+``sam3_real_flops()`` (``python -m bench.backends --flops``; part of the full run) counts SAM 3's
+FLOPs at its real size, which a CPU cannot time: the image encoder per image, and one detector +
+mask-decoder pass per (image, concept) pair, the unit a SAM 3 prompt-learning step repeats
+images x C times.
 """
 
 from __future__ import annotations
@@ -233,6 +238,41 @@ def bench_backend(kind: str, quick: bool, device="cpu") -> dict:
     return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()}
 
 
+def sam3_real_flops(n_values=(25, 200), device="cpu") -> dict:
+    """FLOPs of SAM 3 at its REAL configuration (``Sam3Config()``, 1008 px), counted with
+    ``torch.utils.flop_counter``: the image encoder per image (on the meta device: nothing is
+    computed) and one no-grad detector + mask-decoder pass per (image, concept) pair for N
+    queries (on random features; ~15 s each on one CPU thread, ~3.5 GB of weights)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Sam3Config, Sam3Model
+
+    from ssprompt.sfm.base import freeze
+    from ssprompt.sfm.sam3 import Sam3SFM
+
+    res = {}
+    with torch.device("meta"):
+        meta = freeze(Sam3SFM(Sam3Model(Sam3Config()).eval(), tokenizer=None))
+    with FlopCounterMode(display=False) as fc:
+        meta.encode_image(torch.zeros(1, 3, meta.image_size, meta.image_size, device="meta"))
+    res["encoder_tflop_per_image"] = fc.get_total_flops() / 1e12
+    cfg = Sam3Config()
+    cfg.vision_config.backbone_config.num_hidden_layers = 1   # the encoder is not run below
+    cfg.text_config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    sfm = freeze(Sam3SFM(Sam3Model(cfg).eval(), tokenizer=None).to(device))
+    side = [4 * sfm.image_size // 14, 2 * sfm.image_size // 14, sfm.image_size // 14]
+    vision = [torch.randn(1, sfm.hidden, s, s, device=device) for s in side]
+    text = torch.randn(1, 1, sfm.text_len, sfm.text_hidden, device=device)
+    valid = torch.zeros(1, 1, sfm.text_len, dtype=torch.bool, device=device)
+    valid[..., :TEXT_TOKENS] = True
+    for n in n_values:
+        q = sfm.queries()[torch.arange(n, device=device) % sfm.num_queries]
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            sfm._decode_group(vision, q, text, valid)
+        res[f"decode_tflop_per_image_concept_N{n}"] = fc.get_total_flops() / 1e12
+    return {k: round(v, 3) for k, v in res.items()}
+
+
 def bench_backends(quick: bool) -> dict:
     """Per backend (sam3, sam2): plain numbers (ms, MB, ratios) and a ``size`` note saying
     whether the configuration is real or reduced; ``device`` says where it ran."""
@@ -245,6 +285,8 @@ def bench_backends(quick: bool) -> dict:
         out = {kind: bench_backend(kind, quick, device) for kind in ("sam3", "sam2")}
     finally:
         torch.set_num_threads(threads)
+    if not quick:
+        out["sam3_real_flops"] = sam3_real_flops(device=device)
     out["device"] = device if device == "cpu" else torch.cuda.get_device_name()
     out["wall_s"] = round(time.perf_counter() - t, 1)
     return out
@@ -254,4 +296,7 @@ if __name__ == "__main__":
     import json
     import sys
 
-    print(json.dumps(bench_backends(quick="--full" not in sys.argv), indent=1))
+    if "--flops" in sys.argv:
+        print(json.dumps(sam3_real_flops(), indent=1))
+    else:
+        print(json.dumps(bench_backends(quick="--full" not in sys.argv), indent=1))
