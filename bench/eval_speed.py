@@ -6,7 +6,9 @@
 ``--old`` / ``--compare-old`` name a checkout of an earlier commit (``git worktree add /tmp/old
 9ad490b``). Each code version runs in its own subprocess (``PYTHONPATH`` = its checkout), on the
 same machine in the same run, with the same thread count, so the ratio is a side-by-side one.
-``bench_eval(quick)`` is what ``python -m bench`` calls: plain numbers, no old code.
+``bench_eval(quick)`` is what ``python -m bench`` calls: plain numbers (the old code only where
+$SSPROMPT_BENCH_OLD names a checkout). $SSPROMPT_BENCH_THREADS sets the children's torch
+threads (default 2).
 """
 
 from __future__ import annotations
@@ -105,8 +107,9 @@ def _run_child(root: Path, kind: str, **kw) -> dict:
 # ------------------------------------------------------------------------------ the bench
 def bench_eval(quick: bool, old: str | None = None) -> dict:
     """Cached-feature evaluation of ``shift`` (default prompts, N = 100): images/s and the
-    share of the time in the decoder; with ``old`` (a checkout of an earlier commit) also the
-    old code's images/s and the speed-up, measured side by side."""
+    share of the time in the decoder; with ``old`` (a checkout of an earlier commit; default:
+    $SSPROMPT_BENCH_OLD) also the old code's images/s and the speed-up, measured side by side."""
+    old = old or os.environ.get("SSPROMPT_BENCH_OLD")
     n_test, repeats = (50, 2) if quick else (200, 3)
     new = _run_child(ROOT, "time", task="shift", n_test=n_test, repeats=repeats)
     out = {"images": new["images"], "img_per_s_cached": round(new["img_per_s"], 1),

@@ -111,8 +111,8 @@ def _rle_counts(masks: np.ndarray) -> list[bytes]:
 
     if len(masks) == 0:
         return []
-    return [r["counts"] for r in
-            mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))]
+    fortran = np.asfortranarray(masks.transpose(1, 2, 0), dtype=bool).view(np.uint8)
+    return [r["counts"] for r in mask_util.encode(fortran)]
 
 
 class InstanceAP50(Metric):

@@ -3,9 +3,12 @@ each image's own size (Mask2Former's inference rules).
 
 One stage that evaluation, prediction and the study all call. It maps the mask logits of the
 SFM's letterboxed square input back to every image's (H, W) (``geometry.unletterbox``), computes
-the mask and class probabilities once per batch, and derives the three tasks from them with
-batched tensor ops. Metrics (``ssprompt.metrics``) only compare its ``Prediction`` objects with
-the ground truth.
+the mask and class probabilities once (``Probabilities``), and derives the three tasks from them
+with tensor ops over all queries and classes at once (no loop over queries). Metrics
+(``ssprompt.metrics``) only compare its ``Prediction`` objects with the ground truth.
+
+The results are bit-identical to scoring each image on its own with the former per-image code
+(bench/eval_speed.py --compare-old checks the study's metrics).
 """
 
 from __future__ import annotations
@@ -96,10 +99,10 @@ def postprocess(outputs, sizes: list[tuple[int, int]], image_size: int, is_thing
 # ------------------------------------------------------------------------------- the 3 tasks
 def semantic_inference(p: Probabilities) -> Tensor:
     """(H, W) class map: argmax over classes of sum_q p(class | q) * sigmoid(mask_q)."""
-    return argmax0(torch.einsum("qc,qhw->chw", p.classes[:, :-1], p.masks))
+    return _argmax0(torch.einsum("qc,qhw->chw", p.classes[:, :-1], p.masks))
 
 
-def argmax0(x: Tensor) -> Tensor:
+def _argmax0(x: Tensor) -> Tensor:
     """``x.argmax(0)`` (the first maximum wins), taken along a contiguous axis: torch's CPU
     argmax over a leading axis is ~2x slower than a transpose plus argmax over the last."""
     return x.flatten(1).t().contiguous().argmax(1).view(x.shape[1:])
@@ -137,13 +140,13 @@ def panoptic_inference(p: Probabilities, is_thing: list[bool],
 
 
 def _panoptic_of_kept(masks: Tensor, scores: Tensor, labels: Tensor, is_thing: list[bool],
-                  overlap_threshold: float) -> tuple[Tensor, list[dict]]:
+                      overlap_threshold: float) -> tuple[Tensor, list[dict]]:
     """``panoptic_inference`` from the kept queries' mask probabilities (K, H, W), scores and
     labels (K,)."""
     k, (h, w) = masks.shape[0], masks.shape[-2:]
     if k == 0:
         return torch.zeros((h, w), dtype=torch.long, device=masks.device), []
-    owner = argmax0(scores[:, None, None] * masks)                     # (H, W)
+    owner = _argmax0(scores[:, None, None] * masks)                     # (H, W)
     original = masks >= 0.5                                            # (K, H, W)
     owned = original.gather(0, owner[None])[0]                         # owner's mask is on
     won = torch.bincount(owner.flatten(), minlength=k)
