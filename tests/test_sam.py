@@ -86,21 +86,27 @@ def test_encode_image_matches_sam_preprocessing(sam, ref_model, images):
     assert big.tensors["image_embeddings"].shape == (1, D, SIZE // 16, SIZE // 16)
 
 
-def test_point_embeddings_are_sams_own(sam, ref_model):
+def check_point_embeddings_are_the_prompt_encoders(sfm, ref_model, size: int, d: int):
+    """``encode_points`` = the model's own prompt encoder on one positive point per prompt, and
+    ``padding_embedding`` = the token it appends (SAM v1 and SAM 2 alike)."""
     pts = torch.rand(7, 2, generator=torch.Generator().manual_seed(2))
-    got = sam.encode_points(pts)
-    assert got.shape == (7, D)
+    got = sfm.encode_points(pts)
+    assert got.shape == (7, d)
     with torch.no_grad():
         sparse, _ = ref_model.prompt_encoder(
-            input_points=(pts * SIZE).view(1, 7, 1, 2),
+            input_points=(pts * size).view(1, 7, 1, 2),
             input_labels=torch.ones(1, 7, 1, dtype=torch.int), input_boxes=None,
             input_masks=None)
-    assert sparse.shape == (1, 7, 2, D)            # the point + SAM's padding token
+    assert sparse.shape == (1, 7, 2, d)            # the point + the padding token
     torch.testing.assert_close(got, sparse[0, :, 0])
-    # the padding token decode() appends is the one SAM's prompt encoder appends
-    torch.testing.assert_close(sam.padding_embedding().expand(7, D), sparse[0, :, 1])
+    # the padding token decode() appends is the one the prompt encoder appends
+    torch.testing.assert_close(sfm.padding_embedding().expand(7, d), sparse[0, :, 1])
     # distinct points -> distinct embeddings (not a constant)
     assert (got[0] - got[1]).abs().max() > 1e-4
+
+
+def test_point_embeddings_are_sams_own(sam, ref_model):
+    check_point_embeddings_are_the_prompt_encoders(sam, ref_model, SIZE, D)
 
 
 def test_decode_of_point_embeddings_equals_sam_forward(sam, ref_model, images):

@@ -16,6 +16,7 @@ from ssprompt.prompts.promptset import PromptConfig, PromptSet  # noqa: E402
 from ssprompt.sfm import load_sfm  # noqa: E402
 from ssprompt.sfm.base import PromptableSFM  # noqa: E402
 from ssprompt.sfm.sam2 import Sam2SFM  # noqa: E402
+from test_sam import check_point_embeddings_are_the_prompt_encoders  # noqa: E402
 
 torch.set_num_threads(1)
 D = 32        # prompt encoder / mask decoder hidden size
@@ -87,17 +88,7 @@ def test_encode_image_is_sam2s_own(sam2, ref_model, images):
 
 
 def test_point_embeddings_are_sam2s_own(sam2, ref_model):
-    pts = torch.rand(7, 2, generator=torch.Generator().manual_seed(2))
-    got = sam2.encode_points(pts)
-    with torch.no_grad():
-        sparse, _ = ref_model.prompt_encoder(
-            input_points=(pts * SIZE).view(1, 7, 1, 2),
-            input_labels=torch.ones(1, 7, 1, dtype=torch.int), input_boxes=None,
-            input_masks=None)
-    assert got.shape == (7, D) and sparse.shape == (1, 7, 2, D)
-    torch.testing.assert_close(got, sparse[0, :, 0])
-    torch.testing.assert_close(sam2.padding_embedding().expand(7, D), sparse[0, :, 1])
-    assert (got[0] - got[1]).abs().max() > 1e-4
+    check_point_embeddings_are_the_prompt_encoders(sam2, ref_model, SIZE, D)
 
 
 def test_decode_of_point_embeddings_equals_sam2_forward(sam2, ref_model, images):
