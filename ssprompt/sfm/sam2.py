@@ -27,9 +27,9 @@ from .base import freeze
 from .sam_common import (PointPromptSFM, check_checkpoint_dir, from_pretrained, pixel_stats,
                          weights_file_hash)
 
-HOW_TO_GET = ("download one on a machine with network (e.g. `huggingface-cli download "
-              "facebook/sam2.1-hiera-base-plus --local-dir sam2-base-plus`; it must hold a "
-              "transformers Sam2Model config.json), copy it here, then pass --checkpoint DIR")
+HOW_TO_GET = ("download one in transformers' format on a machine with network (e.g. "
+              "`huggingface-cli download facebook/sam2-hiera-base-plus-hf --local-dir "
+              "sam2-base-plus`), copy it here, then pass --checkpoint DIR")
 LEVELS = ("feat_s0", "feat_s1", "image_embeddings")  # high-res to low-res
 
 
