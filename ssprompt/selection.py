@@ -4,8 +4,9 @@ the SFM's default prompts.
 Without validation, a few-shot run can end far below zero-shot and nothing notices (it happened:
 -37 mIoU on a real dataset). So by default part of the k shots is held out:
 
-* k >= 4: ``max(1, round(holdout * k))`` shots are held out (one fold), the rest are fitted;
-* k = 2 or 3: leave-one-out, one fold per shot, each fitted on the others;
+* k >= 8: ``round(holdout * k)`` shots are held out (one fold), the rest are fitted;
+* 2 <= k < 8: leave-one-out, one fold per shot, each fitted on the others (one held-out image
+  is too noisy a judge on its own; k of them together are not);
 * k = 1: nothing can be held out: the default prompts are kept (with a warning).
 
 During training every ``every`` steps (and at the last step) each fold's prompts are scored on
@@ -30,6 +31,7 @@ from .prompts.fusion import FusedPrompt
 from .prompts.spatial import default_spatial
 
 SCORE_METRICS = ("mIoU", "AP50", "PQ")
+LEAVE_ONE_OUT_BELOW = 8  # k shots: leave-one-out folds below this, one held-out fold from it
 
 
 @dataclass
@@ -37,7 +39,7 @@ class SelectionConfig:
     """How prompt learning picks what it returns (see the module docstring)."""
 
     enabled: bool = True
-    holdout: float = 0.25   # fraction of the k shots held out when k >= 4
+    holdout: float = 0.25   # fraction of the k shots held out when k >= 8
     every: int = 10         # score the candidates every this many steps
     refit: bool = False     # one fold: train again on all k shots for the selected steps
 
@@ -47,7 +49,7 @@ def folds(k: int, seed: int, holdout: float) -> list[tuple[list[int], list[int]]
     if k < 2:
         return []
     order = np.random.default_rng([seed, 11]).permutation(k).tolist()
-    if k < 4:
+    if k < LEAVE_ONE_OUT_BELOW:
         return [(sorted(order[:i] + order[i + 1:]), [order[i]]) for i in range(k)]
     v = min(k - 1, max(1, int(round(holdout * k))))
     return [(sorted(order[v:]), sorted(order[:v]))]

@@ -52,9 +52,11 @@ def test_folds_hold_out_disjoint_shots():
     (fit, held), = folds(16, 0, 0.25)
     assert len(held) == 4 and len(fit) == 12 and sorted(fit + held) == list(range(16))
     assert folds(16, 0, 0.25) == [(fit, held)] and folds(16, 1, 0.25) != [(fit, held)]
-    loo = folds(3, 0, 0.25)                       # k = 2, 3: leave-one-out
-    assert len(loo) == 3 and sorted(h[0] for _, h in loo) == [0, 1, 2]
-    assert all(len(f) == 2 and h[0] not in f for f, h in loo)
+    loo = folds(5, 0, 0.25)                       # 2 <= k < 8: leave-one-out
+    assert len(loo) == 5 and sorted(h[0] for _, h in loo) == [0, 1, 2, 3, 4]
+    assert all(len(f) == 4 and h[0] not in f for f, h in loo)
+    (fit, held), = folds(8, 0, 0.25)
+    assert len(held) == 2
     assert folds(1, 0, 0.25) == []                # nothing to hold out
 
 
