@@ -85,9 +85,11 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     if a.predictions:  # score saved prediction files (`ssprompt predict`), no SFM pass
         from .predict import score_predictions
 
-        metrics = score_predictions(a.predictions, test)
-        meta, name = {"predictions": a.predictions}, Path(a.predictions).name or "predictions"
+        metrics, manifest = score_predictions(a.predictions, test)
+        sfm_hash, name = manifest.get("sfm"), Path(a.predictions).name or "predictions"
+        meta = {"predictions": a.predictions, "prompts": manifest.get("prompts")}
     else:
+        sfm_hash = ws.sfm.weights_hash()
         if a.prompts:
             learned = load_prompts(a.prompts)
             check_prompts(learned, ws.sfm, test.class_names, a.prompts)
@@ -105,10 +107,10 @@ def _cmd_eval(a: argparse.Namespace) -> None:
                            batch=ws.eval_batch, indices=shard(len(test)))
     if rank_world()[0] != 0:
         return
-    print(f"task {a.data or a.task}, {len(test)} test images, SFM {ws.sfm.weights_hash()}")
+    print(f"task {a.data or a.task}, {len(test)} test images, SFM {sfm_hash}")
     print(_table([(name, metrics)]))
     out = {**metrics, "task": a.data or a.task, "n_test": len(test),
-           "sfm": ws.sfm.weights_hash(), "prompts": a.prompts, "prompt_meta": meta}
+           "sfm": sfm_hash, "prompts": a.prompts, "prompt_meta": meta}
     if a.out:
         write_json(Path(a.out) / "metrics.json", out)
         print(f"wrote {Path(a.out) / 'metrics.json'}")

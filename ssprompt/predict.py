@@ -267,9 +267,9 @@ def _read_png(path: Path, hw: tuple[int, int]) -> np.ndarray:
     return arr
 
 
-def score_predictions(folder: str | Path, data) -> dict:
+def score_predictions(folder: str | Path, data) -> tuple[dict, dict]:
     """Metrics of the prediction files in ``folder`` against the split ``data`` (the same
-    images, in the same order, as when they were predicted)."""
+    images, in the same order, as when they were predicted), and the folder's manifest."""
     from .evaluate import object_vs_background
     from .metrics import SegmentationEvaluator
 
@@ -288,4 +288,4 @@ def score_predictions(folder: str | Path, data) -> dict:
             raise fail(f"--predictions {folder}", f"image {i} is {tuple(pred.semantic.shape)}"
                                                   f" there but {scene.semantic.shape} here")
         ev.update([pred], [object_vs_background(scene) if agnostic else scene])
-    return ev.compute()
+    return ev.compute(), manifest

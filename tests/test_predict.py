@@ -90,6 +90,7 @@ def test_files_score_exactly_as_eval_and_pycocotools_agrees(predicted, tmp_path)
     files = json.loads((tmp_path / "files" / "metrics.json").read_text())
     for k in ("mIoU", "AP50", "PQ", "SQ", "RQ", "PQ_th", "PQ_st", "per_class"):
         assert files[k] == mem[k], k
+    assert files["sfm"] == mem["sfm"] and files["prompt_meta"]["prompts"] == str(p)
 
     # pycocotools on the results JSON against the split exported as real COCO
     root = export_coco(open_dataset("novel", "test", n_test=N_TEST), tmp_path / "gt", "test")
@@ -216,8 +217,11 @@ def test_predict_class_agnostic_with_a_tiny_sam(tmp_path):
     assert manifest["class_names"] == ["object", "background"] and manifest["class_agnostic"]
     r = ssprompt("eval", *spec, "--out", tmp_path / "mem")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = ssprompt("eval", *spec, "--predictions", tmp_path / "pred", "--out", tmp_path / "files")
+    # scoring files needs no SAM: the default --sfm is loaded, the files' SFM is reported
+    r = ssprompt("eval", "--task", "novel", "--n-test", "3", "--predictions", tmp_path / "pred",
+                 "--out", tmp_path / "files")
     assert r.returncode == 0, r.stderr[-2000:]
     mem, files = (json.loads((tmp_path / d / "metrics.json").read_text())
                   for d in ("mem", "files"))
     assert all(files[k] == mem[k] for k in ("mIoU", "AP50", "PQ", "per_class"))
+    assert files["sfm"] == mem["sfm"] == manifest["sfm"]   # the SAM's, not the embedded one
