@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -156,6 +157,29 @@ def _cmd_predict(a: argparse.Namespace) -> None:
           "instances_results.json, panoptic.json + panoptic/, semantic/, overlays/")
 
 
+class _LiveLog:
+    """``ssprompt train``'s loss log, one JSON row a line, flushed as training goes (for
+    ``tail -f`` or a plotting tool); the file is created with the first row."""
+
+    def __init__(self, path: Path):
+        self.path, self.f = path, None
+
+    def __call__(self, row: dict) -> None:
+        if self.f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(self.path, "w")
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
 def _cmd_train(a: argparse.Namespace) -> None:
     from .experiment import CellSpec, run_cell
     from .io import write_json, write_text
@@ -176,10 +200,19 @@ def _cmd_train(a: argparse.Namespace) -> None:
                     shots=a.shots, seed=a.seed, n_test=a.n_test,
                     selection=SelectionConfig(enabled=not a.no_select, holdout=a.holdout,
                                               every=a.select_every, refit=a.refit))
-    result, prompts, log = run_cell(ws, spec, progress=rank_world()[0] == 0)
+    out = Path(a.out)
+    live = _LiveLog(out / "loss.jsonl") if rank_world()[0] == 0 else None
+    try:
+        result, prompts, log = run_cell(ws, spec, progress=rank_world()[0] == 0, on_log=live)
+    except BaseException:
+        if live is not None:
+            live.discard()   # a failed run leaves no log behind
+        raise
+    finally:
+        if live is not None:
+            live.close()
     if rank_world()[0] != 0:
         return
-    out = Path(a.out)
     test = ws.dataset(spec.task, "test", n_test=spec.n_test)
     meta = {"config": spec.as_dict(), "seed": a.seed, "sfm": ws.sfm.weights_hash(),
             "class_names": test.class_names, "is_thing": test.is_thing,

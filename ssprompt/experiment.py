@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -58,9 +59,11 @@ class Workspace:
         return self._data[key]
 
 
-def run_cell(ws: Workspace, spec: CellSpec, progress: bool = False):
-    """Returns (result dict, prompts, loss log)."""
-    return run_cells(ws, [spec], progress)[0]
+def run_cell(ws: Workspace, spec: CellSpec, progress: bool = False,
+             on_log: Callable[[dict], None] | None = None):
+    """Returns (result dict, prompts, loss log); ``on_log(row)`` gets each loss-log row of the
+    cell's (first fold's) training as it is written."""
+    return run_cells(ws, [spec], progress, on_log)[0]
 
 
 @dataclass
@@ -76,7 +79,8 @@ class _Cell:
     n_params: int = 0
 
 
-def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False):
+def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
+              on_log: Callable[[dict], None] | None = None):
     """Several cells of one variant and task (e.g. its seeds), trained together in shared
     decoder passes (see ``train_many``), then evaluated one by one. Returns a list of
     (result dict, prompts, loss log)."""
@@ -118,7 +122,8 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False):
             if tracker is not None:
                 cell.trackers.append(tracker)
             hooks.append(tracker)
-    logs = train_many(ws.sfm, jobs, ws.cache, progress=progress, on_step=hooks)
+    loggers = [on_log if j == 0 else None for j in range(len(jobs))]
+    logs = train_many(ws.sfm, jobs, ws.cache, progress=progress, on_step=hooks, on_log=loggers)
     # selection, then one evaluation pass over the test split for every cell's final prompts
     # (and its unselected last-step prompts where they differ)
     picks = [_select(ws, cell, progress) for cell in cells]

@@ -100,17 +100,21 @@ def train_prompts(sfm: PromptableSFM, prompts: PromptSet, dataset, cfg: TrainCon
 
 def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConfig]],
                cache: FeatureCache | None = None, progress: bool = False,
-               on_step: list[Callable[[int], None] | None] | None = None) -> list[list[dict]]:
+               on_step: list[Callable[[int], None] | None] | None = None,
+               on_log: list[Callable[[dict], None] | None] | None = None) -> list[list[dict]]:
     """Train several prompt sets in shared decoder passes; jobs must agree on ``steps``.
     ``on_step[j](step)`` is called after each optimiser step of job ``j`` (0-based), e.g. to
-    score the prompts on held-out shots (``ssprompt.selection``) or to write a live log."""
+    score the prompts on held-out shots (``ssprompt.selection``); ``on_log[j](row)`` with each
+    loss-log row of job ``j`` as it is written (a live log file)."""
     cache = cache if cache is not None else FeatureCache()
     hooks = on_step or [None] * len(jobs)
-    runs, run_hooks = [], []
-    for (p, d, c), hook in zip(jobs, hooks):
+    loggers = on_log or [None] * len(jobs)
+    runs, run_hooks, run_loggers = [], [], []
+    for (p, d, c), hook, logger in zip(jobs, hooks, loggers):
         if p.trainable():
             runs.append(_Run(sfm, p, d, c, cache))
             run_hooks.append(hook)
+            run_loggers.append(logger)
     if not runs:
         return [[] for _ in jobs]
     steps = runs[0].cfg.steps
@@ -146,12 +150,14 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
         for r in runs:
             r.opt.zero_grad(set_to_none=True)
         total.backward()
-        for r, (loss, parts) in zip(runs, parts_all):
+        for r, (loss, parts), logger in zip(runs, parts_all, run_loggers):
             all_reduce_mean_(r.params)
             r.opt.step()
             if step % r.cfg.log_every == 0 or step == steps - 1:
                 r.log.append({"step": step, "loss": round(float(loss.detach()), 5),
                               **{k: round(v, 5) for k, v in parts.items()}})
+                if logger is not None:
+                    logger(r.log[-1])
         for hook in run_hooks:
             if hook is not None:
                 hook(step)
