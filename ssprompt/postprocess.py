@@ -118,11 +118,14 @@ def instance_inference(p: Probabilities, is_thing: list[bool], topk: int = TOPK_
     prob = p.classes[:, :-1].masked_fill(~thing, -1.0)
     scores, idx = prob.flatten().topk(min(topk, int(thing.sum()) * n))
     queries, labels = idx // (c1 - 1), idx % (c1 - 1)
-    binary = p.mask_logits > 0                                         # (N, H, W)
-    inside = binary.flatten(1).sum(1)                                  # per query
-    mask_score = (p.masks * binary).flatten(1).sum(1) / (inside + 1e-6)
-    keep = (inside[queries] > 0) & (scores > 0)
-    return Instances(binary[queries[keep]], labels[keep], (scores * mask_score[queries])[keep])
+    # masks and mask scores of the queries among the top k only (~1/3 of them, measured)
+    used, pair_query = torch.unique(queries, return_inverse=True)
+    binary = p.mask_logits[used] > 0                                   # (U, H, W)
+    inside = binary.flatten(1).sum(1)
+    mask_score = (p.masks[used] * binary).flatten(1).sum(1) / (inside + 1e-6)
+    keep = (inside[pair_query] > 0) & (scores > 0)
+    return Instances(binary[pair_query[keep]], labels[keep],
+                     (scores * mask_score[pair_query])[keep])
 
 
 def panoptic_inference(p: Probabilities, is_thing: list[bool],
