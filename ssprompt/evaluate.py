@@ -48,9 +48,10 @@ def evaluate_many(sfm: PromptableSFM, prompt_list: list[tuple[Tensor, Tensor | N
                   evaluators: list[SegmentationEvaluator] | None = None,
                   object_mask_threshold: float | None = None) -> list[dict]:
     """``evaluate`` for several prompt sets (spatial (N, D), semantic (C, D) or None; the same
-    N and C, all with or all without semantic prompts), decoded together: every image batch goes
-    through the decoder once with the prompt sets stacked on the batch dimension. One metrics
-    dict per prompt set, in order."""
+    N and C, all with or all without semantic prompts), decoded together: every batch of
+    ``batch`` images goes through the decoder once, repeated for each prompt set on the batch
+    dimension (so a pass holds ``batch x len(prompt_list)`` samples). One metrics dict per
+    prompt set, in order; each equals ``evaluate`` of that set alone (a test checks it)."""
     if not prompt_list:
         return []
     agnostic = prompt_list[0][1] is None
