@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.core import _child, _median_time, _setup
+from bench.core import _child, _median_time, _setup, matmul_peak_flops, step_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results.json"
@@ -135,6 +135,18 @@ def main(argv: list[str] | None = None) -> None:
     res["n_prompts_ratio_200_25"] = res["n_prompts"][200]["step_s"] / res["n_prompts"][25]["step_s"]
     res["n_classes"] = {c: _isolated("c", c, repeats) for c in (10, 50, 150)}
     res["eval"] = bench_eval(repeats)
+    from bench.eval_speed import bench_eval as bench_eval_speed
+    res["eval_speed"] = bench_eval_speed(a.quick)   # old code too with $SSPROMPT_BENCH_OLD
+    peak = matmul_peak_flops()
+    flops = step_flops(step)
+    res["flops"] = {"step_flop": flops, "step_s": cached, "achieved_flop_s": flops / cached,
+                    "peak_flop_s_matmul": peak, "share_of_peak": flops / cached / peak,
+                    "how": "FLOPs: torch.utils.flop_counter.FlopCounterMode over one prompt "
+                           "step (forward + backward; matmuls, attention, einsums, not "
+                           "element-wise ops); peak: a 2048 x 2048 fp32 torch.mm on the same "
+                           "threads (this CPU's best BLAS case)"}
+    from bench.backends import bench_backends
+    res["backends"] = bench_backends(quick=True)   # reduced sizes on a CPU: see 'size'
     res["pretrain"] = bench_pretrain(repeats)
     res["params"] = bench_params()
     if not a.quick:
@@ -162,6 +174,31 @@ def render(r: dict) -> str:
     e = r["eval"]
     lines.append(f"| evaluation, with image encoder | {e['img_per_s_with_encoder']:.0f} img/s | >= 50 |")
     lines.append(f"| evaluation, cached features | {e['img_per_s_cached_features']:.0f} img/s | |")
+    if "eval_speed" in r:
+        v = r["eval_speed"]
+        lines.append(f"| evaluation, cached, share of time in the decoder | "
+                     f"{100 * v['decoder_share']:.0f}% | >= 50% |")
+        if "speedup" in v:
+            lines.append(f"| evaluation, cached: new / old code, same run | {v['img_per_s_cached']:.0f}"
+                         f" / {v['old_img_per_s_cached']:.0f} img/s = {v['speedup']:.2f}x | >= 5x |")
+    if "flops" in r:
+        f = r["flops"]
+        lines.append(f"| prompt step (N = 100, batch 8): FLOPs, achieved | {f['step_flop'] / 1e9:.2f} "
+                     f"GFLOP, {f['achieved_flop_s'] / 1e9:.1f} GFLOP/s | |")
+        lines.append(f"| ... share of this CPU's matmul peak ({f['peak_flop_s_matmul'] / 1e9:.0f} "
+                     f"GFLOP/s) | {100 * f['share_of_peak']:.0f}% | |")
+    for kind, b in (r.get("backends") or {}).items():
+        if not isinstance(b, dict) or "encoder_ms" not in b:
+            continue
+        lines.append(f"| {kind}: image encoder ({b['size']}) | {b['encoder_ms']:.0f} ms | |")
+        lines.append(f"| {kind}: step cached / encoder recomputed | {b['step_cached_ms']:.0f} / "
+                     f"{b['step_recomputed_ms']:.0f} ms ({b['cache_speedup']:.2f}x) | |")
+        steps = ", ".join(f"{b[f'step_N{n}_ms']:.0f}" for n in (25, 50, 100, 200))
+        peaks = ", ".join(f"{b[f'step_N{n}_peak_mb']:.0f}" for n in (25, 50, 100, 200))
+        lines.append(f"| {kind}: step at N = 25, 50, 100, 200 | {steps} ms; peak +{peaks} MB | |")
+        if "step_C10_ms" in b:
+            lines.append(f"| {kind}: step at C = 10, 150 | {b['step_C10_ms']:.0f}, "
+                         f"{b['step_C150_ms']:.0f} ms | |")
     if "pretrain" in r:
         t = r["pretrain"]
         lines.append(f"| SFM pretraining step (batch 16, N = 100), fp32 | "

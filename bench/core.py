@@ -23,7 +23,8 @@ def _median_time(fn, repeats: int, warmup: int = 2) -> float:
 
 def _setup(n: int = 100, n_classes: int | None = None, batch: int = 8):
     from ssprompt.data.scenes import SceneSplit
-    from ssprompt.features import FeatureCache, to_tensor
+    from ssprompt.features import FeatureCache
+    from ssprompt.geometry import to_batch
     from ssprompt.losses import set_loss
     from ssprompt.prompts.promptset import PromptConfig, PromptSet
     from ssprompt.sfm import load_sfm
@@ -34,7 +35,7 @@ def _setup(n: int = 100, n_classes: int | None = None, batch: int = 8):
     names = data.class_names
     targets = []
     for s in scenes:
-        labels, masks = s.targets()
+        labels, masks = s.targets(sfm.image_size)
         targets.append((torch.from_numpy(labels), torch.from_numpy(masks)))
     if n_classes is not None:  # C synthetic class prompts; labels folded into range(C)
         names = [f"class number {i}" for i in range(n_classes)]
@@ -44,7 +45,7 @@ def _setup(n: int = 100, n_classes: int | None = None, batch: int = 8):
     opt = torch.optim.AdamW(prompts.trainable(), lr=1e-3)
     cache = FeatureCache()
     feats = cache.get(sfm, [s.image for s in scenes])
-    images = to_tensor([s.image for s in scenes])
+    images = to_batch([s.image for s in scenes], sfm.image_size)
 
     def step(recompute: bool = False):
         f = sfm.encode_image(images) if recompute else feats
@@ -74,3 +75,21 @@ def _child(kind: str, value: int, repeats: int, q) -> None:
     q.put({"step_s": t, "peak_mb": _peak_mb(), "baseline_mb": base})
 
 
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """This CPU's practical fp32 peak: the FLOP/s of a large ``torch.mm`` (2 n^3 FLOPs), the
+    best BLAS case, with the threads the benchmark uses."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = _median_time(lambda: torch.mm(a, b), repeats, warmup=1)
+    return 2 * n ** 3 / t
+
+
+def step_flops(step) -> int:
+    """FLOPs of one call of ``step`` (forward + backward), as torch's ``FlopCounterMode`` counts
+    them: matmuls, convolutions, attention and einsums; element-wise work is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()

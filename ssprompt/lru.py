@@ -42,6 +42,10 @@ class LRUCache:
     def __len__(self) -> int:
         return len(self._data)
 
+    def __iter__(self):
+        """The keys, least recently used first."""
+        return iter(list(self._data))
+
     def get(self, key: Hashable, default=None):
         if key not in self._data:
             return default

@@ -173,8 +173,8 @@ def test_feature_cache_never_shares_features_across_models(tmp_path):
         assert {k[0] for k in cache.mem} == {a.weights_hash(), b.weights_hash()}
         assert any(not torch.equal(fa[k], fb[k]) for k in fa)
         with torch.no_grad():
-            from ssprompt.features import to_tensor
-            direct_b = b.encode_image(to_tensor([image])).tensors
+            from ssprompt.geometry import to_batch
+            direct_b = b.encode_image(to_batch([image], b.image_size)).tensors
         for k in fb:
             torch.testing.assert_close(fb[k], direct_b[k])
         # asking again hits the cache, for each model its own features
