@@ -63,9 +63,7 @@ def plot_study(run: Path, cfg, rows: list[dict], summary: dict) -> None:
     plt.close(fig)
 
     # 3. learned fusion weights of full SSPrompt (N = 100 row, else the first weighted row)
-    target = next((v.name for v in cfg.variants if v.prompt.mode == "weighted"
-                   and len(v.prompt.learners) == 2 and v.prompt.n_prompts == 100),
-                  next((v.name for v in cfg.variants if v.prompt.mode == "weighted"), None))
+    target = full_ssprompt_variant(cfg)
     if target is not None:
         _plot_weights(run, plt, [r for r in rows if r["variant"] == target], tasks, target)
 
@@ -166,3 +164,64 @@ def _plot_weights(run: Path, plt, rows: list[dict], tasks, name: str) -> None:
     fig.tight_layout()
     fig.savefig(run / "fusion_weights.png", dpi=100)
     plt.close(fig)
+
+
+def full_ssprompt_variant(cfg) -> str | None:
+    """The study's full SSPrompt row: weighted, both learners, N = 100 (else the first
+    weighted row)."""
+    return next((v.name for v in cfg.variants if v.prompt.mode == "weighted"
+                 and len(v.prompt.learners) == 2 and v.prompt.n_prompts == 100),
+                next((v.name for v in cfg.variants if v.prompt.mode == "weighted"), None))
+
+
+def plot_qualitative(run: Path, cfg, sfm, dataset_of, n_images: int = 3) -> list[Path]:
+    """One figure per task: the first ``n_images`` test images, their ground truth and the
+    panoptic predictions of zero-shot, full SSPrompt and learned-only (the first seed's
+    prompts of each), side by side. ``dataset_of(task)`` gives the task's test split."""
+    import types
+
+    import matplotlib
+    import torch
+
+    from .io import write_bytes
+    from .predict import overlay
+    from .predictor import Predictor
+    from .prompts.promptset import load_prompts
+    from .study import cell_id
+
+    names = [cfg.variants[0].name, full_ssprompt_variant(cfg),
+             next((v.name for v in cfg.variants if v.prompt.mode == "learned_only"), None)]
+    variants = [v for n in names if n for v in cfg.variants if v.name == n]
+    written = []
+    for task in cfg.tasks:
+        test = dataset_of(task)
+        predictors = []
+        for v in variants:
+            path = run / "cells" / f"{cell_id(v, task, cfg.seeds[0])}.safetensors"
+            predictors.append(Predictor(sfm, load_prompts(path)) if path.exists() else
+                              Predictor(sfm, class_names=test.class_names,
+                                        is_thing=test.is_thing, n_prompts=v.prompt.n_prompts))
+        cols = ["image", "ground truth"] + [v.name for v in variants]
+        fig = matplotlib.figure.Figure(figsize=(2.6 * len(cols), 2.7 * n_images))
+        axes = fig.subplots(n_images, len(cols), squeeze=False)
+        for row in range(min(n_images, len(test))):
+            scene = test[row]
+            truth = types.SimpleNamespace(panoptic=torch.from_numpy(scene.instance),
+                                          segments=scene.segments)
+            panels = [scene.image.repeat(4, 0).repeat(4, 1),
+                      overlay(scene.image, truth, test.class_names)]
+            panels += [overlay(scene.image, p.predict(scene.image), test.class_names)
+                       for p in predictors]
+            for ax, panel, title in zip(axes[row], panels, cols):
+                ax.imshow(panel)
+                ax.set_axis_off()
+                if row == 0:
+                    ax.set_title(title, fontsize=9)
+        fig.suptitle(f"{task}: test images 0-{n_images - 1}, panoptic predictions "
+                     f"(seed {cfg.seeds[0]})", fontsize=10)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        write_bytes(run / f"qualitative_{task}.png", buf.getvalue())
+        written.append(run / f"qualitative_{task}.png")
+    return written

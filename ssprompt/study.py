@@ -251,7 +251,12 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
     bar.close()
     barrier()
     if rank == 0:
-        aggregate(run, cfg, wall_s=time.time() - t_study)
+        wall = time.time() - t_study
+        previous = run / "results.json"
+        if not groups and previous.exists():  # nothing ran now: keep the run's own wall time
+            wall = json.loads(previous.read_text()).get("study_wall_s") or wall
+        aggregate(run, cfg, wall_s=wall,
+                  test_split=lambda t: ws.dataset(t, "test", n_test=cfg.n_test), sfm=model)
         print(f"study {cfg.name}: {len(todo)} cells; results in {run}/summary.md")
     return run
 
@@ -299,7 +304,10 @@ def _flat(r: dict) -> dict:
             **{f"raw_{m}": _raw(r, m) for m in METRICS}}
 
 
-def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None) -> dict:
+def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_split=None,
+              sfm=None) -> dict:
+    """results.csv / results.json / summary.md and the plots of a finished study; with
+    ``sfm`` and ``test_split(task)``, also the qualitative figures (they decode images)."""
     rows = load_cells(run, cfg)
     cols = ["variant", "group", "task", "seed", *METRICS, "SQ", "RQ", "PQ_th", "PQ_st",
             "trained_params", "wall_s", "final_loss", "selected", *(f"raw_{m}" for m in METRICS)]
@@ -327,9 +335,12 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None) -> dict:
     write_json(run / "results.json", {"config": cfg.raw, "cells": rows, "summary": summary,
                                       "study_wall_s": wall_s, "cells_wall_s": total_wall,
                                       "peak_rss_mb": round(peak_rss_mb)})
-    write_text(run / "summary.md", summary_markdown(cfg, summary, wall_s))
+    write_text(run / "summary.md", summary_markdown(cfg, summary, wall_s, rows))
     from .plots import plot_study
     plot_study(run, cfg, rows, summary)
+    if sfm is not None and test_split is not None:
+        from .plots import plot_qualitative
+        plot_qualitative(run, cfg, sfm, test_split)
     return summary
 
 
@@ -359,7 +370,8 @@ def _table(cfg: StudyConfig, stats) -> list[str]:
     return lines
 
 
-def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None) -> str:
+def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
+                     rows: list[dict] | None = None) -> str:
     zs = cfg.variants[0].name
     sel = cfg.selection
     rule = (f"Every trained variant uses held-out-shot selection: {sel.holdout:.0%} of the "
@@ -400,4 +412,40 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None) -> s
                   "shots minus the held-out ones), i.e. what prompt learning gives when nothing "
                   "checks it.", ""]
         lines += _table(cfg, Stats("raw"))
+    lines += _per_class_tables(cfg, rows) if rows else []
     return "\n".join(lines) + "\n"
+
+
+def _per_class_tables(cfg: StudyConfig, rows: list[dict]) -> list[str]:
+    """Per task: each class's IoU and PQ for zero-shot and full SSPrompt (mean over seeds) and
+    the difference, largest gain first; then the mean difference over things and over stuff."""
+    from .plots import full_ssprompt_variant
+
+    zs, target = cfg.variants[0].name, full_ssprompt_variant(cfg)
+    if target is None:
+        return []
+    out = ["", f"## Per class: `{target}` vs `{zs}`", "",
+           "Mean over seeds, percent; a class with no ground truth in a task is left out."]
+
+    def per_class(variant: str, task: str) -> dict:
+        sel = [r["per_class"] for r in rows if r["variant"] == variant and r["task"] == task]
+        names = list(sel[0]) if sel else []
+        return {n: {m: _mean_std([pc[n].get(m) for pc in sel])[0] for m in ("IoU", "PQ")}
+                | {"isthing": sel[0][n]["isthing"]} for n in names}
+
+    for t in cfg.tasks:
+        a, b = per_class(zs, t), per_class(target, t)
+        keep = [n for n in a if not np.isnan(a[n]["IoU"]) and not np.isnan(b[n]["IoU"])]
+        keep.sort(key=lambda n: b[n]["IoU"] - a[n]["IoU"], reverse=True)
+        out += ["", f"**{t}**", "", "| class | kind | IoU zero-shot | IoU SSPrompt | Δ IoU | "
+                "Δ PQ |", "|---|---|---:|---:|---:|---:|"]
+        for n in keep:
+            dpq = b[n]["PQ"] - a[n]["PQ"]
+            out.append(f"| {n} | {'thing' if a[n]['isthing'] else 'stuff'} | "
+                       f"{a[n]['IoU']:.1f} | {b[n]['IoU']:.1f} | {b[n]['IoU'] - a[n]['IoU']:+.1f} | "
+                       + ("n/a" if np.isnan(dpq) else f"{dpq:+.1f}") + " |")
+        for kind, flag in (("things", True), ("stuff", False)):
+            d = [b[n]["IoU"] - a[n]["IoU"] for n in keep if a[n]["isthing"] == flag]
+            if d:
+                out.append(f"| *mean over {kind}* | | | | {np.mean(d):+.1f} | |")
+    return out

@@ -263,3 +263,29 @@ def test_polygon_with_two_points_names_the_annotation(tmp_path):
                  "segmentation": [[1, 1, 5, 5]]}])
     r = ssprompt("eval", "--data", f"coco:{root}", "--n-test", "1")
     assert_one_line_error(r, "instances_test.json", "annotation id 77", "2.0 points")
+
+
+def test_non_square_images_through_tiny_sam(coins_root, tmp_path):
+    """The same mixed-size split through a tiny SAM (letterboxed, never stretched): train with
+    selection, then evaluation class-agnostically at every image's own size."""
+    pytest.importorskip("transformers")
+    from test_sam import save_tiny
+
+    from ssprompt.postprocess import postprocess
+    from ssprompt.sfm import load_sfm
+
+    sam = load_sfm("sam", str(save_tiny(tmp_path, seed=0)), "cpu")
+    ws = Workspace(sam)
+    spec = CellSpec(f"coco:{coins_root}", PromptConfig("weighted", ("spatial",), n_prompts=16),
+                    TrainConfig(steps=2), shots=4, n_test=3, selection=SelectionConfig(every=1))
+    r, prompts, _ = run_cell(ws, spec)
+    assert list(r["per_class"]) == ["object", "background"]
+    assert all(isinstance(r[m], float) for m in ("mIoU", "PQ"))
+    test = ws.dataset(spec.task, "test", n_test=3)
+    scenes = [test[i] for i in range(3)]
+    with torch.no_grad():
+        out = sam.decode(ws.cache.get(sam, [s.image for s in scenes]),
+                         *prompts())
+    sizes = [s.semantic.shape for s in scenes]
+    preds = postprocess(out, sizes, sam.image_size, [True])
+    assert [tuple(p.semantic.shape) for p in preds] == [tuple(s) for s in sizes]
