@@ -253,9 +253,11 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
     if rank == 0:
         wall = time.time() - t_study
         previous = run / "results.json"
-        if not groups and previous.exists():  # nothing ran now: keep the run's own wall time
-            wall = json.loads(previous.read_text()).get("study_wall_s") or wall
-        aggregate(run, cfg, wall_s=wall,
+        peak = None
+        if not groups and previous.exists():  # nothing ran now: keep the run's own numbers
+            before = json.loads(previous.read_text())
+            wall, peak = before.get("study_wall_s") or wall, before.get("peak_rss_mb")
+        aggregate(run, cfg, wall_s=wall, peak_rss_mb=peak,
                   test_split=lambda t: ws.dataset(t, "test", n_test=cfg.n_test), sfm=model)
         print(f"study {cfg.name}: {len(todo)} cells; results in {run}/summary.md")
     return run
@@ -305,7 +307,7 @@ def _flat(r: dict) -> dict:
 
 
 def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_split=None,
-              sfm=None) -> dict:
+              sfm=None, peak_rss_mb: float | None = None) -> dict:
     """results.csv / results.json / summary.md and the plots of a finished study; with
     ``sfm`` and ``test_split(task)``, also the qualitative figures (they decode images)."""
     rows = load_cells(run, cfg)
@@ -331,7 +333,8 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_spl
             summary[v.name][t]["wall_s"] = float(np.mean([r["wall_s"] for r in sel]))
     total_wall = sum(r["wall_s"] for r in rows)
     import resource
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process
+    if peak_rss_mb is None:
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process
     write_json(run / "results.json", {"config": cfg.raw, "cells": rows, "summary": summary,
                                       "study_wall_s": wall_s, "cells_wall_s": total_wall,
                                       "peak_rss_mb": round(peak_rss_mb)})
