@@ -257,8 +257,11 @@ def _cmd_bench(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sfm import backends_help
+
     p = argparse.ArgumentParser(prog="ssprompt", description="Spatial-semantic prompt learning "
-                                "for frozen segmentation foundation models.")
+                                "for frozen segmentation foundation models.",
+                                epilog=f"SFM backends (--sfm): {backends_help()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("pretrain", help="pretrain the embedded SFM on the source corpus")

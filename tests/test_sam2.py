@@ -175,10 +175,11 @@ def test_registry_lists_every_backend_in_the_cli_help():
     from ssprompt.sfm import REGISTRY
 
     assert {"embedded", "sam", "sam2", "sam3"} <= set(REGISTRY)
-    r = ssprompt("train", "--help")
-    assert r.returncode == 0
-    text = " ".join(r.stdout.split())
-    for name, backend in REGISTRY.items():
-        assert f"{name}: {backend.description}" in text
+    for command in (("train", "--help"), ("--help",)):   # a command's help and the top level
+        r = ssprompt(*command)
+        assert r.returncode == 0
+        text = " ".join(r.stdout.split())
+        for name, backend in REGISTRY.items():
+            assert f"{name}: {backend.description}" in text
     with pytest.raises(UserError, match="unknown backend; choose one of embedded, sam, sam2"):
         load_sfm("sam4", None, device="cpu")
