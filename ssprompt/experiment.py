@@ -85,6 +85,8 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
     decoder passes (see ``train_many``), then evaluated one by one. Returns a list of
     (result dict, prompts, loss log)."""
     t0 = time.time()
+    if any(sp.task != specs[0].task or sp.n_test != specs[0].n_test for sp in specs):
+        raise ValueError("run_cells: every cell must share the task and test split")
     cells, jobs, hooks = [], [], []
     for spec in specs:
         test = ws.dataset(spec.task, "test", n_test=spec.n_test)
@@ -128,8 +130,6 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
     # (and its unselected last-step prompts where they differ)
     picks = [_select(ws, cell, progress) for cell in cells]
     test = ws.dataset(specs[0].task, "test", n_test=specs[0].n_test)
-    if any(sp.task != specs[0].task or sp.n_test != specs[0].n_test for sp in specs):
-        raise ValueError("run_cells: every cell must share the task and test split")
     with torch.no_grad():
         sets = [cell.prompts() for cell in cells] + [raw for _, raw in picks if raw is not None]
     metrics = evaluate_many(ws.sfm, sets, test, ws.cache, batch=ws.eval_batch,
