@@ -46,12 +46,15 @@ def evaluate_many(sfm: PromptableSFM, prompt_list: list[tuple[Tensor, Tensor | N
                   cache: FeatureCache | None = None, batch: int = EVAL_BATCH,
                   indices: list[int] | None = None,
                   evaluators: list[SegmentationEvaluator] | None = None,
-                  object_mask_threshold: float | None = None) -> list[dict]:
+                  object_mask_threshold: float | None = None,
+                  per_image: bool = False) -> list[dict]:
     """``evaluate`` for several prompt sets (spatial (N, D), semantic (C, D) or None; the same
     N and C, all with or all without semantic prompts), decoded together: every batch of
     ``batch`` images goes through the decoder once, repeated for each prompt set on the batch
     dimension (so a pass holds ``batch x len(prompt_list)`` samples). One metrics dict per
-    prompt set, in order; each equals ``evaluate`` of that set alone (a test checks it)."""
+    prompt set, in order; each equals ``evaluate`` of that set alone (a test checks it).
+    ``per_image``: each dict also holds "per_image", the statistics of a paired bootstrap over
+    the images (``ssprompt.bootstrap.PerImage``)."""
     if not prompt_list:
         return []
     agnostic = prompt_list[0][1] is None
@@ -62,8 +65,8 @@ def evaluate_many(sfm: PromptableSFM, prompt_list: list[tuple[Tensor, Tensor | N
     is_thing = AGNOSTIC_IS_THING if agnostic else dataset.is_thing
     threshold = object_mask_threshold if object_mask_threshold is not None else \
         getattr(sfm, "object_mask_threshold", MASK2FORMER_OBJECT_THRESHOLD)
-    evs = evaluators or [SegmentationEvaluator(names, is_thing, sync=rank_world()[1] > 1)
-                         for _ in prompt_list]
+    evs = evaluators or [SegmentationEvaluator(names, is_thing, sync=rank_world()[1] > 1,
+                                               per_image=per_image) for _ in prompt_list]
     indices = list(range(len(dataset))) if indices is None else indices
     for s in range(0, len(indices), batch):
         scenes = [dataset[i] for i in indices[s:s + batch]]

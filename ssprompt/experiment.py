@@ -15,6 +15,7 @@ from .data import open_dataset
 from .distributed import shard
 from .evaluate import evaluate_many
 from .features import FeatureCache
+from .prompts.fusion import FusedPrompt
 from .prompts.promptset import PromptConfig, PromptSet, config_dict
 from .selection import SelectionConfig, Subset, Tracker, decide, folds, restore_defaults
 from .sfm.base import PromptableSFM
@@ -80,10 +81,11 @@ class _Cell:
 
 
 def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
-              on_log: Callable[[dict], None] | None = None):
+              on_log: Callable[[dict], None] | None = None, per_image: bool = False):
     """Several cells of one variant and task (e.g. its seeds), trained together in shared
-    decoder passes (see ``train_many``), then evaluated one by one. Returns a list of
-    (result dict, prompts, loss log)."""
+    decoder passes (see ``train_many``), then evaluated together. Returns a list of
+    (result dict, prompts, loss log); with ``per_image`` each result also holds "per_image",
+    the test statistics of a paired bootstrap (``ssprompt.bootstrap.PerImage``)."""
     t0 = time.time()
     if any(sp.task != specs[0].task or sp.n_test != specs[0].n_test for sp in specs):
         raise ValueError("run_cells: every cell must share the task and test split")
@@ -128,16 +130,22 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
     logs = train_many(ws.sfm, jobs, ws.cache, progress=progress, on_step=hooks, on_log=loggers)
     # selection, then one evaluation pass over the test split for every cell's final prompts
     # (and its unselected last-step prompts where they differ)
+    moved = [_moved(cell.prompts) for cell in cells]
     picks = [_select(ws, cell, progress) for cell in cells]
     test = ws.dataset(specs[0].task, "test", n_test=specs[0].n_test)
     with torch.no_grad():
         sets = [cell.prompts() for cell in cells] + [raw for _, raw in picks if raw is not None]
     metrics = evaluate_many(ws.sfm, sets, test, ws.cache, batch=ws.eval_batch,
-                            indices=shard(len(test)))
+                            indices=shard(len(test)), per_image=per_image)
+    for m in metrics[len(cells):]:
+        m.pop("per_image", None)
+    if not per_image:
+        for m in metrics:
+            m.pop("per_image", None)
     raws = iter(metrics[len(cells):])
     wall = (time.time() - t0) / len(specs)
     out = []
-    for cell, (selection, raw), m in zip(cells, picks, metrics):
+    for cell, (selection, raw), m, move in zip(cells, picks, metrics, moved):
         log = logs[cell.jobs[0]] if cell.jobs else []
         for note in cell.notes:
             warnings.warn(note, stacklevel=2)
@@ -145,10 +153,25 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
             {k: v for k, v in next(raws).items() if k != "per_class"}
         result = {**m, "trained_params": cell.n_params, "wall_s": round(wall, 2),
                   "sfm": ws.sfm.weights_hash(), "final_loss": log[-1]["loss"] if log else None,
-                  "selection": selection, "raw": raw_m, "warnings": cell.notes,
+                  "selection": selection, "raw": raw_m, "z_moved": move,
+                  "warnings": cell.notes,
                   "spec": cell.spec.as_dict()}
         out.append((result, cell.prompts, log))
     return out
+
+
+@torch.no_grad()
+def _moved(prompts: PromptSet) -> dict[str, float] | None:
+    """How far training moved each fused learner's embeddings z from the defaults (before
+    selection): RMS(z - z_default) / RMS(z_default). What a step-size confound changes."""
+    out = {}
+    for name in ("spatial", "semantic"):
+        m = getattr(prompts, name)
+        if isinstance(m, FusedPrompt) and m.mode != "default":
+            d = m.default
+            out[name] = round(float(((m() - d) ** 2).mean().sqrt()
+                                    / (d ** 2).mean().sqrt().clamp_min(1e-12)), 5)
+    return out or None
 
 
 def _select(ws: Workspace, cell: _Cell, progress: bool):
@@ -171,7 +194,7 @@ def _select(ws: Workspace, cell: _Cell, progress: bool):
             "selected": "default" if step is None else step, "refit": False}
     single = len(cell.trackers) == 1
     raw = None
-    if single and step != cell.cfg.steps:
+    if single and step != cell.cfg.steps and sel.report_raw:
         with torch.no_grad():
             raw = tuple(None if x is None else x.detach().clone() for x in cell.prompts())
     if step is None:

@@ -56,45 +56,69 @@ def hungarian_match(mask_logits: Tensor, class_logits: Tensor, labels: Tensor, t
     return torch.as_tensor(q, dtype=torch.long), torch.as_tensor(t, dtype=torch.long)
 
 
-def _layer_loss(mask_logits: Tensor, class_logits: Tensor, targets: list[tuple[Tensor, Tensor]],
-                w: LossWeights) -> dict[str, Tensor]:
+def _layer_losses(mask_logits: Tensor, class_logits: Tensor,
+                  groups: list[list[tuple[Tensor, Tensor]]], w: LossWeights) -> list[dict]:
+    """The loss parts of each group of consecutive images of the batch (e.g. the prompt sets
+    trained together): every group is scored on its own, as if it were the whole batch."""
     b, n, c1 = class_logits.shape
     hw = tuple(mask_logits.shape[-2:])
     target_cls = torch.full((b, n), c1 - 1, dtype=torch.long, device=class_logits.device)
-    flat, tm = [], []
-    for i, (labels, masks) in enumerate(targets):
-        soft = _fit(masks, hw)
-        qi, ti = hungarian_match(mask_logits[i], class_logits[i], labels, soft, w)
-        target_cls[i, qi] = labels[ti]
-        flat.append(qi + i * n)
-        tm.append(soft[ti])
+    flat, tm, spans = [], [], []
+    i = 0
+    for targets in groups:
+        start, first_mask = i, len(flat)
+        for labels, masks in targets:
+            soft = _fit(masks, hw)
+            qi, ti = hungarian_match(mask_logits[i], class_logits[i], labels, soft, w)
+            target_cls[i, qi] = labels[ti]
+            flat.append(qi + i * n)
+            tm.append(soft[ti])
+            i += 1
+        spans.append((start, i, first_mask, len(flat)))
     weight = torch.ones(c1, device=class_logits.device)
     weight[-1] = w.no_object
-    loss_cls = F.cross_entropy(class_logits.flatten(0, 1).float(), target_cls.flatten(),
-                               weight=weight)
-    # one gather for the whole batch: per-image indexing would zero-fill a full-size gradient
-    # buffer once per image in the backward pass
-    pm_t = mask_logits.flatten(0, 1)[torch.cat(flat).to(mask_logits.device)].flatten(1).float()
-    tm_t = torch.cat(tm).flatten(1)
-    if pm_t.shape[0] == 0:
-        zero = mask_logits.sum() * 0
-        return {"cls": loss_cls, "bce": zero, "dice": zero}
-    loss_bce = F.binary_cross_entropy_with_logits(pm_t, tm_t)
-    sig = pm_t.sigmoid()
-    loss_dice = (1 - (2 * (sig * tm_t).sum(-1) + 1) / (sig.sum(-1) + tm_t.sum(-1) + 1)).mean()
-    return {"cls": loss_cls, "bce": loss_bce, "dice": loss_dice}
+    # one gather of the matched masks for the whole batch: a gather (or slice) per image or per
+    # group would zero-fill a full-size gradient buffer once each in the backward pass
+    index = torch.cat(flat).to(mask_logits.device) if flat else \
+        torch.empty(0, dtype=torch.long, device=mask_logits.device)
+    matched = mask_logits.flatten(0, 1)[index].flatten(1).float()
+    out, row = [], 0
+    for start, end, m0, m1 in spans:
+        loss_cls = F.cross_entropy(class_logits[start:end].flatten(0, 1).float(),
+                                   target_cls[start:end].flatten(), weight=weight)
+        tm_t = torch.cat(tm[m0:m1]).flatten(1) if m1 > m0 else None
+        rows = 0 if tm_t is None else tm_t.shape[0]
+        pm_t = matched[row:row + rows]
+        row += rows
+        if rows == 0:
+            zero = mask_logits[start:end].sum() * 0
+            out.append({"cls": loss_cls, "bce": zero, "dice": zero})
+            continue
+        loss_bce = F.binary_cross_entropy_with_logits(pm_t, tm_t)
+        sig = pm_t.sigmoid()
+        loss_dice = (1 - (2 * (sig * tm_t).sum(-1) + 1) / (sig.sum(-1) + tm_t.sum(-1) + 1)).mean()
+        out.append({"cls": loss_cls, "bce": loss_bce, "dice": loss_dice})
+    return out
+
+
+def set_losses(out: Outputs, groups: list[list[tuple[Tensor, Tensor]]],
+               w: LossWeights | None = None) -> list[tuple[Tensor, dict[str, float]]]:
+    """``set_loss`` of each group of consecutive images of the batch ``out`` (``groups[g]`` =
+    the targets of group g's images, in batch order), computed in one pass: each equals
+    ``set_loss`` of that group's slice of the batch alone."""
+    w = w or LossWeights()
+    totals: list = [0.0] * len(groups)
+    parts: list[dict[str, float]] = [{} for _ in groups]
+    for masks, cls in [*out.aux, (out.mask_logits, out.class_logits)]:
+        for g, d in enumerate(_layer_losses(masks, cls, groups, w)):
+            totals[g] = totals[g] + w.cls * d["cls"] + w.bce * d["bce"] + w.dice * d["dice"]
+            for k, v in d.items():
+                parts[g][k] = float(v.detach())  # the last layer's parts are what is reported
+    return list(zip(totals, parts))
 
 
 def set_loss(out: Outputs, targets: list[tuple[Tensor, Tensor]],
              w: LossWeights | None = None) -> tuple[Tensor, dict[str, float]]:
     """Total loss over the final and every auxiliary decoder layer; targets = per image
     (labels (S,), masks bool (S, H, W))."""
-    w = w or LossWeights()
-    total = 0.0
-    parts: dict[str, float] = {}
-    for masks, cls in [*out.aux, (out.mask_logits, out.class_logits)]:
-        d = _layer_loss(masks, cls, targets, w)
-        total = total + w.cls * d["cls"] + w.bce * d["bce"] + w.dice * d["dice"]
-        for k, v in d.items():
-            parts[k] = float(v.detach())  # the last layer's parts are what is reported
-    return total, parts
+    return set_losses(out, [targets], w)[0]

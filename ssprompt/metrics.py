@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -83,12 +84,15 @@ class MeanIoU(MulticlassConfusionMatrix):
                          validate_args=False, **kw)
 
     def update(self, pred: Tensor, target: Tensor) -> None:  # type: ignore[override]
+        """Adds the confusion matrix of these pixels; it stays in ``last`` (C, C), rows target
+        (torchmetrics' update wrapper drops return values)."""
         c = self.num_classes
         pred = torch.as_tensor(pred).detach().cpu().numpy().reshape(-1).astype(np.int64)
         target = torch.as_tensor(target).cpu().numpy().reshape(-1).astype(np.int64)
         scored = target != self.ignore_index
-        counts = np.bincount(target[scored] * c + pred[scored], minlength=c * c)
-        self.confmat += torch.from_numpy(counts.reshape(c, c)).to(self.confmat)
+        counts = np.bincount(target[scored] * c + pred[scored], minlength=c * c).reshape(c, c)
+        self.confmat += torch.from_numpy(counts).to(self.confmat)
+        self.last = counts
 
     def compute(self) -> dict:  # type: ignore[override]
         """{"mIoU": percent | None, "per_class": [percent | None]}."""
@@ -185,20 +189,80 @@ class InstanceAP50(Metric):
             ig, idt = ig + n_gt, idt + n_dt
         return out_img, out_gt, out_dt
 
-    def compute(self) -> dict:
-        """{"AP50": percent | None, "per_class": [percent | None]} (None: no GT instance)."""
+    def compute(self, records: bool = False) -> dict:
+        """{"AP50": percent | None, "per_class": [percent | None]} (None: no GT instance); with
+        ``records``, also "records": COCO's per-image matching (``APRecords``), from which
+        ``ssprompt.bootstrap`` recomputes AP50 on resampled image sets."""
         images, gts, dts = self._coco()
         has_gt = [False] * self.num_classes
         for g in gts:
             if not g["iscrowd"]:
                 has_gt[g["category_id"] - 1] = True
-        if not any(has_gt):
-            return {"AP50": None, "per_class": [None] * self.num_classes}
-        if not dts:
-            return {"AP50": 0.0, "per_class": [0.0 if h else None for h in has_gt]}
-        ap50, per_class = coco_ap50(images, gts, dts, self.num_classes, self.max_dets)
-        return {"AP50": _pct(ap50) if ap50 >= 0 else None,
-                "per_class": [None if a is None else _pct(a) for a in per_class]}
+        if not any(has_gt) or not dts:
+            out = {"AP50": None, "per_class": [None] * self.num_classes} if not any(has_gt) \
+                else {"AP50": 0.0, "per_class": [0.0 if h else None for h in has_gt]}
+            if records:
+                out["records"] = APRecords.empty(len(images), self.num_classes, gts)
+            return out
+        ap50, per_class, rec = coco_ap50(images, gts, dts, self.num_classes, self.max_dets,
+                                         records=True)
+        out = {"AP50": _pct(ap50) if ap50 >= 0 else None,
+               "per_class": [None if a is None else _pct(a) for a in per_class]}
+        if records:
+            out["records"] = rec
+        return out
+
+
+@dataclass
+class APRecords:
+    """COCO's per-image matching at IoU 0.5 (what ``COCOeval.evaluate`` leaves in
+    ``evalImgs``), enough to recompute AP50 on any multiset of the images: per detection (the
+    top ``max_dets`` of each image and category) its image, category, score and whether it is a
+    true positive or a false positive (a detection matched to a crowd region is neither); per
+    image and category, the number of ground-truth instances that count (non-crowd)."""
+
+    det_image: np.ndarray   # int64 (D,)
+    det_cat: np.ndarray     # int64 (D,)
+    det_score: np.ndarray   # float64 (D,)
+    det_tp: np.ndarray      # bool (D,)
+    det_fp: np.ndarray      # bool (D,)
+    gt_count: np.ndarray    # int64 (images, C)
+
+    @staticmethod
+    def empty(n_images: int, num_classes: int, gts: list[dict]) -> "APRecords":
+        count = np.zeros((n_images, num_classes), np.int64)
+        for g in gts:
+            if not g["iscrowd"]:
+                count[g["image_id"] - 1, g["category_id"] - 1] += 1
+        z = np.zeros(0)
+        return APRecords(z.astype(np.int64), z.astype(np.int64), z, z.astype(bool),
+                         z.astype(bool), count)
+
+    @staticmethod
+    def of(eval_imgs: list, n_images: int, num_classes: int, max_dets: int) -> "APRecords":
+        """From hotcoco's or pycocotools' ``evalImgs`` (one IoU threshold, one area range)."""
+        img, cat, score, tp, fp = [], [], [], [], []
+        count = np.zeros((n_images, num_classes), np.int64)
+        for e in eval_imgs:
+            if not e:
+                continue
+            i, c = int(e["image_id"]) - 1, int(e["category_id"]) - 1
+            scores = np.asarray(e["dtScores"], np.float64)[:max_dets]
+            matched = np.asarray(e["dtMatched"][0] if "dtMatched" in e
+                                 else np.asarray(e["dtMatches"])[0] > 0, bool)[:max_dets]
+            ignored = np.asarray(e["dtIgnore"][0], bool)[:max_dets]
+            count[i, c] += int(np.count_nonzero(~np.asarray(e["gtIgnore"], bool)))
+            img.append(np.full(len(scores), i))
+            cat.append(np.full(len(scores), c))
+            score.append(scores)
+            tp.append(matched & ~ignored)
+            fp.append(~matched & ~ignored)
+
+        def cat_(xs, dtype):
+            return np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)
+
+        return APRecords(cat_(img, np.int64), cat_(cat, np.int64), cat_(score, np.float64),
+                         cat_(tp, bool), cat_(fp, bool), count)
 
 
 def _as_instances(preds: list[dict], hw: tuple[int, int]):
@@ -217,13 +281,14 @@ AP_LIBRARY = "hotcoco"  # equal to pycocotools to the last bit on the study's de
 
 
 def coco_ap50(images: list[dict], gts: list[dict], dts: list[dict], num_classes: int,
-              max_dets: int = 100, library: str = AP_LIBRARY) -> tuple[float, list[float | None]]:
+              max_dets: int = 100, library: str = AP_LIBRARY, records: bool = False):
     """COCO mask AP (``COCOeval(iouType="segm")``) at IoU 0.5, area "all", ``max_dets``
     detections (pycocotools' ``stats[1]``; -1 when undefined), and per class (None: no ground
     truth). Only that one (IoU, area, max-dets) setting is evaluated: COCO matches each setting
     on its own, so the others would change nothing but the time. ``library``: "hotcoco" (Rust;
     measured equal to pycocotools on every precision value, bench/eval_speed.py) or
-    "pycocotools", the reference."""
+    "pycocotools", the reference. Returns (AP50, per class), plus the ``APRecords`` of the
+    per-image matching with ``records`` (image ids must be 1..len(images))."""
     dataset = {"info": {"description": "ssprompt"}, "images": images, "annotations": gts,
                "categories": [{"id": c + 1, "name": str(c)} for c in range(num_classes)]}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -256,7 +321,10 @@ def coco_ap50(images: list[dict], gts: list[dict], dts: list[dict], num_classes:
         col = col[col > -1]
         per_class[cat - 1] = float(col.mean()) if col.size else None
     valid = prec[prec > -1]
-    return (float(np.mean(valid)) if valid.size else -1.0), per_class
+    ap = (float(np.mean(valid)) if valid.size else -1.0), per_class
+    if records:
+        return (*ap, APRecords.of(ev.evalImgs, len(images), num_classes, max_dets))
+    return ap
 
 
 # --------------------------------------------------------------------------------------- PQ
@@ -277,6 +345,7 @@ class PanopticQuality(Metric):
                            dist_reduce_fx="sum")
 
     def update(self, pred_seg: Tensor, pred_segments: list[dict], gt) -> None:
+        """Adds one image; its per-category (TP, FP, FN, IoU sum), (C, 4), stay in ``last``."""
         c = len(self.is_thing)
         g = _Segments(gt.segments, np.asarray(gt.instance))
         p = _Segments(pred_segments, torch.as_tensor(pred_seg).detach().cpu().numpy())
@@ -321,8 +390,10 @@ class PanopticQuality(Metric):
         fp = np.bincount(p.cat[fp_mask], minlength=c)
 
         dev = self.tp.device
-        for state, value in ((self.tp, tp), (self.fp, fp), (self.fn, fn), (self.iou, iou_sum)):
-            state += torch.as_tensor(value, dtype=torch.float64).to(dev)
+        stats = np.stack([tp, fp, fn, iou_sum], -1).astype(np.float64)   # (C, 4)
+        for k, state in enumerate((self.tp, self.fp, self.fn, self.iou)):
+            state += torch.as_tensor(stats[:, k]).to(dev)
+        self.last = stats
 
     def compute(self) -> dict:
         """{"PQ","SQ","RQ","PQ_th","PQ_st": percent | None, "per_class": [PQ percent | None]}."""
@@ -378,9 +449,12 @@ class SegmentationEvaluator:
     """mIoU, AP50 and PQ of post-processed predictions on ground-truth scenes (percent, 2
     decimals)."""
 
-    def __init__(self, class_names: list[str], is_thing: list[bool], sync: bool = True) -> None:
+    def __init__(self, class_names: list[str], is_thing: list[bool], sync: bool = True,
+                 per_image: bool = False) -> None:
         """``sync=False``: never gather states across ranks (each rank scores on its own, as
-        in a study whose ranks run different cells)."""
+        in a study whose ranks run different cells). ``per_image``: ``compute`` also returns
+        "per_image", the statistics a paired bootstrap over images needs
+        (``ssprompt.bootstrap.PerImage``; this process's images only)."""
         if len(class_names) != len(is_thing):
             raise ValueError("class_names and is_thing differ in length")
         self.class_names, self.is_thing = list(class_names), [bool(t) for t in is_thing]
@@ -388,6 +462,9 @@ class SegmentationEvaluator:
         self.miou = MeanIoU(len(self.class_names), **kw)
         self.ap = InstanceAP50(len(self.class_names), **kw)
         self.pq = PanopticQuality(self.is_thing, **kw)
+        self.per_image = per_image
+        self._iou: list[np.ndarray] = []   # per image (C, 3): intersection, predicted, truth
+        self._pq: list[np.ndarray] = []    # per image (C, 4): TP, FP, FN, IoU sum
 
     def update(self, predictions: list, scenes: list) -> None:
         """``predictions``: ``postprocess.Prediction`` objects aligned with ``scenes``, at the
@@ -396,9 +473,14 @@ class SegmentationEvaluator:
             self.miou.update(pred.semantic, scene.semantic)
             self.ap.update(pred.instances, scene)
             self.pq.update(pred.panoptic, pred.segments, scene)
+            if self.per_image:
+                cm = self.miou.last
+                self._iou.append(np.stack([cm.diagonal(), cm.sum(0), cm.sum(1)], -1))
+                self._pq.append(self.pq.last)
 
     def compute(self) -> dict:
-        miou, ap, pq = self.miou.compute(), self.ap.compute(), self.pq.compute()
+        miou, ap, pq = self.miou.compute(), self.ap.compute(records=self.per_image), \
+            self.pq.compute()
         per_class = {name: {"IoU": _round(miou["per_class"][c]),
                             "AP50": _round(ap["per_class"][c]),
                             "PQ": _round(pq["per_class"][c]), "isthing": self.is_thing[c]}
@@ -406,8 +488,16 @@ class SegmentationEvaluator:
         out = {"mIoU": _round(miou["mIoU"]), "AP50": _round(ap["AP50"])}
         out.update({k: _round(pq[k]) for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")})
         out["per_class"] = per_class
+        if self.per_image:
+            from .bootstrap import PerImage
+
+            c = len(self.class_names)
+            out["per_image"] = PerImage(
+                np.stack(self._iou) if self._iou else np.zeros((0, c, 3), np.int64),
+                np.stack(self._pq) if self._pq else np.zeros((0, c, 4)), ap["records"])
         return out
 
     def reset(self) -> None:
         for m in (self.miou, self.ap, self.pq):
             m.reset()
+        self._iou, self._pq = [], []

@@ -225,3 +225,48 @@ def plot_qualitative(run: Path, cfg, sfm, dataset_of, n_images: int = 3) -> list
         write_bytes(run / f"qualitative_{task}.png", buf.getvalue())
         written.append(run / f"qualitative_{task}.png")
     return written
+
+
+def plot_shots(run: Path, cfg, intervals: dict) -> None:
+    """A shots sweep (study ``shots: [k, ...]``): each metric against k for every swept
+    variant, mean over seeds with its 95% bootstrap interval (``study_intervals``), and the
+    fixed variants (zero-shot) as flat bands. Written as shots.png; nothing without a sweep."""
+    swept: dict[str, list] = {}
+    for v in cfg.variants:
+        if v.base != v.name:
+            swept.setdefault(v.base, []).append(v)
+    if not swept:
+        return
+    plt = _plt()
+    rows = intervals["rows"]
+    fig, axes = plt.subplots(len(METRICS), len(cfg.tasks),
+                             figsize=(4 * len(cfg.tasks), 3 * len(METRICS)), squeeze=False)
+    for j, t in enumerate(cfg.tasks):
+        for i, m in enumerate(METRICS):
+            ax = axes[i][j]
+            ks_all = sorted({v.shots for vs in swept.values() for v in vs})
+            for v in cfg.variants:
+                if v.base == v.name and v.name in rows:   # not swept: a flat band
+                    mean, lo, hi = rows[v.name][t][m]
+                    ax.axhline(mean, color="grey", lw=1, ls="--", label=v.name)
+                    ax.fill_between([ks_all[0], ks_all[-1]], lo, hi, color="grey", alpha=0.15)
+            for base, vs in swept.items():
+                vs = sorted(vs, key=lambda v: v.shots)
+                ks = [v.shots for v in vs]
+                mean = np.array([rows[v.name][t][m][0] for v in vs], dtype=float)
+                lo = np.array([rows[v.name][t][m][1] for v in vs], dtype=float)
+                hi = np.array([rows[v.name][t][m][2] for v in vs], dtype=float)
+                line, = ax.plot(ks, mean, marker="o", label=base)
+                ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.2)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ks_all, [str(k) for k in ks_all])
+            ax.set_title(f"{t}: {m}")
+            if i == len(METRICS) - 1:
+                ax.set_xlabel("shots k")
+            if j == 0:
+                ax.set_ylabel("percent")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Metric vs number of shots (mean over seeds, 95% bootstrap interval)")
+    fig.tight_layout()
+    fig.savefig(run / "shots.png", dpi=100)
+    plt.close(fig)

@@ -42,6 +42,8 @@ class SelectionConfig:
     holdout: float = 0.25   # fraction of the k shots held out when k >= 8
     every: int = 10         # score the candidates every this many steps
     refit: bool = False     # one fold: train again on all k shots for the selected steps
+    report_raw: bool = True  # also score the unselected last-step prompts on test (the cost
+    #                          of one more test evaluation where selection changed something)
 
 
 def folds(k: int, seed: int, holdout: float) -> list[tuple[list[int], list[int]]]:

@@ -24,16 +24,18 @@ import yaml
 from tqdm import tqdm
 
 from .errors import UserError
-from .io import write_json, write_text
+from .io import write_bytes, write_json, write_text
 from .prompts.promptset import PromptConfig
 from .selection import SelectionConfig
 from .train import TrainConfig
 
 CONFIG_DIR = Path(str(files("ssprompt").joinpath("configs")))  # package data
 METRICS = ("mIoU", "AP50", "PQ")
-TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "train", "selection", "variants"}
+TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "train", "selection", "variants",
+            "comparisons"}
 SELECTION_KEYS = {f.name for f in fields(SelectionConfig)}
-VARIANT_KEYS = {"name", "mode", "learners", "n_prompts", "init", "weight", "group", "train"}
+VARIANT_KEYS = {"name", "mode", "learners", "n_prompts", "init", "weight", "weight_init",
+                "anchored", "group", "train", "shots"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"seed"}
 FIXED_MODES = ("default", "prompt_engineering")  # variants with nothing to learn
 
@@ -44,6 +46,8 @@ class Variant:
     prompt: PromptConfig
     group: str = "main"
     train: dict = field(default_factory=dict)
+    shots: int | None = None    # None: the study's
+    base: str = ""              # the config's variant name (before a shots sweep's suffix)
 
 
 @dataclass
@@ -57,6 +61,10 @@ class StudyConfig:
     variants: list[Variant]
     raw: dict
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    comparisons: list[tuple[str, str]] = field(default_factory=list)
+
+    def shots_of(self, v: Variant) -> int:
+        return v.shots if v.shots is not None else self.shots
 
     def cells(self) -> list[tuple[Variant, str, int]]:
         return [(v, t, s) for t in self.tasks for v in self.variants for s in self.seeds]
@@ -163,16 +171,37 @@ def load_config(path: str | Path, sets: dict | None = None) -> StudyConfig:
             prompt = PromptConfig(mode=v["mode"],
                                   learners=tuple(v.get("learners", ("spatial", "semantic"))),
                                   n_prompts=v.get("n_prompts", 100), init=v.get("init"),
-                                  weight=v.get("weight", "prompt"))
+                                  weight=v.get("weight", "prompt"),
+                                  weight_init=v.get("weight_init", 0.5),
+                                  anchored=v.get("anchored"))
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
-        variants.append(Variant(v["name"], prompt, v.get("group", "main"), vtrain))
+        vshots = v.get("shots")
+        if vshots is not None and (not isinstance(vshots, int) or vshots <= 0):
+            raise UserError(f"{where}: shots must be a positive integer")
+        variants.append(Variant(v["name"], prompt, v.get("group", "main"), vtrain, vshots,
+                                v["name"]))
     shots = raw.get("shots", 16)
-    if not isinstance(shots, int) or shots <= 0:
-        raise UserError(f"{path}: shots must be a positive integer")
+    sweep = shots if isinstance(shots, list) else None
+    if sweep is not None:  # a shots sweep: each learned variant once per k ("NAME-kK")
+        if not sweep or any(not isinstance(k, int) or k <= 0 for k in sweep):
+            raise UserError(f"{path}: shots must be a positive integer or a list of them")
+        variants = [v for v in variants if v.prompt.mode in FIXED_MODES] + [
+            Variant(f"{v.name}-k{k}", v.prompt, v.group, v.train, k, v.name)
+            for v in variants if v.prompt.mode not in FIXED_MODES for k in sweep]
+        shots = max(sweep)
+    elif not isinstance(shots, int) or shots <= 0:
+        raise UserError(f"{path}: shots must be a positive integer or a list of them")
+    names = {v.name for v in variants}
+    comparisons = []
+    for i, pair in enumerate(raw.get("comparisons") or []):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(x in names for x in pair)):
+            raise UserError(f"{path}: comparisons[{i}]: expected [variant, variant] of this "
+                            f"study's variants, got {pair!r}")
+        comparisons.append((pair[0], pair[1]))
     return StudyConfig(raw.get("name", path.stem), list(raw["tasks"]), list(raw["seeds"]),
                        shots, raw.get("n_test"), train, variants, raw,
-                       SelectionConfig(**selection))
+                       SelectionConfig(**selection), comparisons)
 
 
 def cell_id(variant: Variant, task: str, seed: int) -> str:
@@ -224,16 +253,17 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
         variant = cells[0][0]
         bar.set_postfix_str(f"{vname} / {task} / seeds {[s for _, _, s in cells]}")
         specs = [CellSpec(task=task, prompt=variant.prompt,
-                          train=TrainConfig(**{**cfg.train, **variant.train}), shots=cfg.shots,
+                          train=TrainConfig(**{**cfg.train, **variant.train}),
+                          shots=cfg.shots_of(variant),
                           seed=seed, n_test=cfg.n_test, selection=cfg.selection)
                  for _, _, seed in cells]
         with local_only():  # ranks run different cells: no sharding, no gradient all-reduce
             if variant.prompt.mode in FIXED_MODES:  # nothing learned: one evaluation serves all
-                first = run_cells(ws, specs[:1])[0]
+                first = run_cells(ws, specs[:1], per_image=True)[0]
                 outs = [first] + [({**first[0], "spec": sp.as_dict(), "wall_s": 0.0}, first[1],
                                    []) for sp in specs[1:]]
             else:
-                outs = run_cells(ws, specs)
+                outs = run_cells(ws, specs, per_image=True)
         for (_, _, seed), spec, (result, prompts, log) in zip(cells, specs, outs):
             cid = cell_id(variant, task, seed)
             result["loss_log"] = log
@@ -245,7 +275,9 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
                               "class_names": test.class_names, "is_thing": test.is_thing,
                               "metrics": {m: result[m] for m in METRICS}})
             result.update({"variant": vname, "group": variant.group, "task": task,
-                           "seed": seed})
+                           "seed": seed, "shots": spec.shots})
+            # per-image test statistics (the bootstrap's input) first: the JSON marks it done
+            write_bytes(cells_dir / f"{cid}.stats.npz", result.pop("per_image").to_bytes())
             write_json(cells_dir / f"{cid}.json", result)
             bar.update(1)
     bar.close()
@@ -285,6 +317,112 @@ def load_cells(run: Path, cfg: StudyConfig) -> list[dict]:
             raise UserError(f"{p}: cell missing; rerun the study to finish it")
         rows.append(json.loads(p.read_text()))
     return rows
+
+
+def study_intervals(run: Path, cfg: StudyConfig, rows: list[dict]) -> dict | None:
+    """Paired bootstrap intervals (``ssprompt.bootstrap``) of every variant's Δ to the first
+    (baseline) variant and of each configured comparison, per task and metric; and each row's
+    own interval. None when a cell has no per-image statistics (a study from an older
+    version)."""
+    from . import bootstrap as bs
+
+    t0 = time.time()
+    draws = bs.seed_draws(len(cfg.seeds))
+    by_key = {(r["variant"], r["task"], r["seed"]): r for r in rows}
+    values: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    memo: dict[bytes, dict[str, np.ndarray]] = {}   # zero-shot's seeds share one evaluation
+    for t in cfg.tasks:
+        weights = None
+        for v in cfg.variants:
+            per_seed = []
+            for seed in cfg.seeds:
+                p = run / "cells" / f"{cell_id(v, t, seed)}.stats.npz"
+                if not p.exists():
+                    return None
+                data = p.read_bytes()
+                if data not in memo:
+                    stats = bs.PerImage.from_bytes(data)
+                    if weights is None or weights.shape[1] != len(stats):
+                        weights = bs.image_weights(len(stats))
+                    memo[data] = {m: f(stats, weights) for m, f in bs.METRIC_FNS.items()}
+                per_seed.append(memo[data])
+            values[(v.name, t)] = {m: np.stack([d[m] for d in per_seed]) for m in METRICS}
+
+    def observed(name: str, t: str, m: str) -> float:
+        return _mean_std([by_key[(name, t, s)].get(m) for s in cfg.seeds])[0]
+
+    base = cfg.variants[0].name
+    pairs = [(v.name, base) for v in cfg.variants[1:]] + list(cfg.comparisons)
+    out: dict = {"n_boot": int(draws.shape[0]), "level": bs.LEVEL, "seed": bs.BOOT_SEED,
+                 "pairs": [], "rows": {}}
+    for a, b in dict.fromkeys(pairs):
+        entry = {"a": a, "b": b, "tasks": {}}
+        for t in cfg.tasks:
+            entry["tasks"][t] = {}
+            for m in METRICS:
+                iv = bs.paired_interval(values[(a, t)][m], values[(b, t)][m],
+                                        (observed(a, t, m), observed(b, t, m)), draws)
+                entry["tasks"][t][m] = {"delta": iv.delta, "lo": iv.lo, "hi": iv.hi,
+                                        "excludes_zero": iv.excludes_zero}
+        out["pairs"].append(entry)
+    for v in cfg.variants:
+        out["rows"][v.name] = {t: {m: [observed(v.name, t, m),
+                                       *bs.row_interval(values[(v.name, t)][m], draws)]
+                                   for m in METRICS} for t in cfg.tasks}
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def _interval_table(cfg: StudyConfig, intervals: dict, pairs: list[dict]) -> list[str]:
+    lines = ["| difference | " + " | ".join(f"{t} {m}" for t in cfg.tasks for m in METRICS)
+             + " |", "|---|" + "---:|" * (len(cfg.tasks) * len(METRICS))]
+    for e in pairs:
+        cells = []
+        for t in cfg.tasks:
+            for m in METRICS:
+                d = e["tasks"][t][m]
+                if not np.isfinite(d["delta"]) or not np.isfinite(d["lo"]):
+                    cells.append("n/a")
+                    continue
+                mark = " *" if d["excludes_zero"] else ""
+                cells.append(f"{d['delta']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]{mark}")
+        lines.append(f"| {e['a']} − {e['b']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _weights_by_kind(cfg: StudyConfig, rows: list[dict]) -> list[str]:
+    """Mean learned semantic fusion weight over thing classes and over stuff classes, for the
+    variants that learn it, over the seeds whose trained prompts were kept by selection."""
+    out = []
+    for v in cfg.variants:
+        if v.prompt.mode != "weighted" or "semantic" not in v.prompt.learners:
+            continue
+        cells = []
+        for t in cfg.tasks:
+            th, st, kept = [], [], 0
+            for r in rows:
+                if r["variant"] != v.name or r["task"] != t:
+                    continue
+                if (r.get("selection") or {}).get("selected") == "default":
+                    continue
+                w = (r.get("fusion_weights") or {}).get("semantic")
+                if not w:
+                    continue
+                kept += 1
+                flags = [pc["isthing"] for pc in r["per_class"].values()]
+                th += [x for x, f in zip(w, flags) if f]
+                st += [x for x, f in zip(w, flags) if not f]
+            cells.append(f"{np.mean(th):.2f} / {np.mean(st):.2f} ({kept})" if kept and th and st
+                         else (f"{np.mean(th or st):.2f} / - ({kept})" if kept else "-"))
+        out.append(f"| {v.name} | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    return ["", "## Learned semantic fusion weights: things vs stuff", "",
+            "Mean learned w over thing classes / over stuff classes (seeds whose trained "
+            "prompts selection kept, in brackets; w = 1 keeps only the learned embedding, "
+            "0 only the encoder's). A task whose classes are all things or all stuff has one "
+            "side only.", "", "| variant | " + " | ".join(cfg.tasks) + " |",
+            "|---|" + "---|" * len(cfg.tasks), *out]
 
 
 def _mean_std(vals: list) -> tuple[float, float]:
@@ -335,12 +473,16 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_spl
     import resource
     if peak_rss_mb is None:
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process
+    intervals = study_intervals(run, cfg, rows)
     write_json(run / "results.json", {"config": cfg.raw, "cells": rows, "summary": summary,
-                                      "study_wall_s": wall_s, "cells_wall_s": total_wall,
+                                      "intervals": intervals, "study_wall_s": wall_s,
+                                      "cells_wall_s": total_wall,
                                       "peak_rss_mb": round(peak_rss_mb)})
-    write_text(run / "summary.md", summary_markdown(cfg, summary, wall_s, rows))
-    from .plots import plot_study
+    write_text(run / "summary.md", summary_markdown(cfg, summary, wall_s, rows, intervals))
+    from .plots import plot_shots, plot_study
     plot_study(run, cfg, rows, summary)
+    if intervals is not None:
+        plot_shots(run, cfg, intervals)
     if sfm is not None and test_split is not None:
         from .plots import plot_qualitative
         plot_qualitative(run, cfg, sfm, test_split)
@@ -374,7 +516,7 @@ def _table(cfg: StudyConfig, stats) -> list[str]:
 
 
 def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
-                     rows: list[dict] | None = None) -> str:
+                     rows: list[dict] | None = None, intervals: dict | None = None) -> str:
     zs = cfg.variants[0].name
     sel = cfg.selection
     rule = (f"Every trained variant uses held-out-shot selection: {sel.holdout:.0%} of the "
@@ -400,6 +542,21 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
             return summary[v][cfg.tasks[0]]["trained_params"]
 
     lines += _table(cfg, Stats())
+    if intervals is not None:
+        n_base = len(cfg.variants) - 1
+        lines += ["", "## Differences with 95% intervals", "",
+                  f"Δ = mean over seeds of (row − baseline), in points; [95% interval] from a "
+                  f"paired bootstrap ({intervals['n_boot']} resamples, seeded): the test images "
+                  "and the seeds are both resampled with replacement, the same draw for both "
+                  "rows (`ssprompt/bootstrap.py`). * = the interval excludes 0; without it, "
+                  "the difference is not detectable with these test images and seeds. "
+                  f"Bootstrap time: {intervals['seconds']:.0f} s.", ""]
+        lines += _interval_table(cfg, intervals, intervals["pairs"][:n_base])
+        if intervals["pairs"][n_base:]:
+            lines += ["", "### Comparisons (controls)", ""]
+            lines += _interval_table(cfg, intervals, intervals["pairs"][n_base:])
+    if rows:
+        lines += _weights_by_kind(cfg, rows)
     if sel.enabled:
         lines += ["", "## What selection chose", "",
                   "Per task, the step each seed kept (`default`: no step beat the default "

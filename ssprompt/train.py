@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .distributed import all_reduce_mean_, rank_world
 from .errors import UserError
 from .features import FeatureCache
-from .losses import set_loss
+from .losses import set_losses
 from .prompts.promptset import PromptSet
 from .sfm.base import Features, PromptableSFM, autocast
 
@@ -135,12 +135,9 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
         with autocast(next(iter(feats.tensors.values())).device):
             out = sfm.decode(feats, torch.cat(spatial), sem) if len(runs) > 1 else \
                 sfm.decode(feats, spatial[0][0], None if sem is None else sem[0])
-        total, start = 0.0, 0
-        parts_all = []
-        for r, idx in zip(runs, batches):
-            sl = slice(start, start + len(idx))
-            start += len(idx)
-            loss, parts = set_loss(_slice(out, sl), [r.targets[i] for i in idx])
+        total, parts_all = 0.0, []
+        losses = set_losses(out, [[r.targets[i] for i in idx] for r, idx in zip(runs, batches)])
+        for r, (loss, parts) in zip(runs, losses):
             if r.cfg.anchor:
                 loss = loss + r.cfg.anchor * r.prompts.drift()
             if not torch.isfinite(loss):
@@ -164,9 +161,3 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
     logs = iter(r.log for r in runs)
     return [next(logs) if p.trainable() else [] for p, _, _ in jobs]
 
-
-def _slice(out, sl: slice):
-    from .sfm.base import Outputs
-
-    return Outputs(out.mask_logits[sl], out.class_logits[sl],
-                   [(m[sl], c[sl]) for m, c in out.aux])

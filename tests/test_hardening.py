@@ -326,11 +326,12 @@ def test_non_finite_loss_stops_training(tiny, tmp_path, monkeypatch, capsys):
     import ssprompt.train
     from ssprompt.cli import main
 
-    def nan_loss(out, targets, w=None):
-        return out.mask_logits.sum() * float("nan"), {"cls": 0.0, "bce": 0.0, "dice": 0.0}
+    def nan_losses(out, groups, w=None):
+        return [(out.mask_logits.sum() * float("nan"), {"cls": 0.0, "bce": 0.0, "dice": 0.0})
+                for _ in groups]
 
-    monkeypatch.setattr(ssprompt.losses, "set_loss", nan_loss)
-    monkeypatch.setattr(ssprompt.train, "set_loss", nan_loss)
+    monkeypatch.setattr(ssprompt.losses, "set_losses", nan_losses)
+    monkeypatch.setattr(ssprompt.train, "set_losses", nan_losses)
     out = tmp_path / "o"
     rc = main(["train", "--task", "shift", "--steps", "2", "--shots", "2", "--n-test", "2",
                "--n-prompts", "10", "--checkpoint", str(tiny), "--out", str(out)])

@@ -34,6 +34,11 @@ class PromptConfig:
     n_prompts: int = 100
     init: str | None = None   # None: "random" for learned_only, "default" otherwise
     weight: str = "prompt"
+    weight_init: float = 0.5  # the learned fusion weight's start (``weighted``)
+    # the anchor (the pull of z_learned towards z_default, TrainConfig.anchor) applies to the
+    # fused modes; None: fused modes yes, learned_only no (its default is gone). True also
+    # anchors learned_only: the study's control that keeps the pull but drops the fusion
+    anchored: bool | None = None
 
     def __post_init__(self):
         if self.init is None:
@@ -63,7 +68,8 @@ class PromptSet(nn.Module):
         # what the prompts file records about the vocabulary (see save_prompts)
         self.class_names = None if class_names is None else list(class_names)
         self.is_thing = None if is_thing is None else [bool(x) for x in is_thing]
-        kw = {"init": cfg.init, "weight": cfg.weight, "generator": generator}
+        kw = {"init": cfg.init, "weight": cfg.weight, "weight_init": cfg.weight_init,
+              "generator": generator}
         has_text = class_names is not None and sfm.encode_texts(class_names[:1]) is not None
         if "semantic" in cfg.learners and cfg.mode not in ("default", "vanilla_2d",
                                                            "prompt_engineering") and not has_text:
@@ -98,10 +104,14 @@ class PromptSet(nn.Module):
     def drift(self) -> Tensor:
         """Squared distance of the fused learners' embeddings from their defaults, relative to
         the defaults' own mean square (so spatial and semantic prompts, whose scales differ
-        ~10x, weigh alike); 0 if none. ``learned_only`` is left out: its default is gone."""
+        ~10x, weigh alike); 0 if none. ``learned_only`` is left out (its default is gone)
+        unless the config says ``anchored``."""
+        modes = ("average", "weighted") + (("learned_only",) if self.cfg.anchored else ())
+        if self.cfg.anchored is False:
+            modes = ()
         terms = [((m.learned - m.default) ** 2).mean() / (m.default ** 2).mean().clamp_min(1e-12)
                  for m in (self.spatial, self.semantic)
-                 if isinstance(m, FusedPrompt) and m.mode in ("average", "weighted")]
+                 if isinstance(m, FusedPrompt) and m.mode in modes]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def fusion_weights(self) -> dict[str, Tensor]:
