@@ -82,6 +82,36 @@ def bench_pretrain(repeats: int) -> dict:
     return out
 
 
+def bench_train_batching(repeats: int) -> dict:
+    """Prompt learning of J prompt sets (a study's seeds) in shared decoder passes
+    (``train_many``; full SSPrompt, N = 100, batch 8, the novel task's 16 shots): wall time per
+    optimiser step, and per step of one set. Shared passes pay when the per-set cost stays flat
+    as J grows."""
+    from ssprompt.data import open_dataset
+    from ssprompt.features import FeatureCache
+    from ssprompt.prompts.promptset import PromptConfig, PromptSet
+    from ssprompt.sfm import load_sfm
+    from ssprompt.train import TrainConfig, train_many
+
+    sfm = load_sfm("embedded", device="cpu")
+    data = open_dataset("novel", "train", shots=16, seed=0)
+    cache = FeatureCache()
+    steps = 5
+
+    def run(j: int) -> None:
+        jobs = [(PromptSet(sfm, data.class_names, PromptConfig("weighted"),
+                           generator=torch.Generator().manual_seed(s)), data,
+                 TrainConfig(steps=steps, seed=s)) for s in range(j)]
+        train_many(sfm, jobs, cache)
+
+    run(1)   # features into the cache
+    out = {}
+    for j in (1, 3, 6):
+        t = _median_time(lambda: run(j), max(3, repeats // 2)) / steps
+        out[j] = {"step_ms": 1e3 * t, "per_set_ms": 1e3 * t / j}
+    return out
+
+
 def bench_params() -> dict:
     from ssprompt.data.scenes import SceneSplit
     from ssprompt.prompts.promptset import PromptConfig, PromptSet
@@ -119,9 +149,19 @@ def bench_study(quick_only: bool) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7; skip studies")
+    ap.add_argument("--only", choices=["train_batching"],
+                    help="measure this one part and update it in bench/results.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     repeats = 3 if a.quick else 7
+    if a.only:
+        res = json.loads(OUT.read_text()) if OUT.exists() else {}
+        res[a.only] = {"train_batching": bench_train_batching}[a.only](repeats)
+        tmp = OUT.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        tmp.replace(OUT)
+        print(render(res))
+        return
     res: dict = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                              "threads": torch.get_num_threads(),
                              "cuda": torch.cuda.is_available()}, "repeats": repeats}
@@ -147,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                            "threads (this CPU's best BLAS case)"}
     from bench.backends import bench_backends
     res["backends"] = bench_backends(quick=True)   # reduced sizes on a CPU: see 'size'
+    res["train_batching"] = bench_train_batching(repeats)
     res["pretrain"] = bench_pretrain(repeats)
     res["params"] = bench_params()
     if not a.quick:
@@ -181,6 +222,9 @@ def render(r: dict) -> str:
         if "speedup" in v:
             lines.append(f"| evaluation, cached: new / old code, same run | {v['img_per_s_cached']:.0f}"
                          f" / {v['old_img_per_s_cached']:.0f} img/s = {v['speedup']:.2f}x | >= 5x |")
+    for j, v in (r.get("train_batching") or {}).items():
+        lines.append(f"| prompt learning, {j} set(s) in shared passes: per step / per set-step | "
+                     f"{v['step_ms']:.0f} / {v['per_set_ms']:.0f} ms | |")
     if "flops" in r:
         f = r["flops"]
         lines.append(f"| prompt step (N = 100, batch 8): FLOPs, achieved | {f['step_flop'] / 1e9:.2f} "

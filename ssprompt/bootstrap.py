@@ -76,6 +76,13 @@ def miou(stats: PerImage, weights: np.ndarray) -> np.ndarray:
         + np.where(valid.any(1), 0, np.nan)
 
 
+def class_iou(stats: PerImage, weights: np.ndarray) -> np.ndarray:
+    """Per-class IoU (percent, NaN where the class has no true pixels), (B, C)."""
+    s = np.einsum("bn,nck->bck", weights, stats.iou.astype(np.float64))
+    inter, pred, true = s[..., 0], s[..., 1], s[..., 2]
+    return np.where(true > 0, 100 * inter / np.maximum(true + pred - inter, 1), np.nan)
+
+
 def pq(stats: PerImage, weights: np.ndarray) -> np.ndarray:
     """PQ (percent) for each row of ``weights`` (B, n): the mean over classes with TP + FP +
     FN > 0 of IoU sum / (TP + FP / 2 + FN / 2)."""

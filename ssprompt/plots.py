@@ -22,7 +22,8 @@ def plot_study(run: Path, cfg, rows: list[dict], summary: dict) -> None:
     tasks = cfg.tasks
     # 1. ablation 2: metric vs N for full SSPrompt (weighted, both learners)
     n_rows = {v.prompt.n_prompts: v.name for v in cfg.variants
-              if v.prompt.mode == "weighted" and len(v.prompt.learners) == 2
+              if getattr(cfg, "shots_of", lambda v: cfg.shots)(v) == cfg.shots
+              and v.prompt.mode == "weighted" and len(v.prompt.learners) == 2
               and v.prompt.init == "default" and v.prompt.weight == "prompt"}
     if len(n_rows) > 1:
         ns = sorted(n_rows)
@@ -166,12 +167,20 @@ def _plot_weights(run: Path, plt, rows: list[dict], tasks, name: str) -> None:
     plt.close(fig)
 
 
+def _at_study_shots(cfg) -> list:
+    """The variants, those run at the study's own number of shots first (in a shots sweep:
+    the largest k)."""
+    shots_of = getattr(cfg, "shots_of", lambda v: cfg.shots)
+    return sorted(cfg.variants, key=lambda v: shots_of(v) != cfg.shots)
+
+
 def full_ssprompt_variant(cfg) -> str | None:
     """The study's full SSPrompt row: weighted, both learners, N = 100 (else the first
-    weighted row)."""
-    return next((v.name for v in cfg.variants if v.prompt.mode == "weighted"
+    weighted row), at the study's number of shots where a sweep has several."""
+    vs = _at_study_shots(cfg)
+    return next((v.name for v in vs if v.prompt.mode == "weighted"
                  and len(v.prompt.learners) == 2 and v.prompt.n_prompts == 100),
-                next((v.name for v in cfg.variants if v.prompt.mode == "weighted"), None))
+                next((v.name for v in vs if v.prompt.mode == "weighted"), None))
 
 
 def plot_qualitative(run: Path, cfg, sfm, dataset_of, n_images: int = 3) -> list[Path]:
@@ -190,7 +199,8 @@ def plot_qualitative(run: Path, cfg, sfm, dataset_of, n_images: int = 3) -> list
     from .study import cell_id
 
     names = [cfg.variants[0].name, full_ssprompt_variant(cfg),
-             next((v.name for v in cfg.variants if v.prompt.mode == "learned_only"), None)]
+             next((v.name for v in _at_study_shots(cfg) if v.prompt.mode == "learned_only"),
+                  None)]
     variants = [v for n in names if n for v in cfg.variants if v.name == n]
     written = []
     for task in cfg.tasks:

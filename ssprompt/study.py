@@ -345,8 +345,10 @@ def study_intervals(run: Path, cfg: StudyConfig, rows: list[dict]) -> dict | Non
                     if weights is None or weights.shape[1] != len(stats):
                         weights = bs.image_weights(len(stats))
                     memo[data] = {m: f(stats, weights) for m, f in bs.METRIC_FNS.items()}
+                    memo[data]["class_iou"] = bs.class_iou(stats, weights)
                 per_seed.append(memo[data])
-            values[(v.name, t)] = {m: np.stack([d[m] for d in per_seed]) for m in METRICS}
+            values[(v.name, t)] = {m: np.stack([d[m] for d in per_seed])
+                                   for m in (*METRICS, "class_iou")}
 
     def observed(name: str, t: str, m: str) -> float:
         return _mean_std([by_key[(name, t, s)].get(m) for s in cfg.seeds])[0]
@@ -365,11 +367,56 @@ def study_intervals(run: Path, cfg: StudyConfig, rows: list[dict]) -> dict | Non
                 entry["tasks"][t][m] = {"delta": iv.delta, "lo": iv.lo, "hi": iv.hi,
                                         "excludes_zero": iv.excludes_zero}
         out["pairs"].append(entry)
+    out["things_vs_stuff"] = _things_vs_stuff(cfg, values, rows, draws)
     for v in cfg.variants:
         out["rows"][v.name] = {t: {m: [observed(v.name, t, m),
                                        *bs.row_interval(values[(v.name, t)][m], draws)]
                                    for m in METRICS} for t in cfg.tasks}
     out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def _things_vs_stuff(cfg: StudyConfig, values: dict, rows: list[dict], draws) -> dict:
+    """Per task: does full SSPrompt gain more IoU over stuff classes than over thing classes?
+    The mean per-class IoU gain over zero-shot over thing classes and over stuff classes, each
+    with its bootstrap interval, and the interval of stuff minus things (classes absent from a
+    resample's ground truth are left out of its means)."""
+    import warnings
+
+    from . import bootstrap as bs
+    from .plots import full_ssprompt_variant
+
+    target, base = full_ssprompt_variant(cfg), cfg.variants[0].name
+    if target is None:
+        return {}
+    out = {}
+    for t in cfg.tasks:
+        mine = [r for r in rows if r["task"] == t]
+        flags = np.array([pc["isthing"] for pc in mine[0]["per_class"].values()])
+        if flags.all() or not flags.any():
+            continue
+
+        def observed(sel: np.ndarray) -> float:   # on the test set as it is, mean over seeds
+            gains = []
+            for seed in cfg.seeds:
+                a, b = ([r for r in mine if r["variant"] == v and r["seed"] == seed][0]
+                        ["per_class"] for v in (target, base))
+                g = [a[n]["IoU"] - b[n]["IoU"] for n, f in zip(a, sel)
+                     if f and a[n]["IoU"] is not None and b[n]["IoU"] is not None]
+                gains.append(np.mean(g) if g else np.nan)
+            return float(np.nanmean(gains))
+
+        gain = values[(target, t)]["class_iou"] - values[(base, t)]["class_iou"]  # (S, B, C)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # a resample without a class
+            things = np.nanmean(gain[..., flags], -1)
+            stuff = np.nanmean(gain[..., ~flags], -1)
+        th, st = observed(flags), observed(~flags)
+        iv = bs.paired_interval(stuff, things, (st, th), draws)
+        out[t] = {"things": [th, *bs.row_interval(things, draws)],
+                  "stuff": [st, *bs.row_interval(stuff, draws)],
+                  "stuff_minus_things": {"delta": iv.delta, "lo": iv.lo, "hi": iv.hi,
+                                         "excludes_zero": iv.excludes_zero}}
     return out
 
 
@@ -555,6 +602,21 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
         if intervals["pairs"][n_base:]:
             lines += ["", "### Comparisons (controls)", ""]
             lines += _interval_table(cfg, intervals, intervals["pairs"][n_base:])
+    if intervals is not None and intervals.get("things_vs_stuff"):
+        from .plots import full_ssprompt_variant
+
+        lines += ["", f"## Things vs stuff: `{full_ssprompt_variant(cfg)}`'s IoU gain over "
+                  f"`{zs}`", "",
+                  "Mean per-class IoU gain over the thing classes and over the stuff classes "
+                  "(mean over seeds), with 95% bootstrap intervals, and stuff minus things.", "",
+                  "| task | things | stuff | stuff − things |", "|---|---:|---:|---:|"]
+        for t, d in intervals["things_vs_stuff"].items():
+            diff = d["stuff_minus_things"]
+            mark = " *" if diff["excludes_zero"] else ""
+            lines.append(f"| {t} | {d['things'][0]:+.1f} [{d['things'][1]:+.1f}, "
+                         f"{d['things'][2]:+.1f}] | {d['stuff'][0]:+.1f} [{d['stuff'][1]:+.1f}, "
+                         f"{d['stuff'][2]:+.1f}] | {diff['delta']:+.1f} [{diff['lo']:+.1f}, "
+                         f"{diff['hi']:+.1f}]{mark} |")
     if rows:
         lines += _weights_by_kind(cfg, rows)
     if sel.enabled:

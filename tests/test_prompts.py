@@ -191,10 +191,11 @@ def test_anchor_keeps_learned_embeddings_near_default(tiny_sfm, train_split):
 def test_drift_ignores_learned_only_and_is_scale_free():
     from ssprompt.prompts.promptset import PromptSet as PS
 
-    class Stub(PS):  # drift() only reads the learners
-        def __init__(self, spatial, semantic):
+    class Stub(PS):  # drift() only reads the learners and the config's ``anchored``
+        def __init__(self, spatial, semantic, anchored=None):
             torch.nn.Module.__init__(self)
             self.spatial, self.semantic = spatial, semantic
+            self.cfg = PromptConfig("learned_only", anchored=anchored)
 
     d = torch.randn(6, 8)
     fused = FusedPrompt(d, "average", init="default")
@@ -207,6 +208,24 @@ def test_drift_ignores_learned_only_and_is_scale_free():
     lonly = FusedPrompt(d, "learned_only", init="random",
                         generator=torch.Generator().manual_seed(0))
     assert float(Stub(lonly, None).drift()) == 0.0
+    # the ablation's control keeps the anchor on learned_only: the pull is back
+    assert float(Stub(lonly, None, anchored=True).drift()) > 0.5
+    assert float(Stub(fused, None, anchored=False).drift()) == 0.0
+
+
+def test_frozen_weight_stays_at_its_start_while_embeddings_move(tiny_sfm, train_split):
+    """The step-size control: ``weighted`` with ``weight_init`` and weight_lr_mult = 0 keeps w
+    where it started; its embeddings still learn."""
+    ps = PromptSet(tiny_sfm, train_split.class_names,
+                   PromptConfig("weighted", learners=("semantic",), n_prompts=25,
+                                weight_init=0.74),
+                   generator=torch.Generator().manual_seed(0))
+    start = ps.semantic.learned.detach().clone()
+    train_prompts(tiny_sfm, ps, train_split,
+                  TrainConfig(steps=4, batch=2, lr=0.05, weight_lr_mult=0.0))
+    w = ps.fusion_weights()["semantic"]
+    assert torch.allclose(w, torch.full_like(w, 0.74))
+    assert not torch.allclose(ps.semantic.learned, start)
 
 
 @pytest.mark.parametrize("init", ["random", "default"])

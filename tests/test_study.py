@@ -48,6 +48,41 @@ def test_quick_study_writes_every_output(full_run):
     summary = (full_run / "summary.md").read_text()
     assert "ssprompt" in summary and "**" in summary
     assert not list(full_run.rglob("*.tmp"))
+    # every cell keeps its per-image test statistics; every Δ to zero-shot has an interval
+    assert len(list((full_run / "cells").glob("*.stats.npz"))) == len(rows)
+    assert "Differences with 95% intervals" in summary
+    import json
+    iv = json.loads((full_run / "results.json").read_text())["intervals"]
+    assert [e["a"] for e in iv["pairs"]] == [v.name for v in cfg.variants[1:]]
+    d = iv["pairs"][0]["tasks"]["shift"]["mIoU"]
+    assert d["lo"] <= d["delta"] <= d["hi"]
+
+
+def test_shots_sweep(tmp_path):
+    """``shots: [k, ...]`` runs each learned variant once per k (NAME-kK, k shots each), the
+    fixed ones once, and plots metric vs k."""
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg_path.write_text(
+        "name: sweep\ntasks: [novel]\nseeds: [0]\nshots: [1, 2, 8]\nn_test: 6\n"
+        "train: {steps: 3, batch: 4}\nselection: {every: 3, report_raw: false}\nvariants:\n"
+        "  - {name: zero-shot, mode: default}\n  - {name: ssprompt, mode: weighted}\n"
+        "comparisons:\n  - [ssprompt-k8, ssprompt-k2]\n")
+    cfg = load_config(cfg_path)
+    assert [(v.name, cfg.shots_of(v)) for v in cfg.variants] == [
+        ("zero-shot", 8), ("ssprompt-k1", 1), ("ssprompt-k2", 2), ("ssprompt-k8", 8)]
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "ssprompt.cli", "study", "--config", str(cfg_path),
+                        "--device", "cpu", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    res = json.loads((out / "results.json").read_text())
+    shots = {c["variant"]: c["shots"] for c in res["cells"]}
+    assert shots == {"zero-shot": 8, "ssprompt-k1": 1, "ssprompt-k2": 2, "ssprompt-k8": 8}
+    k1 = [c for c in res["cells"] if c["variant"] == "ssprompt-k1"][0]
+    assert k1["selection"]["selected"] == "default"          # one shot: nothing to validate on
+    assert (out / "shots.png").exists()
+    assert "ssprompt-k8 − ssprompt-k2" in (out / "summary.md").read_text()
 
 
 def test_killed_study_resumes_to_identical_numbers(full_run, tmp_path):
@@ -110,4 +145,12 @@ def test_unknown_config_key_is_rejected(tmp_path):
     cfg.write_text((ROOT / "configs" / "quick.yaml").read_text().replace(
         "mode: default}", "mode: default, colour: red}"))
     with pytest.raises(UserError, match="colour"):
+        load_config(cfg)
+
+
+def test_comparisons_must_name_study_variants(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text((ROOT / "configs" / "quick.yaml").read_text()
+                   + "comparisons:\n  - [ssprompt, nonexistent]\n")
+    with pytest.raises(UserError, match=r"comparisons\[0\]"):
         load_config(cfg)
