@@ -437,6 +437,33 @@ def _interval_table(cfg: StudyConfig, intervals: dict, pairs: list[dict]) -> lis
     return lines
 
 
+def _moved_table(cfg: StudyConfig, rows: list[dict]) -> list[str]:
+    """How far training moved the fused embeddings z from the defaults (last step, before
+    selection; mean over seeds): the quantity a step-size confound changes."""
+    out = []
+    for v in cfg.variants:
+        cells, any_moved = [], False
+        for t in cfg.tasks:
+            sel = [r.get("z_moved") or {} for r in rows if r["variant"] == v.name
+                   and r["task"] == t]
+            parts = []
+            for k in ("spatial", "semantic"):
+                vals = [m[k] for m in sel if k in m]
+                if vals:
+                    parts.append(f"{k[:3]} {np.mean(vals):.3f}")
+                    any_moved = True
+            cells.append(", ".join(parts) or "-")
+        if any_moved:
+            out.append(f"| {v.name} | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    return ["", "## How far training moved z", "",
+            "RMS(z − z_default) / RMS(z_default) of the fused embeddings at the last training "
+            "step (before selection), mean over seeds; `spa` spatial, `sem` semantic.", "",
+            "| variant | " + " | ".join(cfg.tasks) + " |", "|---|" + "---|" * len(cfg.tasks),
+            *out]
+
+
 def _weights_by_kind(cfg: StudyConfig, rows: list[dict]) -> list[str]:
     """Mean learned semantic fusion weight over thing classes and over stuff classes, for the
     variants that learn it, over the seeds whose trained prompts were kept by selection."""
@@ -487,8 +514,10 @@ def _raw(r: dict, m: str):
 
 def _flat(r: dict) -> dict:
     sel = r.get("selection") or {}
+    moved = r.get("z_moved") or {}
     return {**r, "selected": sel.get("selected", ""),
-            **{f"raw_{m}": _raw(r, m) for m in METRICS}}
+            **{f"raw_{m}": _raw(r, m) for m in METRICS},
+            **{f"z_moved_{k}": moved.get(k) for k in ("spatial", "semantic")}}
 
 
 def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_split=None,
@@ -497,7 +526,8 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_spl
     ``sfm`` and ``test_split(task)``, also the qualitative figures (they decode images)."""
     rows = load_cells(run, cfg)
     cols = ["variant", "group", "task", "seed", *METRICS, "SQ", "RQ", "PQ_th", "PQ_st",
-            "trained_params", "wall_s", "final_loss", "selected", *(f"raw_{m}" for m in METRICS)]
+            "trained_params", "wall_s", "final_loss", "selected", *(f"raw_{m}" for m in METRICS),
+            "z_moved_spatial", "z_moved_semantic"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
@@ -619,6 +649,7 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
                          f"{diff['hi']:+.1f}]{mark} |")
     if rows:
         lines += _weights_by_kind(cfg, rows)
+        lines += _moved_table(cfg, rows)
     if sel.enabled:
         lines += ["", "## What selection chose", "",
                   "Per task, the step each seed kept (`default`: no step beat the default "
