@@ -38,6 +38,9 @@ VARIANT_KEYS = {"name", "mode", "learners", "n_prompts", "init", "weight", "weig
                 "anchored", "group", "train", "shots"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"seed"}
 FIXED_MODES = ("default", "prompt_engineering")  # variants with nothing to learn
+# A cell whose kept prompts score this many points below the baseline row (same task and seed)
+# on mIoU, AP50 or PQ is listed as a loss in summary.md and announced at the end of a study.
+LARGE_LOSS = 5.0
 
 
 @dataclass
@@ -551,11 +554,17 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_spl
     if peak_rss_mb is None:
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process
     intervals = study_intervals(run, cfg, rows)
+    worse = worse_cells(cfg, rows)
     write_json(run / "results.json", {"config": cfg.raw, "cells": rows, "summary": summary,
-                                      "intervals": intervals, "study_wall_s": wall_s,
+                                      "intervals": intervals, "worse_cells": worse,
+                                      "study_wall_s": wall_s,
                                       "cells_wall_s": total_wall,
                                       "peak_rss_mb": round(peak_rss_mb)})
     write_text(run / "summary.md", summary_markdown(cfg, summary, wall_s, rows, intervals))
+    if worse:
+        print(f"warning: {len(worse)} cell{'s' * (len(worse) != 1)} more than {LARGE_LOSS:g} "
+              f"points below {cfg.variants[0].name} (same task and seed) on mIoU, AP50 or PQ; "
+              f"listed in {run}/summary.md")
     from .plots import plot_shots, plot_study
     plot_study(run, cfg, rows, summary)
     if intervals is not None:
@@ -564,6 +573,41 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_spl
         from .plots import plot_qualitative
         plot_qualitative(run, cfg, sfm, test_split)
     return summary
+
+
+def worse_cells(cfg: StudyConfig, rows: list[dict], by: float = LARGE_LOSS) -> list[dict]:
+    """Cells whose kept prompts score more than ``by`` points below the baseline row (the first
+    variant, same task and seed) on any of mIoU / AP50 / PQ: the losses a row's mean and
+    interval can hide when the other seeds kept the defaults."""
+    base_name = cfg.variants[0].name
+    base = {(r["task"], r["seed"]): r for r in rows if r["variant"] == base_name}
+    out = []
+    for r in rows:
+        b = base.get((r["task"], r["seed"]))
+        if b is None or r["variant"] == base_name:
+            continue
+        drops = {m: [r[m], b[m]] for m in METRICS
+                 if r.get(m) is not None and b.get(m) is not None and b[m] - r[m] > by}
+        if drops:
+            out.append({"variant": r["variant"], "task": r["task"], "seed": r["seed"],
+                        "selected": (r.get("selection") or {}).get("selected"),
+                        "metrics": drops})
+    return out
+
+
+def _worse_table(cfg: StudyConfig, worse: list[dict]) -> list[str]:
+    base = cfg.variants[0].name
+    head = ["", f"## Cells more than {LARGE_LOSS:g} points below `{base}`", ""]
+    if not worse:
+        return head + [f"None: no cell's kept prompts score more than {LARGE_LOSS:g} points "
+                       f"below `{base}` (same task and seed) on mIoU, AP50 or PQ."]
+    return head + [
+        f"{len(worse)} cell{'s' * (len(worse) != 1)}: what a user with this seed's shots would "
+        f"have got instead of doing nothing. `kept` is the step selection kept (`default`: the defaults).", "",
+        f"| variant | task | seed | kept | this cell vs `{base}` |", "|---|---|---:|---|---|",
+        *(f"| {w['variant']} | {w['task']} | {w['seed']} | {w['selected']} | "
+          + ", ".join(f"{m} {a:.1f} vs {b:.1f} ({a - b:+.1f})"
+                      for m, (a, b) in w["metrics"].items()) + " |" for w in worse)]
 
 
 def _table(cfg: StudyConfig, stats) -> list[str]:
@@ -648,6 +692,7 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
                          f"{d['stuff'][2]:+.1f}] | {diff['delta']:+.1f} [{diff['lo']:+.1f}, "
                          f"{diff['hi']:+.1f}]{mark} |")
     if rows:
+        lines += _worse_table(cfg, worse_cells(cfg, rows))
         lines += _weights_by_kind(cfg, rows)
         lines += _moved_table(cfg, rows)
     if sel.enabled:

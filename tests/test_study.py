@@ -51,6 +51,7 @@ def test_quick_study_writes_every_output(full_run):
     # every cell keeps its per-image test statistics; every Δ to zero-shot has an interval
     assert len(list((full_run / "cells").glob("*.stats.npz"))) == len(rows)
     assert "Differences with 95% intervals" in summary
+    assert "points below `zero-shot`" in summary   # the per-cell loss check always reports
     import json
     iv = json.loads((full_run / "results.json").read_text())["intervals"]
     assert [e["a"] for e in iv["pairs"]] == [v.name for v in cfg.variants[1:]]
@@ -154,3 +155,26 @@ def test_comparisons_must_name_study_variants(tmp_path):
                    + "comparisons:\n  - [ssprompt, nonexistent]\n")
     with pytest.raises(UserError, match=r"comparisons\[0\]"):
         load_config(cfg)
+
+
+def test_cells_far_below_the_baseline_are_listed():
+    """A seed that collapses is listed even when the row's mean looks harmless; a cell within
+    the loss margin, the baseline itself and other seeds' baselines are not."""
+    from ssprompt.study import LARGE_LOSS, _worse_table, worse_cells
+
+    cfg = load_config(ROOT / "configs" / "quick.yaml")
+    base, other = cfg.variants[0].name, cfg.variants[1].name
+
+    def row(variant, seed, miou, ap50, pq, kept=None):
+        return {"variant": variant, "task": "novel", "seed": seed, "mIoU": miou, "AP50": ap50,
+                "PQ": pq, "selection": {"selected": kept}}
+
+    rows = [row(base, 0, 30.0, 60.0, 50.0), row(base, 1, 30.0, 60.0, 50.0),
+            row(other, 0, 31.0, 60.0 - LARGE_LOSS + 0.5, 50.0, kept=40),     # small loss: fine
+            row(other, 1, 30.0, 12.0, 49.0, kept=80)]                        # collapse
+    worse = worse_cells(cfg, rows)
+    assert [(w["variant"], w["seed"], w["selected"]) for w in worse] == [(other, 1, 80)]
+    assert worse[0]["metrics"] == {"AP50": [12.0, 60.0]}
+    table = "\n".join(_worse_table(cfg, worse))
+    assert "AP50 12.0 vs 60.0 (-48.0)" in table
+    assert "None" in "\n".join(_worse_table(cfg, worse_cells(cfg, rows[:3])))
