@@ -560,11 +560,12 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_spl
                                       "study_wall_s": wall_s,
                                       "cells_wall_s": total_wall,
                                       "peak_rss_mb": round(peak_rss_mb)})
-    write_text(run / "summary.md", summary_markdown(cfg, summary, wall_s, rows, intervals))
+    write_text(run / "summary.md",
+               summary_markdown(cfg, summary, wall_s, rows, intervals, worse))
     if worse:
-        print(f"warning: {len(worse)} cell{'s' * (len(worse) != 1)} more than {LARGE_LOSS:g} "
-              f"points below {cfg.variants[0].name} (same task and seed) on mIoU, AP50 or PQ; "
-              f"listed in {run}/summary.md")
+        print(f"warning: {_n_cells(len(worse))} more than {LARGE_LOSS:g} points below "
+              f"{cfg.variants[0].name} (same task and seed) on mIoU, AP50 or PQ; listed in "
+              f"{run}/summary.md")
     from .plots import plot_shots, plot_study
     plot_study(run, cfg, rows, summary)
     if intervals is not None:
@@ -595,6 +596,10 @@ def worse_cells(cfg: StudyConfig, rows: list[dict], by: float = LARGE_LOSS) -> l
     return out
 
 
+def _n_cells(n: int) -> str:
+    return f"{n} cell{'s' * (n != 1)}"
+
+
 def _worse_table(cfg: StudyConfig, worse: list[dict]) -> list[str]:
     base = cfg.variants[0].name
     head = ["", f"## Cells more than {LARGE_LOSS:g} points below `{base}`", ""]
@@ -602,8 +607,8 @@ def _worse_table(cfg: StudyConfig, worse: list[dict]) -> list[str]:
         return head + [f"None: no cell's kept prompts score more than {LARGE_LOSS:g} points "
                        f"below `{base}` (same task and seed) on mIoU, AP50 or PQ."]
     return head + [
-        f"{len(worse)} cell{'s' * (len(worse) != 1)}: what a user with this seed's shots would "
-        f"have got instead of doing nothing. `kept` is the step selection kept (`default`: the defaults).", "",
+        f"{_n_cells(len(worse))}: what a user with this seed's shots would have got instead of "
+        "doing nothing. `kept` is the step selection kept (`default`: the defaults).", "",
         f"| variant | task | seed | kept | this cell vs `{base}` |", "|---|---|---:|---|---|",
         *(f"| {w['variant']} | {w['task']} | {w['seed']} | {w['selected']} | "
           + ", ".join(f"{m} {a:.1f} vs {b:.1f} ({a - b:+.1f})"
@@ -637,7 +642,8 @@ def _table(cfg: StudyConfig, stats) -> list[str]:
 
 
 def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
-                     rows: list[dict] | None = None, intervals: dict | None = None) -> str:
+                     rows: list[dict] | None = None, intervals: dict | None = None,
+                     worse: list[dict] | None = None) -> str:
     zs = cfg.variants[0].name
     sel = cfg.selection
     rule = (f"Every trained variant uses held-out-shot selection: {sel.holdout:.0%} of the "
@@ -691,8 +697,9 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
                          f"{d['things'][2]:+.1f}] | {d['stuff'][0]:+.1f} [{d['stuff'][1]:+.1f}, "
                          f"{d['stuff'][2]:+.1f}] | {diff['delta']:+.1f} [{diff['lo']:+.1f}, "
                          f"{diff['hi']:+.1f}]{mark} |")
+    if worse is not None:
+        lines += _worse_table(cfg, worse)
     if rows:
-        lines += _worse_table(cfg, worse_cells(cfg, rows))
         lines += _weights_by_kind(cfg, rows)
         lines += _moved_table(cfg, rows)
     if sel.enabled:
