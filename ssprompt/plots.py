@@ -69,20 +69,22 @@ def plot_study(run: Path, cfg, rows: list[dict], summary: dict) -> None:
         _plot_weights(run, plt, [r for r in rows if r["variant"] == target], tasks, target)
 
     # 4. loss curves and held-out selection curves of every trained variant (mean over seeds)
+    # one fixed colour per variant in both rows; tab10 repeats past 10 variants
+    colour = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     fig, axes = plt.subplots(2, len(tasks), figsize=(4 * len(tasks), 6.2), squeeze=False)
     for col, t in enumerate(tasks):
-        for n in names:
+        for i, n in enumerate(names):
             sel = [r for r in rows if r["variant"] == n and r["task"] == t]
             logs = [r["loss_log"] for r in sel if r.get("loss_log")]
             if logs:
                 steps = [e["step"] for e in logs[0]]
                 loss = np.mean([[e["loss"] for e in lg] for lg in logs], axis=0)
-                axes[0][col].plot(steps, loss, label=n, lw=1)
+                axes[0][col].plot(steps, loss, label=n, lw=1, color=colour(i))
             gains = [held_out_gain(r.get("selection")) for r in sel]
             gains = [g for g in gains if g is not None]
             if gains:
                 axes[1][col].plot(gains[0][0], np.mean([g[1] for g in gains], axis=0),
-                                  label=n, lw=1, marker=".")
+                                  label=n, lw=1, marker=".", color=colour(i))
         axes[0][col].set_yscale("log")
         axes[0][col].set_title(t)
         axes[1][col].axhline(0, color="k", lw=0.8)
