@@ -109,8 +109,12 @@ def set_losses(out: Outputs, groups: list[list[tuple[Tensor, Tensor]]],
     w = w or LossWeights()
     totals: list = [0.0] * len(groups)
     parts: list[dict[str, float]] = [{} for _ in groups]
+    fitted: dict[tuple[int, int], list] = {}  # soft targets per prediction size, pooled once
     for masks, cls in [*out.aux, (out.mask_logits, out.class_logits)]:
-        for g, d in enumerate(_layer_losses(masks, cls, groups, w)):
+        hw = tuple(masks.shape[-2:])
+        if hw not in fitted:
+            fitted[hw] = [[(labels, _fit(m, hw)) for labels, m in targets] for targets in groups]
+        for g, d in enumerate(_layer_losses(masks, cls, fitted[hw], w)):
             totals[g] = totals[g] + w.cls * d["cls"] + w.bce * d["bce"] + w.dice * d["dice"]
             for k, v in d.items():
                 parts[g][k] = float(v.detach())  # the last layer's parts are what is reported

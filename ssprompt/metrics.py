@@ -109,6 +109,22 @@ class MeanIoU(MulticlassConfusionMatrix):
 
 
 # ------------------------------------------------------------------------------------- AP50
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cyclic garbage collector off for a block that builds many acyclic containers
+    (the COCO annotation dicts; reference counting frees them): otherwise each burst of
+    allocations sets off full collections that scan every live object of the process."""
+    import gc
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _rle_counts(masks: np.ndarray) -> list[bytes]:
     """Compressed COCO RLE ``counts`` of bool masks (K, H, W), encoded in one call."""
     from pycocotools import mask as mask_util
@@ -166,10 +182,12 @@ class InstanceAP50(Metric):
         """Images, ground-truth and detection annotations in COCO format, from the states."""
         from pycocotools import mask as mask_util
 
-        images = _cat(self.images, torch.long).cpu().view(-1, self._IMG).tolist()
-        gt_meta = _cat(self.gt_meta, torch.long).cpu().view(-1, self._GT).tolist()
-        dt_meta = _cat(self.dt_meta, torch.long).cpu().view(-1, self._DT).tolist()
-        dt_score = _cat(self.dt_score, torch.float64).cpu().tolist()
+        # numpy's tolist: the same Python ints and floats as torch's, ~70x faster on the
+        # ~20,000 detections of a 200-image split
+        images = _cat(self.images, torch.long).cpu().view(-1, self._IMG).numpy().tolist()
+        gt_meta = _cat(self.gt_meta, torch.long).cpu().view(-1, self._GT).numpy().tolist()
+        dt_meta = _cat(self.dt_meta, torch.long).cpu().view(-1, self._DT).numpy().tolist()
+        dt_score = _cat(self.dt_score, torch.float64).cpu().numpy().tolist()
         gt_rle = _cat(self.gt_rle, torch.uint8).cpu().numpy().tobytes()
         dt_rle = _cat(self.dt_rle, torch.uint8).cpu().numpy().tobytes()
         out_img, out_gt, out_dt = [], [], []
@@ -193,6 +211,10 @@ class InstanceAP50(Metric):
         """{"AP50": percent | None, "per_class": [percent | None]} (None: no GT instance); with
         ``records``, also "records": COCO's per-image matching (``APRecords``), from which
         ``ssprompt.bootstrap`` recomputes AP50 on resampled image sets."""
+        with _gc_paused():  # ~20,000 short-lived dicts: no cycles among them to collect
+            return self._compute(records)
+
+    def _compute(self, records: bool) -> dict:
         images, gts, dts = self._coco()
         has_gt = [False] * self.num_classes
         for g in gts:

@@ -120,6 +120,11 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
     steps = runs[0].cfg.steps
     if any(r.cfg.steps != steps for r in runs):
         raise UserError("train_many: every job must use the same number of steps")
+    # every run's features in one batch, so that a step's batch is one gather (one copy)
+    all_feats = Features.cat([r.feats for r in runs]) if len(runs) > 1 else runs[0].feats
+    offsets = [0]
+    for r in runs[:-1]:
+        offsets.append(offsets[-1] + len(r.feats))
     for step in tqdm(range(steps), desc="prompt learning", disable=not progress, leave=False):
         batches = [r.next_batch() for r in runs]
         spatial, semantic = [], []
@@ -130,7 +135,7 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
             sp, se = r.prompts()
             spatial.append(sp.expand(len(idx), -1, -1) if sp.dim() == 2 else sp)
             semantic.append(None if se is None else se.expand(len(idx), -1, -1))
-        feats = Features.cat([r.feats.index(idx) for r, idx in zip(runs, batches)])
+        feats = all_feats.index([o + i for o, idx in zip(offsets, batches) for i in idx])
         sem = None if semantic[0] is None else torch.cat(semantic)
         with autocast(next(iter(feats.tensors.values())).device):
             out = sfm.decode(feats, torch.cat(spatial), sem) if len(runs) > 1 else \
