@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.core import _child, _median_time, _setup, matmul_peak_flops, step_flops
+from bench.study_floor import bench_study_floor, bench_study_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results.json"
@@ -149,14 +150,20 @@ def bench_study(quick_only: bool) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7; skip studies")
-    ap.add_argument("--only", choices=["train_batching"],
+    ap.add_argument("--only", choices=["train_batching", "study_floor", "study_workers"],
                     help="measure this one part and update it in bench/results.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     repeats = 3 if a.quick else 7
     if a.only:
         res = json.loads(OUT.read_text()) if OUT.exists() else {}
-        res[a.only] = {"train_batching": bench_train_batching}[a.only](repeats)
+        if a.only == "study_floor":
+            rate = (res.get("flops") or {}).get("achieved_flop_s")
+            res[a.only] = bench_study_floor(rate)
+        elif a.only == "study_workers":   # ~10 min: three runs of a 4-group slice
+            res[a.only] = bench_study_workers()
+        else:
+            res[a.only] = bench_train_batching(repeats)
         tmp = OUT.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=2))
         tmp.replace(OUT)
@@ -185,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                            "step (forward + backward; matmuls, attention, einsums, not "
                            "element-wise ops); peak: a 2048 x 2048 fp32 torch.mm on the same "
                            "threads (this CPU's best BLAS case)"}
+    res["study_floor"] = bench_study_floor(res["flops"]["achieved_flop_s"])
     from bench.backends import bench_backends
     res["backends"] = bench_backends(quick=True)   # reduced sizes on a CPU: see 'size'
     res["train_batching"] = bench_train_batching(repeats)
@@ -231,6 +239,25 @@ def render(r: dict) -> str:
                      f"GFLOP, {f['achieved_flop_s'] / 1e9:.1f} GFLOP/s | |")
         lines.append(f"| ... share of this CPU's matmul peak ({f['peak_flop_s_matmul'] / 1e9:.0f} "
                      f"GFLOP/s) | {100 * f['share_of_peak']:.0f}% | |")
+    if "study_floor" in r:
+        f = r["study_floor"]
+        part = ", ".join(f"{k} {v / 1e12:.1f}" for k, v in f["flop"].items())
+        lines.append(f"| {f['config']} study, model work counted (TFLOP; {part}) | "
+                     f"{f['total_flop'] / 1e12:.1f} TFLOP | |")
+        lines.append(f"| ... at this CPU's matmul peak ({f['peak_flop_s_matmul'] / 1e9:.0f} "
+                     f"GFLOP/s): the study's floor | {f['floor_s_at_peak'] / 60:.1f} min | "
+                     f"<= 4 min |")
+        if f.get("s_at_prompt_step_rate"):
+            lines.append(f"| ... at the prompt step's achieved "
+                         f"{f['achieved_flop_s_prompt_step'] / 1e9:.0f} GFLOP/s | "
+                         f"{f['s_at_prompt_step_rate'] / 60:.1f} min | |")
+    if "study_workers" in r:
+        w = r["study_workers"]
+        lines.append(f"| default-study slice ({w['groups']} groups on {w['task']}, 3 seeds): "
+                     f"1 process x 2 threads / 2 workers x 2 / 2 workers x 1 | "
+                     f"{w['wall_s_1x2']:.0f} / {w['wall_s_2x2']:.0f} / {w['wall_s_2x1']:.0f} s | |")
+        lines.append(f"| ... cells identical to 1 x 2: 2 x 2 / 2 x 1 | "
+                     f"{w['identical_2x2_vs_1x2']} / {w['identical_2x1_vs_1x2']} | |")
     for kind, b in (r.get("backends") or {}).items():
         if not isinstance(b, dict) or "encoder_ms" not in b:
             continue

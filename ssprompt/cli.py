@@ -245,7 +245,7 @@ def _cmd_study(a: argparse.Namespace) -> None:
 
     run_study(a.config, a.out, quick=a.quick, force=a.force, sfm=a.sfm,
               checkpoint=a.checkpoint, device=a.device, cache_dir=a.cache_dir,
-              sets=parse_sets(a.set))
+              sets=parse_sets(a.set), workers=a.workers, threads=a.threads)
 
 
 def _cmd_bench(a: argparse.Namespace) -> None:
@@ -356,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the config, YAML value: --set train.steps=50 --set "
                         "seeds=[0] --set variants.ssprompt.n_prompts=25; repeatable")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the (variant, task) groups (default 1); each uses "
+                        "--threads torch threads")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default: torch's own count / --workers). "
+                        "Cells are identical for any --workers at the same --threads; another "
+                        "thread count moves them within the seed spread")
     _add_sfm_args(s)
     s.set_defaults(fn=_cmd_study)
 

@@ -107,6 +107,36 @@ def test_killed_study_resumes_to_identical_numbers(full_run, tmp_path):
     assert _metrics(out) == _metrics(full_run)  # same config + seeds -> identical numbers
 
 
+def test_workers_give_the_numbers_of_one_process(full_run, tmp_path):
+    # whole (variant, task) groups go to each worker, at the same torch thread count as the
+    # one-process run (OMP_NUM_THREADS=1): every cell must come out identical
+    import json
+
+    out = tmp_path / "workers"
+    p = _study(out, "--workers", "2")
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-2000:]
+    assert "2 workers x 1 thread" in stderr
+    assert _metrics(out) == _metrics(full_run)
+    cells = [json.loads(f.read_text()) for f in (out / "cells").glob("*.json")]
+    assert len(cells) == len(load_config(ROOT / "configs" / "quick.yaml").cells())
+    assert {c["torch_threads"] for c in cells} == {1}
+
+
+def test_a_failing_worker_stops_the_study_with_one_line(tmp_path):
+    from tqdm import tqdm
+
+    from ssprompt.study import _run_workers, study_groups
+
+    cfg = load_config(ROOT / "configs" / "quick.yaml")
+    args = dict(config=str(tmp_path / "missing.yaml"), sets=None, sfm="embedded",
+                checkpoint=None, device="cpu", cache_dir=None, cells_dir=str(tmp_path))
+    with pytest.raises(UserError,
+                       match=r"study worker \d: .*missing.yaml: study config not found") as e:
+        _run_workers(study_groups(cfg)[:2], 2, 1, tqdm(disable=True), args)
+    assert "\n" not in str(e.value)
+
+
 def test_cells_of_other_sfm_weights_are_run_again(full_run, tmp_path):
     # the same config with other weights (a re-pretrained SFM) must not resume the old cells
     import json
