@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                            "step (forward + backward; matmuls, attention, einsums, not "
                            "element-wise ops); peak: a 2048 x 2048 fp32 torch.mm on the same "
                            "threads (this CPU's best BLAS case)"}
-    res["study_floor"] = bench_study_floor(res["flops"]["achieved_flop_s"])
+    res["study_floor"] = bench_study_floor(flops / cached, peak)
     from bench.backends import bench_backends
     res["backends"] = bench_backends(quick=True)   # reduced sizes on a CPU: see 'size'
     res["train_batching"] = bench_train_batching(repeats)

@@ -94,12 +94,13 @@ def study_flops(config: str | None = None, eval_images: int = 8) -> dict:
             "groups": groups}
 
 
-def bench_study_floor(step_flop_s: float | None = None) -> dict:
-    """``study_flops`` of the default study, and the wall time it implies on this CPU."""
+def bench_study_floor(step_flop_s: float | None = None, peak: float | None = None) -> dict:
+    """``study_flops`` of the default study, and the wall time it implies on this CPU at its
+    matmul ``peak`` FLOP/s (measured here unless given)."""
     from bench.core import matmul_peak_flops
 
     out = study_flops()
-    peak = matmul_peak_flops()
+    peak = peak or matmul_peak_flops()
     out["peak_flop_s_matmul"] = peak
     out["floor_s_at_peak"] = out["total_flop"] / peak
     if step_flop_s:

@@ -59,16 +59,15 @@ def hungarian_match(mask_logits: Tensor, class_logits: Tensor, labels: Tensor, t
 def _layer_losses(mask_logits: Tensor, class_logits: Tensor,
                   groups: list[list[tuple[Tensor, Tensor]]], w: LossWeights) -> list[dict]:
     """The loss parts of each group of consecutive images of the batch (e.g. the prompt sets
-    trained together): every group is scored on its own, as if it were the whole batch."""
+    trained together): every group is scored on its own, as if it were the whole batch.
+    ``groups`` hold (labels, soft target masks already at the prediction size: ``_fit``)."""
     b, n, c1 = class_logits.shape
-    hw = tuple(mask_logits.shape[-2:])
     target_cls = torch.full((b, n), c1 - 1, dtype=torch.long, device=class_logits.device)
     flat, tm, spans = [], [], []
     i = 0
     for targets in groups:
         start, first_mask = i, len(flat)
-        for labels, masks in targets:
-            soft = _fit(masks, hw)
+        for labels, soft in targets:
             qi, ti = hungarian_match(mask_logits[i], class_logits[i], labels, soft, w)
             target_cls[i, qi] = labels[ti]
             flat.append(qi + i * n)
@@ -113,7 +112,8 @@ def set_losses(out: Outputs, groups: list[list[tuple[Tensor, Tensor]]],
     for masks, cls in [*out.aux, (out.mask_logits, out.class_logits)]:
         hw = tuple(masks.shape[-2:])
         if hw not in fitted:
-            fitted[hw] = [[(labels, _fit(m, hw)) for labels, m in targets] for targets in groups]
+            fitted[hw] = [[(labels, _fit(m, hw)) for labels, m in targets]
+                          for targets in groups]
         for g, d in enumerate(_layer_losses(masks, cls, fitted[hw], w)):
             totals[g] = totals[g] + w.cls * d["cls"] + w.bce * d["bce"] + w.dice * d["dice"]
             for k, v in d.items():
