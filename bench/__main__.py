@@ -38,8 +38,8 @@ def _isolated(kind: str, value: int, repeats: int) -> dict:
 
 def bench_eval(repeats: int) -> dict:
     from ssprompt.data.scenes import SceneSplit
-    from ssprompt.evaluate import evaluate
-    from ssprompt.features import FeatureCache
+    from ssprompt.evaluation.evaluate import evaluate
+    from ssprompt.sfm.features import FeatureCache
     from ssprompt.prompts.semantic import default_semantic
     from ssprompt.prompts.spatial import default_spatial
     from ssprompt.sfm import load_sfm
@@ -64,7 +64,7 @@ def bench_pretrain(repeats: int) -> dict:
     """One SFM pretraining step (batch 16, N = 100, every layer supervised) in each precision;
     scene making (~25 ms a batch) is outside the timing."""
     from ssprompt.data.scenes import CLASS_NAMES, TASKS
-    from ssprompt.pretrain import SceneStream, train_step
+    from ssprompt.pretraining.pretrain import SceneStream, train_step
     from ssprompt.prompts.layout import grid_layout
     from ssprompt.sfm.embedded import EmbeddedSFM
     from ssprompt.sfm.modeling.text_encoder import sentence_embeddings
@@ -89,10 +89,10 @@ def bench_train_batching(repeats: int) -> dict:
     optimiser step, and per step of one set. Shared passes pay when the per-set cost stays flat
     as J grows."""
     from ssprompt.data import open_dataset
-    from ssprompt.features import FeatureCache
+    from ssprompt.sfm.features import FeatureCache
     from ssprompt.prompts.promptset import PromptConfig, PromptSet
     from ssprompt.sfm import load_sfm
-    from ssprompt.train import TrainConfig, train_many
+    from ssprompt.engine.train import TrainConfig, train_many
 
     sfm = load_sfm("embedded", device="cpu")
     data = open_dataset("novel", "train", shots=16, seed=0)

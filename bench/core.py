@@ -23,9 +23,9 @@ def _median_time(fn, repeats: int, warmup: int = 2) -> float:
 
 def _setup(n: int = 100, n_classes: int | None = None, batch: int = 8):
     from ssprompt.data.scenes import SceneSplit
-    from ssprompt.features import FeatureCache
+    from ssprompt.sfm.features import FeatureCache
     from ssprompt.geometry import to_batch
-    from ssprompt.losses import set_loss
+    from ssprompt.engine.losses import set_loss
     from ssprompt.prompts.promptset import PromptConfig, PromptSet
     from ssprompt.sfm import load_sfm
 

@@ -44,8 +44,8 @@ def _child_time(task: str, n_test: int, repeats: int) -> dict:
     images/s, and the share of that evaluation spent in ``sfm.decode``."""
     import time
 
-    from ssprompt.evaluate import evaluate
-    from ssprompt.features import FeatureCache
+    from ssprompt.evaluation.evaluate import evaluate
+    from ssprompt.sfm.features import FeatureCache
     from ssprompt.prompts.semantic import default_semantic
     from ssprompt.prompts.spatial import default_spatial
 
@@ -78,7 +78,7 @@ def _child_metrics(prompt_file: str, n_test: int, many: bool = False) -> dict:
     ``evaluate`` each, or (``many``) one ``evaluate_many`` per task."""
     import torch
 
-    from ssprompt.features import FeatureCache
+    from ssprompt.sfm.features import FeatureCache
 
     sets = torch.load(prompt_file)
     out, cache = {}, FeatureCache()
@@ -87,10 +87,10 @@ def _child_metrics(prompt_file: str, n_test: int, many: bool = False) -> dict:
         names = [k for k, (t, _, _) in sets.items() if t == task]
         prompts = [sets[k][1:] for k in names]
         if many:
-            from ssprompt.evaluate import evaluate_many
+            from ssprompt.evaluation.evaluate import evaluate_many
             out.update(zip(names, evaluate_many(sfm, prompts, test, cache)))
         else:
-            from ssprompt.evaluate import evaluate
+            from ssprompt.evaluation.evaluate import evaluate
             out.update((k, evaluate(sfm, sp, se, test, cache)) for k, (sp, se) in zip(names, prompts))
     return out
 
@@ -132,11 +132,11 @@ def _prompt_sets(n_test: int, steps: int) -> dict:
     import torch
 
     from ssprompt.data.scenes import SceneSplit
-    from ssprompt.features import FeatureCache
+    from ssprompt.sfm.features import FeatureCache
     from ssprompt.prompts.promptset import PromptConfig, PromptSet
     from ssprompt.prompts.semantic import default_semantic
     from ssprompt.prompts.spatial import default_spatial
-    from ssprompt.train import TrainConfig, train_many
+    from ssprompt.engine.train import TrainConfig, train_many
 
     sets, cache = {}, FeatureCache()
     for task in TASKS:
@@ -220,8 +220,8 @@ def ap_libraries(task: str = "novel", n_test: int = 200) -> dict:
 
     import numpy as np
 
-    from ssprompt.evaluate import evaluate
-    from ssprompt.metrics import SegmentationEvaluator, coco_ap50
+    from ssprompt.evaluation.evaluate import evaluate
+    from ssprompt.evaluation.metrics import SegmentationEvaluator, coco_ap50
     from ssprompt.prompts.semantic import default_semantic
     from ssprompt.prompts.spatial import default_spatial
 

@@ -35,13 +35,13 @@ def _flops(fn) -> int:
 def study_flops(config: str | None = None, eval_images: int = 8) -> dict:
     """FLOPs of the default (or given) study config's model work, by part and by group."""
     from ssprompt.data import open_dataset
-    from ssprompt.evaluate import evaluate
-    from ssprompt.features import FeatureCache
+    from ssprompt.evaluation.evaluate import evaluate
+    from ssprompt.sfm.features import FeatureCache
     from ssprompt.prompts.promptset import PromptSet
-    from ssprompt.selection import Subset, folds
+    from ssprompt.engine.selection import Subset, folds
     from ssprompt.sfm import load_sfm
-    from ssprompt.study import CONFIG_DIR, FIXED_MODES, load_config
-    from ssprompt.train import TrainConfig, train_many
+    from ssprompt.study.config import CONFIG_DIR, FIXED_MODES, load_config
+    from ssprompt.engine.train import TrainConfig, train_many
 
     cfg = load_config(config or CONFIG_DIR / "default.yaml")
     sfm = load_sfm("embedded", device="cpu")

@@ -18,10 +18,10 @@ import numpy as np
 
 def main(argv: list[str] | None = None) -> None:
     from ssprompt.data.coins import export_coins
-    from ssprompt.experiment import CellSpec, Workspace, run_cell
+    from ssprompt.engine.cell import CellSpec, Workspace, run_cell
     from ssprompt.io import write_json, write_text
     from ssprompt.prompts.promptset import PromptConfig
-    from ssprompt.selection import SelectionConfig
+    from ssprompt.engine.selection import SelectionConfig
     from ssprompt.sfm import load_sfm
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

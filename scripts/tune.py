@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ssprompt.evaluate import evaluate
-from ssprompt.experiment import Workspace
+from ssprompt.evaluation.evaluate import evaluate
+from ssprompt.engine.cell import Workspace
 from ssprompt.prompts.promptset import PromptConfig, PromptSet
 from ssprompt.sfm import load_sfm
-from ssprompt.train import TrainConfig, train_many
+from ssprompt.engine.train import TrainConfig, train_many
 
 def _cfg(lr, spatial_lr_mult, anchor=0.0, steps=100, **kw):
     return TrainConfig(lr=lr, spatial_lr_mult=spatial_lr_mult, anchor=anchor, steps=steps, **kw)

@@ -1,4 +1,4 @@
-"""The ``ssprompt`` command line: pretrain, eval, train, study, bench.
+"""The ``ssprompt`` command line: pretrain, eval, predict, train, study (benchmarks: ``python -m bench`` in the repository).
 
 Every command writes its results as files next to the run; bad input ends in one line on
 stderr and exit code 2.
@@ -49,9 +49,9 @@ def _add_split_args(s: argparse.ArgumentParser) -> None:
 
 def _workspace(a: argparse.Namespace):
     from .distributed import init_from_env
-    from .experiment import Workspace
-    from .features import FeatureCache
+    from .engine.cell import Workspace
     from .sfm import load_sfm
+    from .sfm.features import FeatureCache
 
     init_from_env()
     if a.eval_batch <= 0:
@@ -64,7 +64,7 @@ def _workspace(a: argparse.Namespace):
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> None:
-    from .pretrain import DEFAULT_OUT, pretrain
+    from .pretraining.pretrain import DEFAULT_OUT, pretrain
 
     info = pretrain(Path(a.out) if a.out else DEFAULT_OUT, minutes=a.minutes, steps=a.steps,
                     batch=a.batch, lr=a.lr, seed=a.seed,
@@ -75,7 +75,7 @@ def _cmd_pretrain(a: argparse.Namespace) -> None:
 
 def _cmd_eval(a: argparse.Namespace) -> None:
     from .distributed import rank_world, shard
-    from .evaluate import evaluate
+    from .evaluation.evaluate import evaluate
     from .io import write_json
     from .prompts.promptset import check_prompts, load_prompts
     from .prompts.semantic import default_semantic
@@ -181,14 +181,13 @@ class _LiveLog:
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
-    from .experiment import CellSpec, run_cell
+    from .distributed import rank_world
+    from .engine.cell import CellSpec, run_cell
+    from .engine.selection import SelectionConfig
+    from .engine.train import TrainConfig
     from .io import write_json, write_text
     from .prompts.promptset import PromptConfig, save_prompts
-    from .selection import SelectionConfig
-    from .study import check_train_values, parse_sets
-    from .train import TrainConfig
-
-    from .distributed import rank_world
+    from .study.config import check_train_values, parse_sets
 
     ws = _workspace(a)
     spec = CellSpec(task=a.data or a.task,
@@ -226,7 +225,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
         write_text(out / "loss.csv", buf.getvalue())
     write_json(out / "config.json", meta)
     write_json(out / "metrics.json", result)
-    from .plots import plot_train_curves
+    from .study.plots import plot_train_curves
     plot_train_curves(out / "curves.png", log, result["selection"])
     print(_table([(a.mode, result)]))
     sel = result["selection"]
@@ -246,14 +245,6 @@ def _cmd_study(a: argparse.Namespace) -> None:
     run_study(a.config, a.out, quick=a.quick, force=a.force, sfm=a.sfm,
               checkpoint=a.checkpoint, device=a.device, cache_dir=a.cache_dir,
               sets=parse_sets(a.set), workers=a.workers, threads=a.threads)
-
-
-def _cmd_bench(a: argparse.Namespace) -> None:
-    try:
-        from bench.__main__ import main as bench_main
-    except ImportError:
-        raise UserError("bench: run from the repository root (python -m bench)") from None
-    bench_main([] if not a.quick else ["--quick"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,9 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sfm_args(s)
     s.set_defaults(fn=_cmd_study)
 
-    s = sub.add_parser("bench", help="speed / memory benchmark (writes bench/results.json)")
-    s.add_argument("--quick", action="store_true")
-    s.set_defaults(fn=_cmd_bench)
     return p
 
 

@@ -31,9 +31,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from .data.coco import id2rgb, rgb2id
-from .errors import UserError, fail
+from .errors import fail
+from .evaluation.postprocess import Instances, Prediction
 from .io import write_bytes, write_json
-from .postprocess import Instances, Prediction
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MANIFEST = "predictions.json"
@@ -270,8 +270,8 @@ def _read_png(path: Path, hw: tuple[int, int]) -> np.ndarray:
 def score_predictions(folder: str | Path, data) -> tuple[dict, dict]:
     """Metrics of the prediction files in ``folder`` against the split ``data`` (the same
     images, in the same order, as when they were predicted), and the folder's manifest."""
-    from .evaluate import object_vs_background
-    from .metrics import SegmentationEvaluator
+    from .data.views import object_vs_background
+    from .evaluation.metrics import SegmentationEvaluator
 
     manifest, preds = read_predictions(folder)
     if len(preds) != len(data):

@@ -12,7 +12,7 @@
 
 In the spirit of Segment Anything's ``SamPredictor``: ``set_image`` runs the image encoder once,
 ``predict()`` decodes it; every output is at the image's own size (the SFM sees it letterboxed:
-``ssprompt.geometry``; predictions are mapped back by ``ssprompt.postprocess``).
+``ssprompt.geometry``; predictions are mapped back by ``ssprompt.evaluation.postprocess``).
 """
 
 from __future__ import annotations
@@ -22,13 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data.views import AGNOSTIC_IS_THING, AGNOSTIC_NAMES
 from .errors import UserError
-from .evaluate import AGNOSTIC_IS_THING, AGNOSTIC_NAMES
-from .features import FeatureCache
+from .evaluation.postprocess import (
+    MASK2FORMER_OBJECT_THRESHOLD,
+    Prediction,
+    postprocess,
+    with_background,
+)
 from .geometry import to_batch
-from .postprocess import MASK2FORMER_OBJECT_THRESHOLD, Prediction, postprocess, with_background
 from .prompts.promptset import LearnedPrompts, check_prompts, load_prompts
 from .sfm.base import Features, PromptableSFM, autocast, sfm_device
+from .sfm.features import FeatureCache
 
 
 class Predictor:

@@ -9,8 +9,8 @@ import torch
 
 from ssprompt import bootstrap as bs
 from ssprompt.data.scenes import VOID, Scene
-from ssprompt.metrics import SegmentationEvaluator, coco_ap50
-from ssprompt.postprocess import Instances, Prediction
+from ssprompt.evaluation.metrics import SegmentationEvaluator, coco_ap50
+from ssprompt.evaluation.postprocess import Instances, Prediction
 
 torch.set_num_threads(1)
 IS_THING = [True, True, False]   # two thing classes, one stuff class

@@ -182,8 +182,8 @@ def _score(rank: int, world: int, init_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     from ssprompt.data.scenes import SceneSplit
     from ssprompt.distributed import rank_world, shard
-    from ssprompt.metrics import SegmentationEvaluator
-    from ssprompt.postprocess import postprocess
+    from ssprompt.evaluation.metrics import SegmentationEvaluator
+    from ssprompt.evaluation.postprocess import postprocess
 
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,

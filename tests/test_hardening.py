@@ -322,16 +322,16 @@ def test_train_is_deterministic(cli):
 
 # ---------------------------------------------------------------------------------- faults
 def test_non_finite_loss_stops_training(tiny, tmp_path, monkeypatch, capsys):
-    import ssprompt.losses
-    import ssprompt.train
+    import ssprompt.engine.losses
+    import ssprompt.engine.train
     from ssprompt.cli import main
 
     def nan_losses(out, groups, w=None):
         return [(out.mask_logits.sum() * float("nan"), {"cls": 0.0, "bce": 0.0, "dice": 0.0})
                 for _ in groups]
 
-    monkeypatch.setattr(ssprompt.losses, "set_losses", nan_losses)
-    monkeypatch.setattr(ssprompt.train, "set_losses", nan_losses)
+    monkeypatch.setattr(ssprompt.engine.losses, "set_losses", nan_losses)
+    monkeypatch.setattr(ssprompt.engine.train, "set_losses", nan_losses)
     out = tmp_path / "o"
     rc = main(["train", "--task", "shift", "--steps", "2", "--shots", "2", "--n-test", "2",
                "--n-prompts", "10", "--checkpoint", str(tiny), "--out", str(out)])

@@ -10,9 +10,9 @@ import torch
 from torchmetrics.detection import PanopticQuality as TMPanopticQuality
 
 from ssprompt.data.scenes import VOID, Scene
-from ssprompt.metrics import (InstanceAP50, MeanIoU, PanopticQuality, SegmentationEvaluator,
+from ssprompt.evaluation.metrics import (InstanceAP50, MeanIoU, PanopticQuality, SegmentationEvaluator,
                               coco_ap50)
-from ssprompt.postprocess import postprocess
+from ssprompt.evaluation.postprocess import postprocess
 from ssprompt.sfm.base import Outputs
 
 torch.set_num_threads(1)
@@ -457,8 +457,8 @@ def _agnostic_outputs(boxes: list[tuple[int, int, int, int]], object_logit: list
 
 
 def _score_agnostic(outputs: Outputs) -> dict:
-    from ssprompt.evaluate import AGNOSTIC_IS_THING, AGNOSTIC_NAMES, object_vs_background
-    from ssprompt.postprocess import with_background
+    from ssprompt.evaluation.evaluate import AGNOSTIC_IS_THING, AGNOSTIC_NAMES, object_vs_background
+    from ssprompt.evaluation.postprocess import with_background
 
     sc = object_vs_background(_evaluator_scene())
     ev = SegmentationEvaluator(AGNOSTIC_NAMES, AGNOSTIC_IS_THING)
@@ -494,7 +494,7 @@ def test_class_agnostic_scores_bad_predictions_low_and_perfect_ones_100():
 
 def test_class_agnostic_random_prompts_score_well_below_100():
     from ssprompt.data.scenes import SceneSplit
-    from ssprompt.evaluate import evaluate
+    from ssprompt.evaluation.evaluate import evaluate
     from ssprompt.sfm.embedded import EmbeddedSFM
 
     torch.manual_seed(0)
@@ -527,7 +527,7 @@ def test_evaluator_panoptic_threshold_keeps_unsure_queries():
 
 
 def test_evaluate_uses_the_sfms_own_threshold(tmp_path, monkeypatch):
-    import ssprompt.evaluate as E
+    import ssprompt.evaluation.evaluate as E
     from ssprompt.data.scenes import SceneSplit
     from ssprompt.prompts.semantic import default_semantic
     from ssprompt.prompts.spatial import default_spatial
@@ -612,7 +612,7 @@ def _crowd_fixture(seed: int) -> InstanceAP50:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ap50_hotcoco_equals_pycocotools(seed):
-    from ssprompt.metrics import coco_ap50
+    from ssprompt.evaluation.metrics import coco_ap50
 
     m = _crowd_fixture(seed)
     images, gts, dts = m._coco()
@@ -704,8 +704,8 @@ def test_pq_equals_panopticapi_via_hotcoco(tmp_path):
 # --------------------------------------------------------------------------- evaluate_many
 def test_evaluate_many_equals_one_set_at_a_time():
     from ssprompt.data.scenes import SceneSplit
-    from ssprompt.evaluate import evaluate, evaluate_many
-    from ssprompt.features import FeatureCache
+    from ssprompt.evaluation.evaluate import evaluate, evaluate_many
+    from ssprompt.sfm.features import FeatureCache
     from ssprompt.sfm.embedded import EmbeddedSFM
 
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ssprompt.geometry import unletterbox
-from ssprompt.postprocess import (BACKGROUND, Prediction, Probabilities, instance_inference,
+from ssprompt.evaluation.postprocess import (BACKGROUND, Prediction, Probabilities, instance_inference,
                                   panoptic_inference, postprocess, semantic_inference,
                                   with_background)
 from ssprompt.sfm.base import Outputs

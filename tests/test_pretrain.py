@@ -6,7 +6,7 @@ import json
 import numpy as np
 import torch
 
-from ssprompt.pretrain import (batch_targets, fresh_scenes, precision_context, pretrain,
+from ssprompt.pretraining.pretrain import (batch_targets, fresh_scenes, precision_context, pretrain,
                                scene_batches, train_step, warp)
 
 

@@ -5,13 +5,13 @@ import torch
 
 from ssprompt.data.scenes import SceneSplit
 from ssprompt.errors import UserError
-from ssprompt.features import FeatureCache
+from ssprompt.sfm.features import FeatureCache
 from ssprompt.prompts.fusion import FusedPrompt
 from ssprompt.prompts.layout import grid_layout
 from ssprompt.prompts.promptset import PromptConfig, PromptSet
 from ssprompt.prompts.spatial import Vanilla2DPrompt, default_spatial
 from ssprompt.prompts.semantic import default_semantic, engineered_semantic
-from ssprompt.train import TrainConfig, train_prompts
+from ssprompt.engine.train import TrainConfig, train_prompts
 
 NAMES = ["t-shirt", "trouser", "grass", "brick wall"]
 

@@ -37,7 +37,7 @@ def test_weighted_fusion_stays_between_its_inputs(p, d, weight, seed):
 @given(st.integers(1, 30), st.integers(1, 6), st.integers(0, 10_000))
 @settings(max_examples=40, deadline=None)
 def test_panoptic_post_processing_never_gives_a_pixel_two_segments(n, c, seed):
-    from ssprompt.postprocess import Probabilities, panoptic_inference, semantic_inference
+    from ssprompt.evaluation.postprocess import Probabilities, panoptic_inference, semantic_inference
 
     g = torch.Generator().manual_seed(seed)
     masks = torch.randn(n, 12, 12, generator=g) * 4

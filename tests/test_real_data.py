@@ -156,7 +156,7 @@ def test_sam_vanilla_2d_trains(instances_root, sam_ckpt, tmp_path):
 
 # -------------------------------------------------------------------------- feature cache
 def test_feature_cache_never_shares_features_across_models(tmp_path):
-    from ssprompt.features import FeatureCache
+    from ssprompt.sfm.features import FeatureCache
     from ssprompt.sfm.embedded import load_embedded
 
     a_path, b_path = tmp_path / "a.safetensors", tmp_path / "b.safetensors"

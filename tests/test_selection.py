@@ -15,13 +15,13 @@ from cli_helpers import assert_one_line_error, save_tiny_embedded, ssprompt
 from ssprompt.data.coco import CocoDataset, export_coco
 from ssprompt.data.coins import CoinsSplit
 from ssprompt.data.scenes import VOID, Scene
-from ssprompt.experiment import CellSpec, Workspace, run_cell
-from ssprompt.features import FeatureCache
+from ssprompt.engine.cell import CellSpec, Workspace, run_cell
+from ssprompt.sfm.features import FeatureCache
 from ssprompt.geometry import letterbox_labels, letterbox_shape, unletterbox
 from ssprompt.lru import LRUCache
 from ssprompt.prompts.promptset import PromptConfig
-from ssprompt.selection import SelectionConfig, decide, folds
-from ssprompt.train import TrainConfig
+from ssprompt.engine.selection import SelectionConfig, decide, folds
+from ssprompt.engine.train import TrainConfig
 
 METRICS = ("mIoU", "AP50", "PQ", "SQ", "RQ", "PQ_th", "PQ_st")
 
@@ -271,7 +271,7 @@ def test_non_square_images_through_tiny_sam(coins_root, tmp_path):
     pytest.importorskip("transformers")
     from test_sam import save_tiny
 
-    from ssprompt.postprocess import postprocess
+    from ssprompt.evaluation.postprocess import postprocess
     from ssprompt.sfm import load_sfm
 
     sam = load_sfm("sam", str(save_tiny(tmp_path, seed=0)), "cpu")

@@ -126,7 +126,7 @@ def test_workers_give_the_numbers_of_one_process(full_run, tmp_path):
 def test_a_failing_worker_stops_the_study_with_one_line(tmp_path):
     from tqdm import tqdm
 
-    from ssprompt.study import _run_workers, study_groups
+    from ssprompt.study.runner import _run_workers, study_groups
 
     cfg = load_config(ROOT / "configs" / "quick.yaml")
     args = dict(config=str(tmp_path / "missing.yaml"), sets=None, sfm="embedded",
@@ -190,7 +190,9 @@ def test_comparisons_must_name_study_variants(tmp_path):
 def test_cells_far_below_the_baseline_are_listed():
     """A seed that collapses is listed even when the row's mean looks harmless; a cell within
     the loss margin, the baseline itself and other seeds' baselines are not."""
-    from ssprompt.study import LARGE_LOSS, _worse_table, worse_cells
+    from ssprompt.study.aggregate import worse_cells
+    from ssprompt.study.config import LARGE_LOSS
+    from ssprompt.study.report import _worse_table
 
     cfg = load_config(ROOT / "configs" / "quick.yaml")
     base, other = cfg.variants[0].name, cfg.variants[1].name

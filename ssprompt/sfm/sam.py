@@ -26,8 +26,14 @@ import torch
 from torch import Tensor
 
 from .base import freeze
-from .sam_common import (IOU_EPS, PointPromptSFM, check_checkpoint_dir, from_pretrained,
-                         pixel_stats, weights_file_hash)
+from .sam_common import (
+    IOU_EPS,
+    PointPromptSFM,
+    check_checkpoint_dir,
+    from_pretrained,
+    pixel_stats,
+    weights_file_hash,
+)
 
 HOW_TO_GET = ("download one on a machine with network (e.g. `huggingface-cli download "
               "facebook/sam-vit-base --local-dir sam-vit-base`), copy it here, then pass "

@@ -24,8 +24,13 @@ import torch
 from torch import Tensor
 
 from .base import freeze
-from .sam_common import (PointPromptSFM, check_checkpoint_dir, from_pretrained, pixel_stats,
-                         weights_file_hash)
+from .sam_common import (
+    PointPromptSFM,
+    check_checkpoint_dir,
+    from_pretrained,
+    pixel_stats,
+    weights_file_hash,
+)
 
 HOW_TO_GET = ("download one in transformers' format on a machine with network (e.g. "
               "`huggingface-cli download facebook/sam2-hiera-base-plus-hf --local-dir "

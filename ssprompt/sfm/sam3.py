@@ -62,8 +62,14 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from .base import Features, Outputs, freeze
-from .sam_common import (TransformersSFM, batched_prompts, check_checkpoint_dir,
-                         from_pretrained, pixel_stats, weights_file_hash)
+from .sam_common import (
+    TransformersSFM,
+    batched_prompts,
+    check_checkpoint_dir,
+    from_pretrained,
+    pixel_stats,
+    weights_file_hash,
+)
 
 HOW_TO_GET = ("download one on a machine with network (the gated `facebook/sam3`: accept its "
               "licence, then `huggingface-cli download facebook/sam3 --local-dir sam3`), copy "

@@ -5,7 +5,7 @@ One stage that evaluation, prediction and the study all call. It maps the mask l
 SFM's letterboxed square input back to every image's (H, W) (``geometry.unletterbox``), computes
 the mask and class probabilities once (``Probabilities``), and derives the three tasks from them
 with tensor ops over all queries and classes at once (no loop over queries). Metrics
-(``ssprompt.metrics``) only compare its ``Prediction`` objects with the ground truth.
+(``ssprompt.evaluation.metrics``) only compare its ``Prediction`` objects with the ground truth.
 
 The results are bit-identical to scoring each image on its own with the former per-image code
 (bench/eval_speed.py --compare-old checks the study's metrics).
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .geometry import unletterbox
+from ..geometry import unletterbox
 
 MASK2FORMER_OBJECT_THRESHOLD = 0.8  # Mask2Former's panoptic class-confidence cut (COCO)
 OVERLAP_THRESHOLD = 0.8   # Mask2Former: a query keeps its segment if it won >= 80% of its mask

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS = ("mIoU", "AP50", "PQ")
+from ..evaluation.metrics import METRICS
+from .config import _at_study_shots, cell_id, full_ssprompt_variant
 
 
 def _plt():
@@ -109,7 +110,7 @@ def plot_train_curves(path: Path, log: list[dict], selection: dict | None) -> No
     """``ssprompt train``: the loss curve beside the held-out selection curve."""
     import matplotlib
 
-    from .io import write_bytes
+    from ..io import write_bytes
 
     fig = matplotlib.figure.Figure(figsize=(8, 3.2))
     ax1, ax2 = fig.subplots(1, 2)
@@ -133,8 +134,8 @@ def plot_train_curves(path: Path, log: list[dict], selection: dict | None) -> No
 
 
 def _plot_weights(run: Path, plt, rows: list[dict], tasks, name: str) -> None:
-    from .data import open_dataset
-    from .prompts.layout import grid_layout
+    from ..data import open_dataset
+    from ..prompts.layout import grid_layout
 
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7), squeeze=False)
     for j, t in enumerate(tasks):
@@ -169,22 +170,6 @@ def _plot_weights(run: Path, plt, rows: list[dict], tasks, name: str) -> None:
     plt.close(fig)
 
 
-def _at_study_shots(cfg) -> list:
-    """The variants, those run at the study's own number of shots first (in a shots sweep:
-    the largest k)."""
-    shots_of = getattr(cfg, "shots_of", lambda v: cfg.shots)
-    return sorted(cfg.variants, key=lambda v: shots_of(v) != cfg.shots)
-
-
-def full_ssprompt_variant(cfg) -> str | None:
-    """The study's full SSPrompt row: weighted, both learners, N = 100 (else the first
-    weighted row), at the study's number of shots where a sweep has several."""
-    vs = _at_study_shots(cfg)
-    return next((v.name for v in vs if v.prompt.mode == "weighted"
-                 and len(v.prompt.learners) == 2 and v.prompt.n_prompts == 100),
-                next((v.name for v in vs if v.prompt.mode == "weighted"), None))
-
-
 def plot_qualitative(run: Path, cfg, sfm, dataset_of, n_images: int = 3) -> list[Path]:
     """One figure per task: the first ``n_images`` test images, their ground truth and the
     panoptic predictions of zero-shot, full SSPrompt and learned-only (the first seed's
@@ -194,11 +179,10 @@ def plot_qualitative(run: Path, cfg, sfm, dataset_of, n_images: int = 3) -> list
     import matplotlib
     import torch
 
-    from .io import write_bytes
-    from .predict import overlay
-    from .predictor import Predictor
-    from .prompts.promptset import load_prompts
-    from .study import cell_id
+    from ..io import write_bytes
+    from ..predict import overlay
+    from ..predictor import Predictor
+    from ..prompts.promptset import load_prompts
 
     names = [cfg.variants[0].name, full_ssprompt_variant(cfg),
              next((v.name for v in _at_study_shots(cfg) if v.prompt.mode == "learned_only"),

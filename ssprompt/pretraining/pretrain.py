@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .data.scenes import TASKS, CLASS_NAMES, make_scene
-from .losses import set_loss
-from .prompts.layout import jittered_layout
-from .sfm.embedded import EmbeddedSFM
+from ..data.scenes import CLASS_NAMES, TASKS, make_scene
+from ..engine.losses import set_loss
+from ..prompts.layout import jittered_layout
+from ..sfm.embedded import EmbeddedSFM
 
 N_CHOICES = (36, 64, 100, 100, 144)
 FIRST_SCENE = 10_000  # pretraining scenes are source/train scenes from here on: fresh every step,
@@ -167,7 +167,7 @@ def pretrain(out: Path = DEFAULT_OUT, minutes: float = 58.0, steps: int = 100_00
              precision: str = "bf16", workers: int | None = None) -> dict:
     """Pretrain for ``minutes`` of wall time (or ``steps``); ``init_from`` continues from saved
     weights (a second stage with a fresh schedule)."""
-    from .sfm import resolve_device
+    from ..sfm import resolve_device
 
     dev = resolve_device(device)
     torch.manual_seed(seed)
@@ -176,7 +176,7 @@ def pretrain(out: Path = DEFAULT_OUT, minutes: float = 58.0, steps: int = 100_00
     t0 = time.time()
     model = EmbeddedSFM()
     if init_from is not None:
-        from .sfm.embedded import load_embedded
+        from ..sfm.embedded import load_embedded
         model.load_state_dict(load_embedded(init_from).state_dict())
         for p in model.parameters():
             p.requires_grad_(True)
@@ -187,7 +187,7 @@ def pretrain(out: Path = DEFAULT_OUT, minutes: float = 58.0, steps: int = 100_00
     ema_float = [v for v in ema.state_dict().values() if v.is_floating_point()]
     live_float = [v for v in model.state_dict().values() if v.is_floating_point()]
     names = [CLASS_NAMES[c] for c in TASKS["source"].vocab]
-    from .sfm.modeling.text_encoder import sentence_embeddings
+    from ..sfm.modeling.text_encoder import sentence_embeddings
     sent = sentence_embeddings(names).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     budget = minutes * 60 - (time.time() - t0)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,7 +48,10 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.utilities import dim_zero_cat
 
-from .data.scenes import VOID  # one name for void, defined with the labels
+from ..data.scenes import VOID  # one name for void, defined with the labels
+from .records import APRecords, PerImage
+
+METRICS = ("mIoU", "AP50", "PQ")  # the three tasks' headline metrics, in this order everywhere
 
 
 def _pct(x: float | None) -> float | None:
@@ -210,7 +212,7 @@ class InstanceAP50(Metric):
     def compute(self, records: bool = False) -> dict:
         """{"AP50": percent | None, "per_class": [percent | None]} (None: no GT instance); with
         ``records``, also "records": COCO's per-image matching (``APRecords``), from which
-        ``ssprompt.bootstrap`` recomputes AP50 on resampled image sets."""
+        ``ssprompt.evaluation.bootstrap`` recomputes AP50 on resampled image sets."""
         with _gc_paused():  # ~20,000 short-lived dicts: no cycles among them to collect
             return self._compute(records)
 
@@ -233,58 +235,6 @@ class InstanceAP50(Metric):
         if records:
             out["records"] = rec
         return out
-
-
-@dataclass
-class APRecords:
-    """COCO's per-image matching at IoU 0.5 (what ``COCOeval.evaluate`` leaves in
-    ``evalImgs``), enough to recompute AP50 on any multiset of the images: per detection (the
-    top ``max_dets`` of each image and category) its image, category, score and whether it is a
-    true positive or a false positive (a detection matched to a crowd region is neither); per
-    image and category, the number of ground-truth instances that count (non-crowd)."""
-
-    det_image: np.ndarray   # int64 (D,)
-    det_cat: np.ndarray     # int64 (D,)
-    det_score: np.ndarray   # float64 (D,)
-    det_tp: np.ndarray      # bool (D,)
-    det_fp: np.ndarray      # bool (D,)
-    gt_count: np.ndarray    # int64 (images, C)
-
-    @staticmethod
-    def empty(n_images: int, num_classes: int, gts: list[dict]) -> "APRecords":
-        count = np.zeros((n_images, num_classes), np.int64)
-        for g in gts:
-            if not g["iscrowd"]:
-                count[g["image_id"] - 1, g["category_id"] - 1] += 1
-        z = np.zeros(0)
-        return APRecords(z.astype(np.int64), z.astype(np.int64), z, z.astype(bool),
-                         z.astype(bool), count)
-
-    @staticmethod
-    def of(eval_imgs: list, n_images: int, num_classes: int, max_dets: int) -> "APRecords":
-        """From hotcoco's or pycocotools' ``evalImgs`` (one IoU threshold, one area range)."""
-        img, cat, score, tp, fp = [], [], [], [], []
-        count = np.zeros((n_images, num_classes), np.int64)
-        for e in eval_imgs:
-            if not e:
-                continue
-            i, c = int(e["image_id"]) - 1, int(e["category_id"]) - 1
-            scores = np.asarray(e["dtScores"], np.float64)[:max_dets]
-            matched = np.asarray(e["dtMatched"][0] if "dtMatched" in e
-                                 else np.asarray(e["dtMatches"])[0] > 0, bool)[:max_dets]
-            ignored = np.asarray(e["dtIgnore"][0], bool)[:max_dets]
-            count[i, c] += int(np.count_nonzero(~np.asarray(e["gtIgnore"], bool)))
-            img.append(np.full(len(scores), i))
-            cat.append(np.full(len(scores), c))
-            score.append(scores)
-            tp.append(matched & ~ignored)
-            fp.append(~matched & ~ignored)
-
-        def cat_(xs, dtype):
-            return np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)
-
-        return APRecords(cat_(img, np.int64), cat_(cat, np.int64), cat_(score, np.float64),
-                         cat_(tp, bool), cat_(fp, bool), count)
 
 
 def _as_instances(preds: list[dict], hw: tuple[int, int]):
@@ -476,7 +426,7 @@ class SegmentationEvaluator:
         """``sync=False``: never gather states across ranks (each rank scores on its own, as
         in a study whose ranks run different cells). ``per_image``: ``compute`` also returns
         "per_image", the statistics a paired bootstrap over images needs
-        (``ssprompt.bootstrap.PerImage``; this process's images only)."""
+        (``ssprompt.evaluation.records.PerImage``; this process's images only)."""
         if len(class_names) != len(is_thing):
             raise ValueError("class_names and is_thing differ in length")
         self.class_names, self.is_thing = list(class_names), [bool(t) for t in is_thing]
@@ -511,8 +461,6 @@ class SegmentationEvaluator:
         out.update({k: _round(pq[k]) for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")})
         out["per_class"] = per_class
         if self.per_image:
-            from .bootstrap import PerImage
-
             c = len(self.class_names)
             out["per_image"] = PerImage(
                 np.stack(self._iou) if self._iou else np.zeros((0, c, 3), np.int64),

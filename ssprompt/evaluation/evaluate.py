@@ -11,21 +11,17 @@ a 2-class problem, {object, background}; see ``object_vs_background`` for the gr
 
 from __future__ import annotations
 
-import copy
-
-import numpy as np
 import torch
 from torch import Tensor
 
-from .data.scenes import VOID
-from .distributed import rank_world
-from .features import FeatureCache
+from ..data.views import AGNOSTIC_IS_THING, AGNOSTIC_NAMES, object_vs_background
+from ..distributed import rank_world
+from ..sfm.base import Features, Outputs, PromptableSFM, autocast
+from ..sfm.features import FeatureCache
 from .metrics import SegmentationEvaluator
 from .postprocess import MASK2FORMER_OBJECT_THRESHOLD, postprocess, with_background
-from .sfm.base import Features, Outputs, PromptableSFM, autocast
 
 EVAL_BATCH = 50  # images per decoder pass (the CLI's --eval-batch)
-AGNOSTIC_NAMES, AGNOSTIC_IS_THING = ["object", "background"], [True, False]
 
 
 @torch.no_grad()
@@ -54,7 +50,7 @@ def evaluate_many(sfm: PromptableSFM, prompt_list: list[tuple[Tensor, Tensor | N
     dimension (so a pass holds ``batch x len(prompt_list)`` samples). One metrics dict per
     prompt set, in order; each equals ``evaluate`` of that set alone (a test checks it).
     ``per_image``: each dict also holds "per_image", the statistics of a paired bootstrap over
-    the images (``ssprompt.bootstrap.PerImage``)."""
+    the images (``ssprompt.evaluation.records.PerImage``)."""
     if not prompt_list:
         return []
     agnostic = prompt_list[0][1] is None
@@ -97,36 +93,3 @@ def _decode_sets(sfm: PromptableSFM, feats: Features,
         out = sfm.decode(Features.cat([feats] * k), spatial, semantic)
     return [Outputs(out.mask_logits[j * b:(j + 1) * b], out.class_logits[j * b:(j + 1) * b])
             for j in range(k)]
-
-
-# ------------------------------------------------------------------------- class-agnostic
-def object_vs_background(scene):
-    """Ground truth of the class-agnostic 2-class problem: every thing segment becomes class 0
-    ("object", a thing class; crowd flags kept), all stuff pixels one segment of class 1
-    ("background", a stuff class); void stays void. Scored by mIoU over both classes, AP50 over
-    the object class and PQ over both (PQ_th: objects, PQ_st: background)."""
-    s = copy.copy(scene)
-    thing_ids = [seg["id"] for seg in scene.segments if seg["isthing"]]
-    stuff_ids = [seg["id"] for seg in scene.segments if not seg["isthing"]]
-    thing, stuff = np.isin(scene.instance, thing_ids), np.isin(scene.instance, stuff_ids)
-    s.semantic = np.select([thing, stuff], [0, 1], VOID).astype(np.int32)
-    s.segments = [dict(seg, category=0) for seg in scene.segments if seg["isthing"]]
-    s.instance = np.where(thing, scene.instance, 0).astype(np.int32)
-    if stuff.any():
-        bg = int(max(seg["id"] for seg in scene.segments)) + 1
-        s.instance[stuff] = bg
-        s.segments.append({"id": bg, "category": 1, "isthing": False, "iscrowd": 0,
-                           "area": int(stuff.sum())})
-    return s
-
-
-def class_agnostic(scene):
-    """Training targets of a class-agnostic SFM: every thing segment becomes class 0
-    ("object"); stuff becomes void (its queries learn "no object" there)."""
-    s = copy.copy(scene)
-    thing_ids = [seg["id"] for seg in scene.segments if seg["isthing"]]
-    keep = np.isin(scene.instance, thing_ids)
-    s.semantic = np.where(keep, 0, VOID).astype(np.int32)
-    s.instance = np.where(keep, scene.instance, 0).astype(np.int32)
-    s.segments = [dict(seg, category=0) for seg in scene.segments if seg["isthing"]]
-    return s

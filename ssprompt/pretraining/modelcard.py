@@ -1,5 +1,5 @@
 """Write the embedded SFM's model card: data, steps, loss curve, source-domain and zero-shot
-downstream metrics, and the exact commands. ``python -m ssprompt.modelcard ssprompt/weights/``"""
+downstream metrics, and the exact commands. ``python -m ssprompt.pretraining.modelcard ssprompt/weights/``"""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from .data.scenes import CLASS_NAMES, DOWNSTREAM, HELD_OUT, TASKS
-from .io import write_json, write_text
+from ..data.scenes import CLASS_NAMES, DOWNSTREAM, HELD_OUT, TASKS
+from ..io import write_json, write_text
 from .pretrain import N_CHOICES
-
 
 TARGETS = {"mIoU": 60.0, "PQ": 55.0, "AP50": 70.0}  # source-domain competence we aim for
 
@@ -18,9 +17,9 @@ TARGETS = {"mIoU": 60.0, "PQ": 55.0, "AP50": 70.0}  # source-domain competence w
 def _zero_shot(ws, data, threshold: float | None = None) -> dict:
     """Metrics of the default prompts (N = 100 grid, bare class names) on ``data``; the
     panoptic threshold is the SFM's own unless ``threshold`` is given."""
-    from .evaluate import evaluate
-    from .prompts.semantic import default_semantic
-    from .prompts.spatial import default_spatial
+    from ..evaluation.evaluate import evaluate
+    from ..prompts.semantic import default_semantic
+    from ..prompts.spatial import default_spatial
 
     return evaluate(ws.sfm, default_spatial(ws.sfm, 100),
                     default_semantic(ws.sfm, data.class_names), data, ws.cache,
@@ -36,9 +35,9 @@ def evaluate_zero_shot(ws, n_test: int = 200) -> dict:
 
 
 def write_card(folder: Path, command: str) -> None:
-    from .experiment import Workspace
-    from .postprocess import MASK2FORMER_OBJECT_THRESHOLD
-    from .sfm.embedded import load_embedded
+    from ..engine.cell import Workspace
+    from ..evaluation.postprocess import MASK2FORMER_OBJECT_THRESHOLD
+    from ..sfm.embedded import load_embedded
 
     weights = folder / "embedded_sfm.safetensors"
     info = json.loads((folder / "pretrain_info.json").read_text())

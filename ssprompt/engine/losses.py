@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .sfm.base import Outputs
+from ..sfm.base import Outputs
 
 
 @dataclass

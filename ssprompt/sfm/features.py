@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .geometry import to_batch
-from .io import write_bytes
-from .lru import LRUCache
-from .sfm.base import Features, PromptableSFM, sfm_device
+from ..geometry import to_batch
+from ..io import write_bytes
+from ..lru import LRUCache
+from .base import Features, PromptableSFM, sfm_device
 
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3  # in-memory features; past this, least recently used go
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .distributed import all_reduce_mean_, rank_world
-from .errors import UserError
-from .features import FeatureCache
+from ..distributed import all_reduce_mean_, rank_world
+from ..errors import UserError
+from ..prompts.promptset import PromptSet
+from ..sfm.base import Features, PromptableSFM, autocast
+from ..sfm.features import FeatureCache
 from .losses import set_losses
-from .prompts.promptset import PromptSet
-from .sfm.base import Features, PromptableSFM, autocast
 
 
 class NonFiniteLoss(UserError):
@@ -54,7 +54,7 @@ class _Run:
         self.prompts, self.cfg = prompts, cfg
         scenes = [dataset[i] for i in range(len(dataset))]
         if prompts.semantic is None:  # no class prompts (SAM): class-agnostic, as evaluate()
-            from .evaluate import class_agnostic
+            from ..data.views import class_agnostic
             scenes = [class_agnostic(s) for s in scenes]
         self.feats = cache.get(sfm, [s.image for s in scenes])
         device = next(iter(self.feats.tensors.values())).device
@@ -104,7 +104,7 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
                on_log: list[Callable[[dict], None] | None] | None = None) -> list[list[dict]]:
     """Train several prompt sets in shared decoder passes; jobs must agree on ``steps``.
     ``on_step[j](step)`` is called after each optimiser step of job ``j`` (0-based), e.g. to
-    score the prompts on held-out shots (``ssprompt.selection``); ``on_log[j](row)`` with each
+    score the prompts on held-out shots (``ssprompt.engine.selection``); ``on_log[j](row)`` with each
     loss-log row of job ``j`` as it is written (a live log file)."""
     cache = cache if cache is not None else FeatureCache()
     hooks = on_step or [None] * len(jobs)

@@ -1,5 +1,5 @@
 """One experiment cell: few-shot prompt learning of one variant on one task and seed, with
-held-out-shot selection (``ssprompt.selection``), then evaluation on the test split. Shared by
+held-out-shot selection (``ssprompt.engine.selection``), then evaluation on the test split. Shared by
 ``ssprompt train`` and ``ssprompt study``."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .data import open_dataset
-from .distributed import shard
-from .evaluate import evaluate_many
-from .features import FeatureCache
-from .prompts.fusion import FusedPrompt
-from .prompts.promptset import PromptConfig, PromptSet, config_dict
+from ..data import open_dataset
+from ..distributed import shard
+from ..evaluation.evaluate import evaluate_many
+from ..prompts.fusion import FusedPrompt
+from ..prompts.promptset import PromptConfig, PromptSet, config_dict
+from ..sfm.base import PromptableSFM
+from ..sfm.features import FeatureCache
 from .selection import SelectionConfig, Subset, Tracker, decide, folds, restore_defaults
-from .sfm.base import PromptableSFM
 from .train import TrainConfig, train_many, train_prompts
 
 
@@ -85,7 +85,7 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
     """Several cells of one variant and task (e.g. its seeds), trained together in shared
     decoder passes (see ``train_many``), then evaluated together. Returns a list of
     (result dict, prompts, loss log); with ``per_image`` each result also holds "per_image",
-    the test statistics of a paired bootstrap (``ssprompt.bootstrap.PerImage``)."""
+    the test statistics of a paired bootstrap (``ssprompt.evaluation.records.PerImage``)."""
     t0 = time.time()
     if any(sp.task != specs[0].task or sp.n_test != specs[0].n_test for sp in specs):
         raise ValueError("run_cells: every cell must share the task and test split")

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .prompts.fusion import FusedPrompt
-from .prompts.spatial import default_spatial
+from ..evaluation.metrics import METRICS
+from ..prompts.fusion import FusedPrompt
+from ..prompts.spatial import default_spatial
 
-SCORE_METRICS = ("mIoU", "AP50", "PQ")
 LEAVE_ONE_OUT_BELOW = 8  # k shots: leave-one-out folds below this, one held-out fold from it
 
 
@@ -59,7 +59,7 @@ def folds(k: int, seed: int, holdout: float) -> list[tuple[list[int], list[int]]
 
 def score(metrics: dict) -> float:
     """The selection score: the mean of mIoU, AP50 and PQ over those defined (-inf if none)."""
-    vals = [metrics[m] for m in SCORE_METRICS if metrics.get(m) is not None]
+    vals = [metrics[m] for m in METRICS if metrics.get(m) is not None]
     return float(np.mean(vals)) if vals else -math.inf
 
 
@@ -99,7 +99,7 @@ class Tracker:
 
     def __init__(self, sfm, prompts, held_out: Subset, cache, every: int, steps: int,
                  eval_batch: int = 50):
-        from .evaluate import evaluate
+        from ..evaluation.evaluate import evaluate
 
         self.prompts, self.every, self.steps = prompts, every, steps
         self._evaluate = lambda sp, se: evaluate(sfm, sp, se, held_out, cache, batch=eval_batch)
@@ -110,7 +110,7 @@ class Tracker:
     @torch.no_grad()
     def _score(self, spatial, semantic) -> dict:
         m = self._evaluate(spatial, semantic)
-        return {"score": round(score(m), 4), **{k: m.get(k) for k in SCORE_METRICS}}
+        return {"score": round(score(m), 4), **{k: m.get(k) for k in METRICS}}
 
     def __call__(self, step: int) -> None:
         """After optimiser step ``step`` (0-based): score if it is a candidate step."""

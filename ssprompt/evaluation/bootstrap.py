@@ -28,41 +28,16 @@ cannot explain away.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import APRecords
+from .records import PerImage
 
 N_BOOT = 1000          # resamples
 BOOT_SEED = 0          # the resampling is seeded: the same intervals on every run
 LEVEL = 0.95
 REC_THRS = np.linspace(0.0, 1.00, 101)   # COCO's recall points
-
-
-@dataclass
-class PerImage:
-    """Per-image statistics of one evaluation (images in evaluation order)."""
-
-    iou: np.ndarray        # (n, C, 3) int: intersection, predicted, true pixels per class
-    pq: np.ndarray         # (n, C, 4) float: TP, FP, FN, IoU sum per class
-    ap: APRecords
-
-    def __len__(self) -> int:
-        return int(self.iou.shape[0])
-
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez_compressed(buf, iou=self.iou, pq=self.pq,
-                            **{f"ap_{k}": v for k, v in vars(self.ap).items()})
-        return buf.getvalue()
-
-    @staticmethod
-    def from_bytes(data: bytes) -> "PerImage":
-        z = np.load(io.BytesIO(data))
-        ap = APRecords(**{k[3:]: z[k] for k in z.files if k.startswith("ap_")})
-        return PerImage(z["iou"], z["pq"], ap)
 
 
 # ------------------------------------------------------------------- metrics of a resample

@@ -1,0 +1,1 @@
+"""Pretraining of the embedded SFM on composed scenes, and its model card."""

@@ -1,0 +1,215 @@
+"""A study's aggregates: its cells read back, paired bootstrap intervals, results.csv / .json,
+summary.md and the plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..evaluation.metrics import METRICS
+from ..io import write_json, write_text
+from .config import LARGE_LOSS, StudyConfig, cell_id, full_ssprompt_variant
+from .report import _mean_std, _n_cells, summary_markdown
+
+
+def load_cells(run: Path, cfg: StudyConfig) -> list[dict]:
+    rows = []
+    for variant, task, seed in cfg.cells():
+        p = run / "cells" / f"{cell_id(variant, task, seed)}.json"
+        if not p.exists():
+            raise UserError(f"{p}: cell missing; rerun the study to finish it")
+        rows.append(json.loads(p.read_text()))
+    return rows
+
+
+def study_intervals(run: Path, cfg: StudyConfig, rows: list[dict]) -> dict | None:
+    """Paired bootstrap intervals (``ssprompt.evaluation.bootstrap``) of every variant's Δ to the first
+    (baseline) variant and of each configured comparison, per task and metric; and each row's
+    own interval. None when a cell has no per-image statistics (a study from an older
+    version)."""
+    from ..evaluation import bootstrap as bs
+
+    t0 = time.time()
+    draws = bs.seed_draws(len(cfg.seeds))
+    by_key = {(r["variant"], r["task"], r["seed"]): r for r in rows}
+    values: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    memo: dict[bytes, dict[str, np.ndarray]] = {}   # zero-shot's seeds share one evaluation
+    for t in cfg.tasks:
+        weights = None
+        for v in cfg.variants:
+            per_seed = []
+            for seed in cfg.seeds:
+                p = run / "cells" / f"{cell_id(v, t, seed)}.stats.npz"
+                if not p.exists():
+                    return None
+                data = p.read_bytes()
+                if data not in memo:
+                    stats = bs.PerImage.from_bytes(data)
+                    if weights is None or weights.shape[1] != len(stats):
+                        weights = bs.image_weights(len(stats))
+                    memo[data] = {m: f(stats, weights) for m, f in bs.METRIC_FNS.items()}
+                    memo[data]["class_iou"] = bs.class_iou(stats, weights)
+                per_seed.append(memo[data])
+            values[(v.name, t)] = {m: np.stack([d[m] for d in per_seed])
+                                   for m in (*METRICS, "class_iou")}
+
+    def observed(name: str, t: str, m: str) -> float:
+        return _mean_std([by_key[(name, t, s)].get(m) for s in cfg.seeds])[0]
+
+    base = cfg.variants[0].name
+    pairs = [(v.name, base) for v in cfg.variants[1:]] + list(cfg.comparisons)
+    out: dict = {"n_boot": int(draws.shape[0]), "level": bs.LEVEL, "seed": bs.BOOT_SEED,
+                 "pairs": [], "rows": {}}
+    for a, b in dict.fromkeys(pairs):
+        entry = {"a": a, "b": b, "tasks": {}}
+        for t in cfg.tasks:
+            entry["tasks"][t] = {}
+            for m in METRICS:
+                iv = bs.paired_interval(values[(a, t)][m], values[(b, t)][m],
+                                        (observed(a, t, m), observed(b, t, m)), draws)
+                entry["tasks"][t][m] = {"delta": iv.delta, "lo": iv.lo, "hi": iv.hi,
+                                        "excludes_zero": iv.excludes_zero}
+        out["pairs"].append(entry)
+    out["things_vs_stuff"] = _things_vs_stuff(cfg, values, rows, draws)
+    for v in cfg.variants:
+        out["rows"][v.name] = {t: {m: [observed(v.name, t, m),
+                                       *bs.row_interval(values[(v.name, t)][m], draws)]
+                                   for m in METRICS} for t in cfg.tasks}
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def _things_vs_stuff(cfg: StudyConfig, values: dict, rows: list[dict], draws) -> dict:
+    """Per task: does full SSPrompt gain more IoU over stuff classes than over thing classes?
+    The mean per-class IoU gain over zero-shot over thing classes and over stuff classes, each
+    with its bootstrap interval, and the interval of stuff minus things (classes absent from a
+    resample's ground truth are left out of its means)."""
+    import warnings
+
+    from ..evaluation import bootstrap as bs
+
+    target, base = full_ssprompt_variant(cfg), cfg.variants[0].name
+    if target is None:
+        return {}
+    out = {}
+    for t in cfg.tasks:
+        mine = [r for r in rows if r["task"] == t]
+        flags = np.array([pc["isthing"] for pc in mine[0]["per_class"].values()])
+        if flags.all() or not flags.any():
+            continue
+
+        def observed(sel: np.ndarray) -> float:   # on the test set as it is, mean over seeds
+            gains = []
+            for seed in cfg.seeds:
+                a, b = ([r for r in mine if r["variant"] == v and r["seed"] == seed][0]
+                        ["per_class"] for v in (target, base))
+                g = [a[n]["IoU"] - b[n]["IoU"] for n, f in zip(a, sel)
+                     if f and a[n]["IoU"] is not None and b[n]["IoU"] is not None]
+                gains.append(np.mean(g) if g else np.nan)
+            return float(np.nanmean(gains))
+
+        gain = values[(target, t)]["class_iou"] - values[(base, t)]["class_iou"]  # (S, B, C)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # a resample without a class
+            things = np.nanmean(gain[..., flags], -1)
+            stuff = np.nanmean(gain[..., ~flags], -1)
+        th, st = observed(flags), observed(~flags)
+        iv = bs.paired_interval(stuff, things, (st, th), draws)
+        out[t] = {"things": [th, *bs.row_interval(things, draws)],
+                  "stuff": [st, *bs.row_interval(stuff, draws)],
+                  "stuff_minus_things": {"delta": iv.delta, "lo": iv.lo, "hi": iv.hi,
+                                         "excludes_zero": iv.excludes_zero}}
+    return out
+
+
+def _raw(r: dict, m: str):
+    """The metric the cell's prompts had at their last training step, before selection (the
+    same as the selected one where selection kept the last step or was off)."""
+    return (r.get("raw") or r).get(m) if r.get("selection") else r.get(m)
+
+
+def _flat(r: dict) -> dict:
+    sel = r.get("selection") or {}
+    moved = r.get("z_moved") or {}
+    return {**r, "selected": sel.get("selected", ""),
+            **{f"raw_{m}": _raw(r, m) for m in METRICS},
+            **{f"z_moved_{k}": moved.get(k) for k in ("spatial", "semantic")}}
+
+
+def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_split=None,
+              sfm=None, peak_rss_mb: float | None = None) -> dict:
+    """results.csv / results.json / summary.md and the plots of a finished study; with
+    ``sfm`` and ``test_split(task)``, also the qualitative figures (they decode images)."""
+    rows = load_cells(run, cfg)
+    cols = ["variant", "group", "task", "seed", *METRICS, "SQ", "RQ", "PQ_th", "PQ_st",
+            "trained_params", "wall_s", "final_loss", "selected", *(f"raw_{m}" for m in METRICS),
+            "z_moved_spatial", "z_moved_semantic"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(_flat(r) for r in rows)
+    write_text(run / "results.csv", buf.getvalue())
+
+    summary: dict = {}
+    for v in cfg.variants:
+        for t in cfg.tasks:
+            sel = [r for r in rows if r["variant"] == v.name and r["task"] == t]
+            summary.setdefault(v.name, {})[t] = {
+                m: _mean_std([r.get(m) for r in sel]) for m in METRICS}
+            summary[v.name][t]["raw"] = {m: _mean_std([_raw(r, m) for r in sel])
+                                         for m in METRICS}
+            summary[v.name][t]["selected"] = [(r.get("selection") or {}).get("selected")
+                                              for r in sel]
+            summary[v.name][t]["trained_params"] = sel[0]["trained_params"]
+            summary[v.name][t]["wall_s"] = float(np.mean([r["wall_s"] for r in sel]))
+    total_wall = sum(r["wall_s"] for r in rows)
+    import resource
+    if peak_rss_mb is None:
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process
+    intervals = study_intervals(run, cfg, rows)
+    worse = worse_cells(cfg, rows)
+    write_json(run / "results.json", {"config": cfg.raw, "cells": rows, "summary": summary,
+                                      "intervals": intervals, "worse_cells": worse,
+                                      "study_wall_s": wall_s,
+                                      "cells_wall_s": total_wall,
+                                      "peak_rss_mb": round(peak_rss_mb)})
+    write_text(run / "summary.md",
+               summary_markdown(cfg, summary, wall_s, rows, intervals, worse))
+    if worse:
+        print(f"warning: {_n_cells(len(worse))} more than {LARGE_LOSS:g} points below "
+              f"{cfg.variants[0].name} (same task and seed) on mIoU, AP50 or PQ; listed in "
+              f"{run}/summary.md")
+    from .plots import plot_shots, plot_study
+    plot_study(run, cfg, rows, summary)
+    if intervals is not None:
+        plot_shots(run, cfg, intervals)
+    if sfm is not None and test_split is not None:
+        from .plots import plot_qualitative
+        plot_qualitative(run, cfg, sfm, test_split)
+    return summary
+
+
+def worse_cells(cfg: StudyConfig, rows: list[dict], by: float = LARGE_LOSS) -> list[dict]:
+    """Cells whose kept prompts score more than ``by`` points below the baseline row (the first
+    variant, same task and seed) on any of mIoU / AP50 / PQ: the losses a row's mean and
+    interval can hide when the other seeds kept the defaults."""
+    base_name = cfg.variants[0].name
+    base = {(r["task"], r["seed"]): r for r in rows if r["variant"] == base_name}
+    out = []
+    for r in rows:
+        b = base.get((r["task"], r["seed"]))
+        if b is None or r["variant"] == base_name:
+            continue
+        drops = {m: [r[m], b[m]] for m in METRICS
+                 if r.get(m) is not None and b.get(m) is not None and b[m] - r[m] > by}
+        if drops:
+            out.append({"variant": r["variant"], "task": r["task"], "seed": r["seed"],
+                        "selected": (r.get("selection") or {}).get("selected"),
+                        "metrics": drops})
+    return out

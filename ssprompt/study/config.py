@@ -1,0 +1,211 @@
+"""Study configs: the YAML schema, ``--set`` overrides, variants and cell names."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from importlib.resources import files
+from pathlib import Path
+
+import yaml
+
+from ..engine.selection import SelectionConfig
+from ..engine.train import TrainConfig
+from ..errors import UserError
+from ..prompts.promptset import PromptConfig
+
+CONFIG_DIR = Path(str(files("ssprompt").joinpath("configs")))  # package data
+TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "train", "selection", "variants",
+            "comparisons"}
+SELECTION_KEYS = {f.name for f in fields(SelectionConfig)}
+VARIANT_KEYS = {"name", "mode", "learners", "n_prompts", "init", "weight", "weight_init",
+                "anchored", "group", "train", "shots"}
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"seed"}
+FIXED_MODES = ("default", "prompt_engineering")  # variants with nothing to learn
+# A cell whose kept prompts score this many points below the baseline row (same task and seed)
+# on mIoU, AP50 or PQ is listed as a loss in summary.md and announced at the end of a study.
+LARGE_LOSS = 5.0
+
+
+@dataclass
+class Variant:
+    name: str
+    prompt: PromptConfig
+    group: str = "main"
+    train: dict = field(default_factory=dict)
+    shots: int | None = None    # None: the study's
+    base: str = ""              # the config's variant name (before a shots sweep's suffix)
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    tasks: list[str]
+    seeds: list[int]
+    shots: int
+    n_test: int | None
+    train: dict
+    variants: list[Variant]
+    raw: dict
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    comparisons: list[tuple[str, str]] = field(default_factory=list)
+
+    def shots_of(self, v: Variant) -> int:
+        return v.shots if v.shots is not None else self.shots
+
+    def cells(self) -> list[tuple[Variant, str, int]]:
+        return [(v, t, s) for t in self.tasks for v in self.variants for s in self.seeds]
+
+
+def _check_keys(where: str, got: dict, allowed: set[str]) -> None:
+    bad = sorted(set(got) - allowed)
+    if bad:
+        raise UserError(f"{where}: unknown key(s) {', '.join(bad)}; allowed: "
+                        f"{', '.join(sorted(allowed))}")
+
+
+def parse_sets(items: list[str] | None) -> dict:
+    """``--set key=value`` arguments -> {key: value}, each value parsed as YAML (``50``,
+    ``0.01``, ``[0, 1]``, ``true``, ``weighted``)."""
+    out = {}
+    for item in items or []:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set {item}: expected key=value (e.g. --set train.steps=50)")
+        try:
+            out[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {item}: value is not valid YAML "
+                            f"({str(e).splitlines()[0]})") from None
+    return out
+
+
+def apply_sets(raw: dict, sets: dict) -> dict:
+    """``raw`` with the ``--set`` overrides applied: a dotted key walks into mappings, and
+    ``variants.NAME.key`` into the variant called NAME (``--set variants.ssprompt.n_prompts=25``).
+    Unknown keys are caught by the config's own checks."""
+    raw = copy.deepcopy(raw)
+    for key, value in sets.items():
+        node, parts = raw, key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            where = ".".join(parts[:i + 1])
+            if isinstance(node, list):  # variants: by name
+                hit = [v for v in node if isinstance(v, dict) and v.get("name") == part]
+                if not hit:
+                    raise UserError(f"--set {key}: no variant named {part!r}")
+                node = hit[0]
+            elif isinstance(node, dict):
+                if node.get(part) is None and part != "variants":
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise UserError(f"--set {key}: {where} is not a mapping")
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: {'.'.join(parts[:-1])} is not a mapping")
+        node[parts[-1]] = value
+    return raw
+
+
+def check_train_values(where: str, values: dict) -> dict:
+    """``values`` as TrainConfig fields: unknown keys and values of the wrong type are refused
+    in one line; an int is accepted where a float is expected."""
+    _check_keys(where, values, TRAIN_KEYS)
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    out = {}
+    for k, v in values.items():
+        t = types[k]
+        if t is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+            kind = "a number" if t is float else "an integer"
+            raise UserError(f"{where}: {k}={v!r} must be {kind}")
+        out[k] = v
+    return out
+
+
+def load_config(path: str | Path, sets: dict | None = None) -> StudyConfig:
+    """A study config from YAML, with ``--set`` overrides (``parse_sets``) applied."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: study config not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a study config must be a mapping")
+    if sets:
+        raw = apply_sets(raw, sets)
+        path = Path(f"{path} (with --set {', '.join(sets)})")
+    _check_keys(str(path), raw, TOP_KEYS)
+    for key in ("tasks", "seeds", "variants"):
+        if not raw.get(key):
+            raise UserError(f"{path}: '{key}' must be a non-empty list")
+    train = check_train_values(f"{path}: train", dict(raw.get("train") or {}))
+    selection = dict(raw.get("selection") or {})
+    _check_keys(f"{path}: selection", selection, SELECTION_KEYS)
+    variants, names = [], set()
+    for i, v in enumerate(raw["variants"]):
+        where = f"{path}: variants[{i}]"
+        if not isinstance(v, dict) or "name" not in v or "mode" not in v:
+            raise UserError(f"{where}: each variant needs a name and a mode")
+        _check_keys(where, v, VARIANT_KEYS)
+        vtrain = check_train_values(f"{where}.train", v.get("train") or {})
+        if v["name"] in names:
+            raise UserError(f"{where}: duplicate variant name {v['name']!r}")
+        names.add(v["name"])
+        try:
+            prompt = PromptConfig(mode=v["mode"],
+                                  learners=tuple(v.get("learners", ("spatial", "semantic"))),
+                                  n_prompts=v.get("n_prompts", 100), init=v.get("init"),
+                                  weight=v.get("weight", "prompt"),
+                                  weight_init=v.get("weight_init", 0.5),
+                                  anchored=v.get("anchored"))
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        vshots = v.get("shots")
+        if vshots is not None and (not isinstance(vshots, int) or vshots <= 0):
+            raise UserError(f"{where}: shots must be a positive integer")
+        variants.append(Variant(v["name"], prompt, v.get("group", "main"), vtrain, vshots,
+                                v["name"]))
+    shots = raw.get("shots", 16)
+    sweep = shots if isinstance(shots, list) else None
+    if sweep is not None:  # a shots sweep: each learned variant once per k ("NAME-kK")
+        if not sweep or any(not isinstance(k, int) or k <= 0 for k in sweep):
+            raise UserError(f"{path}: shots must be a positive integer or a list of them")
+        variants = [v for v in variants if v.prompt.mode in FIXED_MODES] + [
+            Variant(f"{v.name}-k{k}", v.prompt, v.group, v.train, k, v.name)
+            for v in variants if v.prompt.mode not in FIXED_MODES for k in sweep]
+        shots = max(sweep)
+    elif not isinstance(shots, int) or shots <= 0:
+        raise UserError(f"{path}: shots must be a positive integer or a list of them")
+    names = {v.name for v in variants}
+    comparisons = []
+    for i, pair in enumerate(raw.get("comparisons") or []):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(x in names for x in pair)):
+            raise UserError(f"{path}: comparisons[{i}]: expected [variant, variant] of this "
+                            f"study's variants, got {pair!r}")
+        comparisons.append((pair[0], pair[1]))
+    return StudyConfig(raw.get("name", path.stem), list(raw["tasks"]), list(raw["seeds"]),
+                       shots, raw.get("n_test"), train, variants, raw,
+                       SelectionConfig(**selection), comparisons)
+
+
+def cell_id(variant: Variant, task: str, seed: int) -> str:
+    return f"{variant.name}__{task}__s{seed}"
+
+
+def _at_study_shots(cfg) -> list:
+    """The variants, those run at the study's own number of shots first (in a shots sweep:
+    the largest k)."""
+    shots_of = getattr(cfg, "shots_of", lambda v: cfg.shots)
+    return sorted(cfg.variants, key=lambda v: shots_of(v) != cfg.shots)
+
+
+def full_ssprompt_variant(cfg) -> str | None:
+    """The study's full SSPrompt row: weighted, both learners, N = 100 (else the first
+    weighted row), at the study's number of shots where a sweep has several."""
+    vs = _at_study_shots(cfg)
+    return next((v.name for v in vs if v.prompt.mode == "weighted"
+                 and len(v.prompt.learners) == 2 and v.prompt.n_prompts == 100),
+                next((v.name for v in vs if v.prompt.mode == "weighted"), None))

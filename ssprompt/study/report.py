@@ -1,0 +1,252 @@
+"""summary.md: the study's tables (means, intervals, controls, losses, per class) in Markdown."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..evaluation.metrics import METRICS
+from .config import LARGE_LOSS, StudyConfig, full_ssprompt_variant
+
+
+def _interval_table(cfg: StudyConfig, intervals: dict, pairs: list[dict]) -> list[str]:
+    lines = ["| difference | " + " | ".join(f"{t} {m}" for t in cfg.tasks for m in METRICS)
+             + " |", "|---|" + "---:|" * (len(cfg.tasks) * len(METRICS))]
+    for e in pairs:
+        cells = []
+        for t in cfg.tasks:
+            for m in METRICS:
+                d = e["tasks"][t][m]
+                if not np.isfinite(d["delta"]) or not np.isfinite(d["lo"]):
+                    cells.append("n/a")
+                    continue
+                mark = " *" if d["excludes_zero"] else ""
+                cells.append(f"{d['delta']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]{mark}")
+        lines.append(f"| {e['a']} − {e['b']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _moved_table(cfg: StudyConfig, rows: list[dict]) -> list[str]:
+    """How far training moved the fused embeddings z from the defaults (last step, before
+    selection; mean over seeds): the quantity a step-size confound changes."""
+    out = []
+    for v in cfg.variants:
+        cells, any_moved = [], False
+        for t in cfg.tasks:
+            sel = [r.get("z_moved") or {} for r in rows if r["variant"] == v.name
+                   and r["task"] == t]
+            parts = []
+            for k in ("spatial", "semantic"):
+                vals = [m[k] for m in sel if k in m]
+                if vals:
+                    parts.append(f"{k[:3]} {np.mean(vals):.3f}")
+                    any_moved = True
+            cells.append(", ".join(parts) or "-")
+        if any_moved:
+            out.append(f"| {v.name} | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    return ["", "## How far training moved z", "",
+            "RMS(z − z_default) / RMS(z_default) of the fused embeddings at the last training "
+            "step (before selection), mean over seeds; `spa` spatial, `sem` semantic.", "",
+            "| variant | " + " | ".join(cfg.tasks) + " |", "|---|" + "---|" * len(cfg.tasks),
+            *out]
+
+
+def _weights_by_kind(cfg: StudyConfig, rows: list[dict]) -> list[str]:
+    """Mean learned semantic fusion weight over thing classes and over stuff classes, for the
+    variants that learn it, over the seeds whose trained prompts were kept by selection."""
+    out = []
+    for v in cfg.variants:
+        if v.prompt.mode != "weighted" or "semantic" not in v.prompt.learners:
+            continue
+        cells = []
+        for t in cfg.tasks:
+            th, st, kept = [], [], 0
+            for r in rows:
+                if r["variant"] != v.name or r["task"] != t:
+                    continue
+                if (r.get("selection") or {}).get("selected") == "default":
+                    continue
+                w = (r.get("fusion_weights") or {}).get("semantic")
+                if not w:
+                    continue
+                kept += 1
+                flags = [pc["isthing"] for pc in r["per_class"].values()]
+                th += [x for x, f in zip(w, flags) if f]
+                st += [x for x, f in zip(w, flags) if not f]
+            cells.append(f"{np.mean(th):.2f} / {np.mean(st):.2f} ({kept})" if kept and th and st
+                         else (f"{np.mean(th or st):.2f} / - ({kept})" if kept else "-"))
+        out.append(f"| {v.name} | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    return ["", "## Learned semantic fusion weights: things vs stuff", "",
+            "Mean learned w over thing classes / over stuff classes (seeds whose trained "
+            "prompts selection kept, in brackets; w = 1 keeps only the learned embedding, "
+            "0 only the encoder's). A task whose classes are all things or all stuff has one "
+            "side only.", "", "| variant | " + " | ".join(cfg.tasks) + " |",
+            "|---|" + "---|" * len(cfg.tasks), *out]
+
+
+def _mean_std(vals: list) -> tuple[float, float]:
+    v = np.array([x for x in vals if x is not None], dtype=float)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def _n_cells(n: int) -> str:
+    return f"{n} cell{'s' * (n != 1)}"
+
+
+def _worse_table(cfg: StudyConfig, worse: list[dict]) -> list[str]:
+    base = cfg.variants[0].name
+    head = ["", f"## Cells more than {LARGE_LOSS:g} points below `{base}`", ""]
+    if not worse:
+        return head + [f"None: no cell's kept prompts score more than {LARGE_LOSS:g} points "
+                       f"below `{base}` (same task and seed) on mIoU, AP50 or PQ."]
+    return head + [
+        f"{_n_cells(len(worse))}: what a user with this seed's shots would have got instead of "
+        "doing nothing. `kept` is the step selection kept (`default`: the defaults).", "",
+        f"| variant | task | seed | kept | this cell vs `{base}` |", "|---|---|---:|---|---|",
+        *(f"| {w['variant']} | {w['task']} | {w['seed']} | {w['selected']} | "
+          + ", ".join(f"{m} {a:.1f} vs {b:.1f} ({a - b:+.1f})"
+                      for m, (a, b) in w["metrics"].items()) + " |" for w in worse)]
+
+
+def _table(cfg: StudyConfig, stats) -> list[str]:
+    """A markdown table, one row a variant; ``stats(variant, task)`` -> {metric: (mean, std)}."""
+    zs = cfg.variants[0].name
+    head = "| variant | params |" + "".join(f" {t} {m} |" for t in cfg.tasks for m in METRICS)
+    lines = [head, "|---|---:|" + "---:|" * (len(cfg.tasks) * len(METRICS))]
+    best = {(t, m): max((stats(v.name, t)[m][0] for v in cfg.variants
+                         if not np.isnan(stats(v.name, t)[m][0])), default=np.nan)
+            for t in cfg.tasks for m in METRICS}
+    for v in cfg.variants:
+        cells = []
+        for t in cfg.tasks:
+            for m in METRICS:
+                mean, std = stats(v.name, t)[m]
+                if np.isnan(mean):
+                    cells.append("n/a")
+                    continue
+                s = f"{mean:.1f} ± {std:.1f}"
+                if mean == best[(t, m)]:
+                    s = f"**{s}**"
+                if v.name != zs:
+                    s += f" ({mean - stats(zs, t)[m][0]:+.1f})"
+                cells.append(s)
+        lines.append(f"| {v.name} | {stats.params(v.name)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
+                     rows: list[dict] | None = None, intervals: dict | None = None,
+                     worse: list[dict] | None = None) -> str:
+    zs = cfg.variants[0].name
+    sel = cfg.selection
+    rule = (f"Every trained variant uses held-out-shot selection: {sel.holdout:.0%} of the "
+            f"{cfg.shots} shots are held out, candidates are scored there every {sel.every} "
+            "steps, and a variant keeps its default prompts unless a step beats them."
+            if sel.enabled else "No held-out selection: the last training step is kept.")
+    lines = [f"# Study `{cfg.name}`", "",
+             f"{len(cfg.variants)} variants x {len(cfg.tasks)} tasks x {len(cfg.seeds)} seeds "
+             f"(seeds {cfg.seeds}), {cfg.shots}-shot, test images per task: "
+             f"{cfg.n_test or 'all'}. Mean ± std over seeds, in percent; **bold** = best in "
+             f"the column; (Δ) = difference to `{zs}`."
+             + (f" Wall time of this run: {wall_s / 60:.1f} min." if wall_s else ""), "", rule,
+             ""]
+
+    class Stats:
+        def __init__(self, key=None):
+            self.key = key
+
+        def __call__(self, v, t):
+            return summary[v][t] if self.key is None else summary[v][t][self.key]
+
+        def params(self, v):
+            return summary[v][cfg.tasks[0]]["trained_params"]
+
+    lines += _table(cfg, Stats())
+    if intervals is not None:
+        n_base = len(cfg.variants) - 1
+        lines += ["", "## Differences with 95% intervals", "",
+                  f"Δ = mean over seeds of (row − baseline), in points; [95% interval] from a "
+                  f"paired bootstrap ({intervals['n_boot']} resamples, seeded): the test images "
+                  "and the seeds are both resampled with replacement, the same draw for both "
+                  "rows (`ssprompt/bootstrap.py`). * = the interval excludes 0; without it, "
+                  "the difference is not detectable with these test images and seeds. "
+                  f"Bootstrap time: {intervals['seconds']:.0f} s.", ""]
+        lines += _interval_table(cfg, intervals, intervals["pairs"][:n_base])
+        if intervals["pairs"][n_base:]:
+            lines += ["", "### Comparisons (controls)", ""]
+            lines += _interval_table(cfg, intervals, intervals["pairs"][n_base:])
+    if intervals is not None and intervals.get("things_vs_stuff"):
+
+        lines += ["", f"## Things vs stuff: `{full_ssprompt_variant(cfg)}`'s IoU gain over "
+                  f"`{zs}`", "",
+                  "Mean per-class IoU gain over the thing classes and over the stuff classes "
+                  "(mean over seeds), with 95% bootstrap intervals, and stuff minus things.", "",
+                  "| task | things | stuff | stuff − things |", "|---|---:|---:|---:|"]
+        for t, d in intervals["things_vs_stuff"].items():
+            diff = d["stuff_minus_things"]
+            mark = " *" if diff["excludes_zero"] else ""
+            lines.append(f"| {t} | {d['things'][0]:+.1f} [{d['things'][1]:+.1f}, "
+                         f"{d['things'][2]:+.1f}] | {d['stuff'][0]:+.1f} [{d['stuff'][1]:+.1f}, "
+                         f"{d['stuff'][2]:+.1f}] | {diff['delta']:+.1f} [{diff['lo']:+.1f}, "
+                         f"{diff['hi']:+.1f}]{mark} |")
+    if worse is not None:
+        lines += _worse_table(cfg, worse)
+    if rows:
+        lines += _weights_by_kind(cfg, rows)
+        lines += _moved_table(cfg, rows)
+    if sel.enabled:
+        lines += ["", "## What selection chose", "",
+                  "Per task, the step each seed kept (`default`: no step beat the default "
+                  "prompts on the held-out shots).", "",
+                  "| variant | " + " | ".join(cfg.tasks) + " |",
+                  "|---|" + "---|" * len(cfg.tasks)]
+        for v in cfg.variants:
+            picks = [", ".join(str(x) for x in summary[v.name][t]["selected"] if x is not None)
+                     or "-" for t in cfg.tasks]
+            lines.append(f"| {v.name} | " + " | ".join(picks) + " |")
+        lines += ["", "## The same runs without selection", "",
+                  "Test metrics of the prompts at the last training step (fitted on the same "
+                  "shots minus the held-out ones), i.e. what prompt learning gives when nothing "
+                  "checks it.", ""]
+        lines += _table(cfg, Stats("raw"))
+    lines += _per_class_tables(cfg, rows) if rows else []
+    return "\n".join(lines) + "\n"
+
+
+def _per_class_tables(cfg: StudyConfig, rows: list[dict]) -> list[str]:
+    """Per task: each class's IoU and PQ for zero-shot and full SSPrompt (mean over seeds) and
+    the difference, largest gain first; then the mean difference over things and over stuff."""
+
+    zs, target = cfg.variants[0].name, full_ssprompt_variant(cfg)
+    if target is None:
+        return []
+    out = ["", f"## Per class: `{target}` vs `{zs}`", "",
+           "Mean over seeds, percent; a class with no ground truth in a task is left out."]
+
+    def per_class(variant: str, task: str) -> dict:
+        sel = [r["per_class"] for r in rows if r["variant"] == variant and r["task"] == task]
+        names = list(sel[0]) if sel else []
+        return {n: {m: _mean_std([pc[n].get(m) for pc in sel])[0] for m in ("IoU", "PQ")}
+                | {"isthing": sel[0][n]["isthing"]} for n in names}
+
+    for t in cfg.tasks:
+        a, b = per_class(zs, t), per_class(target, t)
+        keep = [n for n in a if not np.isnan(a[n]["IoU"]) and not np.isnan(b[n]["IoU"])]
+        keep.sort(key=lambda n: b[n]["IoU"] - a[n]["IoU"], reverse=True)
+        out += ["", f"**{t}**", "", "| class | kind | IoU zero-shot | IoU SSPrompt | Δ IoU | "
+                "Δ PQ |", "|---|---|---:|---:|---:|---:|"]
+        for n in keep:
+            dpq = b[n]["PQ"] - a[n]["PQ"]
+            out.append(f"| {n} | {'thing' if a[n]['isthing'] else 'stuff'} | "
+                       f"{a[n]['IoU']:.1f} | {b[n]['IoU']:.1f} | {b[n]['IoU'] - a[n]['IoU']:+.1f} | "
+                       + ("n/a" if np.isnan(dpq) else f"{dpq:+.1f}") + " |")
+        for kind, flag in (("things", True), ("stuff", False)):
+            d = [b[n]["IoU"] - a[n]["IoU"] for n in keep if a[n]["isthing"] == flag]
+            if d:
+                out.append(f"| *mean over {kind}* | | | | {np.mean(d):+.1f} | |")
+    return out
