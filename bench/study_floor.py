@@ -40,7 +40,7 @@ def study_flops(config: str | None = None, eval_images: int = 8) -> dict:
     from ssprompt.prompts.promptset import PromptSet
     from ssprompt.engine.selection import Subset, folds
     from ssprompt.sfm import load_sfm
-    from ssprompt.study.config import CONFIG_DIR, FIXED_MODES, load_config
+    from ssprompt.study.config import CONFIG_DIR, load_config
     from ssprompt.engine.train import TrainConfig, train_many
 
     cfg = load_config(config or CONFIG_DIR / "default.yaml")
@@ -66,7 +66,7 @@ def study_flops(config: str | None = None, eval_images: int = 8) -> dict:
                 per_image[key] = _flops(lambda: evaluate(sfm, sp, se, sub, cache)) / len(sub)
             one = per_image[key]
             g = {"variant": v.name, "task": task, "train": 0, "selection": 0}
-            if v.prompt.mode in FIXED_MODES or not make[0].num_trainable():
+            if v.fixed or not make[0].num_trainable():
                 g["test"] = one * n_test
             else:
                 tc = TrainConfig(**{**cfg.train, **v.train})

@@ -88,8 +88,8 @@ shots: 2
 n_test: 4
 train: {steps: 2, lr: 0.005, batch: 2}
 variants:
-  - {name: zero-shot, mode: default, n_prompts: 25}
-  - {name: ssprompt-N25, mode: weighted, n_prompts: 25}
+  - {name: zero-shot, kind: zero_shot, n_prompts: 25, role: baseline}
+  - {name: ssprompt-N25, kind: weighted, n_prompts: 25}
 """
 
 

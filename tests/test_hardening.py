@@ -213,7 +213,7 @@ def study_unknown_key(fx, d):
     cfg = d / "bad.yaml"
     cfg.write_text("name: bad\ntasks: [shift]\nseeds: [0]\nshots: 2\nn_test: 2\n"
                    "train: {steps: 1, lerning_rate: 0.1}\n"
-                   "variants:\n  - {name: zs, mode: default}\n")
+                   "variants:\n  - {name: zs, kind: zero_shot, role: baseline}\n")
     return ["study", "--config", cfg, "--out", d / "run", "--checkpoint", fx["tiny"]]
 
 

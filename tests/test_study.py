@@ -51,10 +51,12 @@ def test_quick_study_writes_every_output(full_run):
     # every cell keeps its per-image test statistics; every Δ to zero-shot has an interval
     assert len(list((full_run / "cells").glob("*.stats.npz"))) == len(rows)
     assert "Differences with 95% intervals" in summary
-    assert "points below `zero-shot`" in summary   # the per-cell loss check always reports
+    assert "points below their zero-shot baseline" in summary   # the loss check always reports
     import json
     iv = json.loads((full_run / "results.json").read_text())["intervals"]
     assert [e["a"] for e in iv["pairs"]] == [v.name for v in cfg.variants[1:]]
+    base = {e["a"]: e["b"] for e in iv["pairs"]}   # each N row against its own grid's zero-shot
+    assert base["ssprompt-N25"] == "zero-shot-N25" and base["zero-shot-N25"] == "zero-shot"
     d = iv["pairs"][0]["tasks"]["shift"]["mIoU"]
     assert d["lo"] <= d["delta"] <= d["hi"]
 
@@ -66,7 +68,7 @@ def test_shots_sweep(tmp_path):
     cfg_path.write_text(
         "name: sweep\ntasks: [novel]\nseeds: [0]\nshots: [1, 2, 8]\nn_test: 6\n"
         "train: {steps: 3, batch: 4}\nselection: {every: 3, report_raw: false}\nvariants:\n"
-        "  - {name: zero-shot, mode: default}\n  - {name: ssprompt, mode: weighted}\n"
+        "  - {name: zero-shot, kind: zero_shot, role: baseline}\n  - {name: ssprompt, kind: weighted}\n"
         "comparisons:\n  - [ssprompt-k8, ssprompt-k2]\n")
     cfg = load_config(cfg_path)
     assert [(v.name, cfg.shots_of(v)) for v in cfg.variants] == [
@@ -174,7 +176,7 @@ def test_unknown_config_key_is_rejected(tmp_path):
     with pytest.raises(UserError, match="learning_rate"):
         load_config(cfg)
     cfg.write_text((ROOT / "configs" / "quick.yaml").read_text().replace(
-        "mode: default}", "mode: default, colour: red}"))
+        "role: baseline}", "role: baseline, colour: red}"))
     with pytest.raises(UserError, match="colour"):
         load_config(cfg)
 
@@ -210,3 +212,31 @@ def test_cells_far_below_the_baseline_are_listed():
     table = "\n".join(_worse_table(cfg, worse))
     assert "AP50 12.0 vs 60.0 (-48.0)" in table
     assert "None" in "\n".join(_worse_table(cfg, worse_cells(cfg, rows[:3])))
+
+
+def test_roles_and_per_grid_baselines():
+    """Every row's Δ is taken against the zero-shot row with its own grid (same N); a zero-shot
+    row at another N against the baseline (the grid's own effect); roles name the rows."""
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    assert cfg.baseline == "zero-shot" and cfg.full == "ssprompt"
+    assert cfg.baseline_of("zero-shot") is None
+    assert cfg.baseline_of("ssprompt") == "zero-shot"
+    assert cfg.baseline_of("learned-only") == "zero-shot"
+    for n in (25, 50, 200):
+        assert cfg.baseline_of(f"ssprompt-N{n}") == f"zero-shot-N{n}"
+        assert cfg.baseline_of(f"zero-shot-N{n}") == "zero-shot"
+    assert len(cfg.seeds) >= 8
+
+
+def test_old_and_missing_config_keys_get_one_clear_error(tmp_path):
+    text = (ROOT / "configs" / "quick.yaml").read_text()
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text(text.replace("kind: zero_shot, role: baseline", "mode: default"))
+    with pytest.raises(UserError, match="'mode' is now called 'kind'"):
+        load_config(cfg)
+    cfg.write_text(text.replace(", role: baseline", ""))
+    with pytest.raises(UserError, match="role: baseline"):
+        load_config(cfg)
+    cfg.write_text(text.replace("kind: vanilla_2d", "kind: vanilla"))
+    with pytest.raises(UserError, match="kind 'vanilla' is unknown"):
+        load_config(cfg)

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import UserError
 from ..evaluation.metrics import METRICS
 from ..io import write_json, write_text
-from .config import LARGE_LOSS, StudyConfig, cell_id, full_ssprompt_variant
+from .config import LARGE_LOSS, StudyConfig, cell_id
 from .report import _mean_std, _n_cells, summary_markdown
 
 
@@ -62,8 +62,8 @@ def study_intervals(run: Path, cfg: StudyConfig, rows: list[dict]) -> dict | Non
     def observed(name: str, t: str, m: str) -> float:
         return _mean_std([by_key[(name, t, s)].get(m) for s in cfg.seeds])[0]
 
-    base = cfg.variants[0].name
-    pairs = [(v.name, base) for v in cfg.variants[1:]] + list(cfg.comparisons)
+    pairs = [(v.name, cfg.baseline_of(v.name)) for v in cfg.variants
+             if cfg.baseline_of(v.name)] + list(cfg.comparisons)
     out: dict = {"n_boot": int(draws.shape[0]), "level": bs.LEVEL, "seed": bs.BOOT_SEED,
                  "pairs": [], "rows": {}}
     for a, b in dict.fromkeys(pairs):
@@ -94,7 +94,7 @@ def _things_vs_stuff(cfg: StudyConfig, values: dict, rows: list[dict], draws) ->
 
     from ..evaluation import bootstrap as bs
 
-    target, base = full_ssprompt_variant(cfg), cfg.variants[0].name
+    target, base = cfg.full, cfg.baseline
     if target is None:
         return {}
     out = {}
@@ -183,7 +183,7 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_spl
                summary_markdown(cfg, summary, wall_s, rows, intervals, worse))
     if worse:
         print(f"warning: {_n_cells(len(worse))} more than {LARGE_LOSS:g} points below "
-              f"{cfg.variants[0].name} (same task and seed) on mIoU, AP50 or PQ; listed in "
+              "their zero-shot baseline (same grid, task and seed) on mIoU, AP50 or PQ; listed in "
               f"{run}/summary.md")
     from .plots import plot_shots, plot_study
     plot_study(run, cfg, rows, summary)
@@ -196,20 +196,21 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_spl
 
 
 def worse_cells(cfg: StudyConfig, rows: list[dict], by: float = LARGE_LOSS) -> list[dict]:
-    """Cells whose kept prompts score more than ``by`` points below the baseline row (the first
-    variant, same task and seed) on any of mIoU / AP50 / PQ: the losses a row's mean and
+    """Cells whose kept prompts score more than ``by`` points below their baseline row
+    (``StudyConfig.baseline_of``: the zero-shot row of the same grid; same task and seed) on any of mIoU / AP50 / PQ: the losses a row's mean and
     interval can hide when the other seeds kept the defaults."""
-    base_name = cfg.variants[0].name
-    base = {(r["task"], r["seed"]): r for r in rows if r["variant"] == base_name}
+    by_key = {(r["variant"], r["task"], r["seed"]): r for r in rows}
     out = []
     for r in rows:
-        b = base.get((r["task"], r["seed"]))
-        if b is None or r["variant"] == base_name:
+        base_name = cfg.baseline_of(r["variant"])
+        b = by_key.get((base_name, r["task"], r["seed"]))
+        if b is None:
             continue
         drops = {m: [r[m], b[m]] for m in METRICS
                  if r.get(m) is not None and b.get(m) is not None and b[m] - r[m] > by}
         if drops:
             out.append({"variant": r["variant"], "task": r["task"], "seed": r["seed"],
+                        "baseline": base_name,
                         "selected": (r.get("selection") or {}).get("selected"),
                         "metrics": drops})
     return out

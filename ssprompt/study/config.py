@@ -18,10 +18,17 @@ CONFIG_DIR = Path(str(files("ssprompt").joinpath("configs")))  # package data
 TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "train", "selection", "variants",
             "comparisons"}
 SELECTION_KEYS = {f.name for f in fields(SelectionConfig)}
-VARIANT_KEYS = {"name", "mode", "learners", "n_prompts", "init", "weight", "weight_init",
-                "anchored", "group", "train", "shots"}
+VARIANT_KEYS = {"name", "kind", "role", "learners", "n_prompts", "init", "weight",
+                "weight_init", "anchored", "group", "train", "shots"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"seed"}
-FIXED_MODES = ("default", "prompt_engineering")  # variants with nothing to learn
+# The variant kinds a study row can be: what is learned and how it is fused (see README,
+# Glossary). ``zero_shot`` is the encoder's own prompts, nothing learned.
+KINDS = {"zero_shot": "default", "prompt_engineering": "prompt_engineering",
+         "vanilla_2d": "vanilla_2d", "average": "average", "weighted": "weighted",
+         "learned_only": "learned_only"}    # kind -> the prompt set's construction mode
+FIXED_KINDS = ("zero_shot", "prompt_engineering")  # variants with nothing to learn
+ROLES = ("baseline", "full")  # the row every Δ is taken against; the full-SSPrompt row
+RENAMED = {"mode": "kind"}    # old variant keys -> their names since round 3
 # A cell whose kept prompts score this many points below the baseline row (same task and seed)
 # on mIoU, AP50 or PQ is listed as a loss in summary.md and announced at the end of a study.
 LARGE_LOSS = 5.0
@@ -35,6 +42,13 @@ class Variant:
     train: dict = field(default_factory=dict)
     shots: int | None = None    # None: the study's
     base: str = ""              # the config's variant name (before a shots sweep's suffix)
+    kind: str = "weighted"      # one of KINDS
+    role: str | None = None     # one of ROLES, or None
+
+    @property
+    def fixed(self) -> bool:
+        """Nothing to learn: one evaluation serves every seed."""
+        return self.kind in FIXED_KINDS
 
 
 @dataclass
@@ -55,6 +69,38 @@ class StudyConfig:
 
     def cells(self) -> list[tuple[Variant, str, int]]:
         return [(v, t, s) for t in self.tasks for v in self.variants for s in self.seeds]
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
+
+    @property
+    def baseline(self) -> str:
+        """The row marked ``role: baseline`` (zero-shot at the default N)."""
+        return next(v.name for v in self.variants if v.role == "baseline")
+
+    @property
+    def full(self) -> str | None:
+        """The row marked ``role: full`` (full SSPrompt), at the study's own number of shots
+        where a shots sweep has several; None if no row has that role."""
+        rows = [v for v in self.variants if v.role == "full"]
+        return next((v.name for v in rows if self.shots_of(v) == self.shots),
+                    rows[0].name if rows else None)
+
+    def baseline_of(self, name: str) -> str | None:
+        """What ``name``'s Δ is taken against: the zero-shot row with the same spatial-prompt
+        grid (same N), so that an N row's Δ is what learning adds at N, not what the grid
+        changes; the study's baseline where no such row exists. A zero-shot row at another N
+        is compared with the baseline (that Δ is the grid's own effect). None for the
+        baseline itself."""
+        v = self.variant(name)
+        if v.name == self.baseline:
+            return None
+        if v.kind != "zero_shot":
+            same = [z.name for z in self.variants if z.kind == "zero_shot"
+                    and z.prompt.n_prompts == v.prompt.n_prompts]
+            if same:
+                return self.baseline if self.baseline in same else same[0]
+        return self.baseline
 
 
 def _check_keys(where: str, got: dict, allowed: set[str]) -> None:
@@ -147,15 +193,27 @@ def load_config(path: str | Path, sets: dict | None = None) -> StudyConfig:
     variants, names = [], set()
     for i, v in enumerate(raw["variants"]):
         where = f"{path}: variants[{i}]"
-        if not isinstance(v, dict) or "name" not in v or "mode" not in v:
-            raise UserError(f"{where}: each variant needs a name and a mode")
+        if not isinstance(v, dict):
+            raise UserError(f"{where}: each variant must be a mapping with a name and a kind")
+        for old, new in RENAMED.items():
+            if old in v:
+                raise UserError(f"{where}: '{old}' is now called '{new}' (one of "
+                                f"{', '.join(KINDS)}; 'default' is now 'zero_shot')")
+        if "name" not in v or "kind" not in v:
+            raise UserError(f"{where}: each variant needs a name and a kind")
         _check_keys(where, v, VARIANT_KEYS)
+        if v["kind"] not in KINDS:
+            raise UserError(f"{where}: kind {v['kind']!r} is unknown; choose one of "
+                            f"{', '.join(KINDS)}")
+        if v.get("role") not in (None, *ROLES):
+            raise UserError(f"{where}: role {v['role']!r} is unknown; choose one of "
+                            f"{', '.join(ROLES)}")
         vtrain = check_train_values(f"{where}.train", v.get("train") or {})
         if v["name"] in names:
             raise UserError(f"{where}: duplicate variant name {v['name']!r}")
         names.add(v["name"])
         try:
-            prompt = PromptConfig(mode=v["mode"],
+            prompt = PromptConfig(mode=KINDS[v["kind"]],
                                   learners=tuple(v.get("learners", ("spatial", "semantic"))),
                                   n_prompts=v.get("n_prompts", 100), init=v.get("init"),
                                   weight=v.get("weight", "prompt"),
@@ -167,18 +225,27 @@ def load_config(path: str | Path, sets: dict | None = None) -> StudyConfig:
         if vshots is not None and (not isinstance(vshots, int) or vshots <= 0):
             raise UserError(f"{where}: shots must be a positive integer")
         variants.append(Variant(v["name"], prompt, v.get("group", "main"), vtrain, vshots,
-                                v["name"]))
+                                v["name"], v["kind"], v.get("role")))
     shots = raw.get("shots", 16)
     sweep = shots if isinstance(shots, list) else None
     if sweep is not None:  # a shots sweep: each learned variant once per k ("NAME-kK")
         if not sweep or any(not isinstance(k, int) or k <= 0 for k in sweep):
             raise UserError(f"{path}: shots must be a positive integer or a list of them")
-        variants = [v for v in variants if v.prompt.mode in FIXED_MODES] + [
-            Variant(f"{v.name}-k{k}", v.prompt, v.group, v.train, k, v.name)
-            for v in variants if v.prompt.mode not in FIXED_MODES for k in sweep]
+        variants = [v for v in variants if v.fixed] + [
+            Variant(f"{v.name}-k{k}", v.prompt, v.group, v.train, k, v.name, v.kind, v.role)
+            for v in variants if not v.fixed for k in sweep]
         shots = max(sweep)
     elif not isinstance(shots, int) or shots <= 0:
         raise UserError(f"{path}: shots must be a positive integer or a list of them")
+    for role in ROLES:
+        marked = {v.base for v in variants if v.role == role}
+        if len(marked) > 1:
+            raise UserError(f"{path}: role {role} is given to {len(marked)} variants "
+                            f"({', '.join(sorted(marked))}); give it to one")
+    baseline = [v for v in variants if v.role == "baseline"]
+    if not baseline or baseline[0].kind != "zero_shot":
+        raise UserError(f"{path}: mark the zero-shot row every difference is taken against "
+                        "with 'role: baseline' (a variant of kind zero_shot)")
     names = {v.name for v in variants}
     comparisons = []
     for i, pair in enumerate(raw.get("comparisons") or []):
@@ -193,19 +260,3 @@ def load_config(path: str | Path, sets: dict | None = None) -> StudyConfig:
 
 def cell_id(variant: Variant, task: str, seed: int) -> str:
     return f"{variant.name}__{task}__s{seed}"
-
-
-def _at_study_shots(cfg) -> list:
-    """The variants, those run at the study's own number of shots first (in a shots sweep:
-    the largest k)."""
-    shots_of = getattr(cfg, "shots_of", lambda v: cfg.shots)
-    return sorted(cfg.variants, key=lambda v: shots_of(v) != cfg.shots)
-
-
-def full_ssprompt_variant(cfg) -> str | None:
-    """The study's full SSPrompt row: weighted, both learners, N = 100 (else the first
-    weighted row), at the study's number of shots where a sweep has several."""
-    vs = _at_study_shots(cfg)
-    return next((v.name for v in vs if v.prompt.mode == "weighted"
-                 and len(v.prompt.learners) == 2 and v.prompt.n_prompts == 100),
-                next((v.name for v in vs if v.prompt.mode == "weighted"), None))

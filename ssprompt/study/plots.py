@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluation.metrics import METRICS
-from .config import _at_study_shots, cell_id, full_ssprompt_variant
+from .config import cell_id
 
 
 def _plt():
@@ -23,8 +23,8 @@ def plot_study(run: Path, cfg, rows: list[dict], summary: dict) -> None:
     tasks = cfg.tasks
     # 1. ablation 2: metric vs N for full SSPrompt (weighted, both learners)
     n_rows = {v.prompt.n_prompts: v.name for v in cfg.variants
-              if getattr(cfg, "shots_of", lambda v: cfg.shots)(v) == cfg.shots
-              and v.prompt.mode == "weighted" and len(v.prompt.learners) == 2
+              if cfg.shots_of(v) == cfg.shots
+              and v.kind == "weighted" and len(v.prompt.learners) == 2
               and v.prompt.init == "default" and v.prompt.weight == "prompt"}
     if len(n_rows) > 1:
         ns = sorted(n_rows)
@@ -65,7 +65,7 @@ def plot_study(run: Path, cfg, rows: list[dict], summary: dict) -> None:
     plt.close(fig)
 
     # 3. learned fusion weights of full SSPrompt (N = 100 row, else the first weighted row)
-    target = full_ssprompt_variant(cfg)
+    target = cfg.full
     if target is not None:
         _plot_weights(run, plt, [r for r in rows if r["variant"] == target], tasks, target)
 
@@ -184,8 +184,8 @@ def plot_qualitative(run: Path, cfg, sfm, dataset_of, n_images: int = 3) -> list
     from ..predictor import Predictor
     from ..prompts.promptset import load_prompts
 
-    names = [cfg.variants[0].name, full_ssprompt_variant(cfg),
-             next((v.name for v in _at_study_shots(cfg) if v.prompt.mode == "learned_only"),
+    names = [cfg.baseline, cfg.full,
+             next((v.name for v in sorted(cfg.variants, key=lambda v: cfg.shots_of(v) != cfg.shots) if v.kind == "learned_only"),
                   None)]
     variants = [v for n in names if n for v in cfg.variants if v.name == n]
     written = []

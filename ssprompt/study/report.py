@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..evaluation.metrics import METRICS
-from .config import LARGE_LOSS, StudyConfig, full_ssprompt_variant
+from .config import LARGE_LOSS, StudyConfig
 
 
 def _interval_table(cfg: StudyConfig, intervals: dict, pairs: list[dict]) -> list[str]:
@@ -57,7 +57,7 @@ def _weights_by_kind(cfg: StudyConfig, rows: list[dict]) -> list[str]:
     variants that learn it, over the seeds whose trained prompts were kept by selection."""
     out = []
     for v in cfg.variants:
-        if v.prompt.mode != "weighted" or "semantic" not in v.prompt.learners:
+        if v.kind != "weighted" or "semantic" not in v.prompt.learners:
             continue
         cells = []
         for t in cfg.tasks:
@@ -99,23 +99,24 @@ def _n_cells(n: int) -> str:
 
 
 def _worse_table(cfg: StudyConfig, worse: list[dict]) -> list[str]:
-    base = cfg.variants[0].name
-    head = ["", f"## Cells more than {LARGE_LOSS:g} points below `{base}`", ""]
+    head = ["", f"## Cells more than {LARGE_LOSS:g} points below their zero-shot baseline", ""]
     if not worse:
         return head + [f"None: no cell's kept prompts score more than {LARGE_LOSS:g} points "
-                       f"below `{base}` (same task and seed) on mIoU, AP50 or PQ."]
+                       "below its zero-shot baseline (same grid, task and seed) on mIoU, AP50 "
+                       "or PQ."]
     return head + [
         f"{_n_cells(len(worse))}: what a user with this seed's shots would have got instead of "
         "doing nothing. `kept` is the step selection kept (`default`: the defaults).", "",
-        f"| variant | task | seed | kept | this cell vs `{base}` |", "|---|---|---:|---|---|",
+        "| variant | task | seed | kept | this cell vs its baseline |", "|---|---|---:|---|---|",
         *(f"| {w['variant']} | {w['task']} | {w['seed']} | {w['selected']} | "
+          + f"`{w.get('baseline')}`: "
           + ", ".join(f"{m} {a:.1f} vs {b:.1f} ({a - b:+.1f})"
                       for m, (a, b) in w["metrics"].items()) + " |" for w in worse)]
 
 
 def _table(cfg: StudyConfig, stats) -> list[str]:
     """A markdown table, one row a variant; ``stats(variant, task)`` -> {metric: (mean, std)}."""
-    zs = cfg.variants[0].name
+    zs = cfg.baseline
     head = "| variant | params |" + "".join(f" {t} {m} |" for t in cfg.tasks for m in METRICS)
     lines = [head, "|---|---:|" + "---:|" * (len(cfg.tasks) * len(METRICS))]
     best = {(t, m): max((stats(v.name, t)[m][0] for v in cfg.variants
@@ -132,8 +133,9 @@ def _table(cfg: StudyConfig, stats) -> list[str]:
                 s = f"{mean:.1f} ± {std:.1f}"
                 if mean == best[(t, m)]:
                     s = f"**{s}**"
-                if v.name != zs:
-                    s += f" ({mean - stats(zs, t)[m][0]:+.1f})"
+                base = cfg.baseline_of(v.name)
+                if base is not None:
+                    s += f" ({mean - stats(base, t)[m][0]:+.1f})"
                 cells.append(s)
         lines.append(f"| {v.name} | {stats.params(v.name)} | " + " | ".join(cells) + " |")
     return lines
@@ -142,7 +144,7 @@ def _table(cfg: StudyConfig, stats) -> list[str]:
 def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
                      rows: list[dict] | None = None, intervals: dict | None = None,
                      worse: list[dict] | None = None) -> str:
-    zs = cfg.variants[0].name
+    zs = cfg.baseline
     sel = cfg.selection
     rule = (f"Every trained variant uses held-out-shot selection: {sel.holdout:.0%} of the "
             f"{cfg.shots} shots are held out, candidates are scored there every {sel.every} "
@@ -152,7 +154,8 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
              f"{len(cfg.variants)} variants x {len(cfg.tasks)} tasks x {len(cfg.seeds)} seeds "
              f"(seeds {cfg.seeds}), {cfg.shots}-shot, test images per task: "
              f"{cfg.n_test or 'all'}. Mean ± std over seeds, in percent; **bold** = best in "
-             f"the column; (Δ) = difference to `{zs}`."
+             f"the column; (Δ) = difference to the row's zero-shot baseline: the zero-shot "
+             f"row with the same number of spatial prompts N, else `{zs}`."
              + (f" Wall time of this run: {wall_s / 60:.1f} min." if wall_s else ""), "", rule,
              ""]
 
@@ -168,7 +171,7 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
 
     lines += _table(cfg, Stats())
     if intervals is not None:
-        n_base = len(cfg.variants) - 1
+        n_base = sum(1 for v in cfg.variants if cfg.baseline_of(v.name))
         lines += ["", "## Differences with 95% intervals", "",
                   f"Δ = mean over seeds of (row − baseline), in points; [95% interval] from a "
                   f"paired bootstrap ({intervals['n_boot']} resamples, seeded): the test images "
@@ -182,7 +185,7 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
             lines += _interval_table(cfg, intervals, intervals["pairs"][n_base:])
     if intervals is not None and intervals.get("things_vs_stuff"):
 
-        lines += ["", f"## Things vs stuff: `{full_ssprompt_variant(cfg)}`'s IoU gain over "
+        lines += ["", f"## Things vs stuff: `{cfg.full}`'s IoU gain over "
                   f"`{zs}`", "",
                   "Mean per-class IoU gain over the thing classes and over the stuff classes "
                   "(mean over seeds), with 95% bootstrap intervals, and stuff minus things.", "",
@@ -222,7 +225,7 @@ def _per_class_tables(cfg: StudyConfig, rows: list[dict]) -> list[str]:
     """Per task: each class's IoU and PQ for zero-shot and full SSPrompt (mean over seeds) and
     the difference, largest gain first; then the mean difference over things and over stuff."""
 
-    zs, target = cfg.variants[0].name, full_ssprompt_variant(cfg)
+    zs, target = cfg.baseline, cfg.full
     if target is None:
         return []
     out = ["", f"## Per class: `{target}` vs `{zs}`", "",

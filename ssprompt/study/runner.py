@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..io import write_bytes, write_json, write_text
 from .aggregate import aggregate
 from ..evaluation.metrics import METRICS
-from .config import CONFIG_DIR, FIXED_MODES, StudyConfig, Variant, cell_id, load_config
+from .config import CONFIG_DIR, StudyConfig, Variant, cell_id, load_config
 
 
 def run_study(config: str | None, out: str | None, quick: bool = False, force: bool = False,
@@ -138,7 +138,7 @@ def run_groups(ws, cfg: StudyConfig, groups: list[list[tuple[Variant, str, int]]
                           seed=seed, n_test=cfg.n_test, selection=cfg.selection)
                  for _, _, seed in cells]
         with local_only():  # ranks run different cells: no sharding, no gradient all-reduce
-            if variant.prompt.mode in FIXED_MODES:  # nothing learned: one evaluation serves all
+            if variant.fixed:  # nothing learned: one evaluation serves all
                 first = run_cells(ws, specs[:1], per_image=True)[0]
                 outs = [first] + [({**first[0], "spec": sp.as_dict(), "wall_s": 0.0}, first[1],
                                    []) for sp in specs[1:]]
