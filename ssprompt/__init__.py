@@ -15,7 +15,7 @@ __all__ = ["Instances", "LearnedPrompts", "Prediction", "Predictor", "check_prom
 
 _WHERE = {"Predictor": "predictor", "load_sfm": "sfm", "load_prompts": "prompts.promptset",
           "check_prompts": "prompts.promptset", "LearnedPrompts": "prompts.promptset",
-          "Prediction": "postprocess", "Instances": "postprocess"}
+          "Prediction": "evaluation.postprocess", "Instances": "evaluation.postprocess"}
 
 
 def __getattr__(name: str):

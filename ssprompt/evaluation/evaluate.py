@@ -21,7 +21,7 @@ from ..sfm.features import FeatureCache
 from .metrics import SegmentationEvaluator
 from .postprocess import MASK2FORMER_OBJECT_THRESHOLD, postprocess, with_background
 
-EVAL_BATCH = 50  # images per decoder pass (the CLI's --eval-batch)
+EVAL_BATCH = 50  # samples (image x prompt set) per decoder pass (the CLI's --eval-batch)
 
 
 @torch.no_grad()
@@ -30,8 +30,8 @@ def evaluate(sfm: PromptableSFM, spatial: Tensor, semantic: Tensor | None, datas
              indices: list[int] | None = None, evaluator: SegmentationEvaluator | None = None,
              object_mask_threshold: float | None = None) -> dict:
     """Metrics (percent) of ``sfm`` prompted with ``spatial`` / ``semantic`` on ``dataset``.
-    ``indices`` restricts to a shard of the dataset (distributed evaluation); ``batch`` images
-    go through the decoder at once; ``object_mask_threshold`` overrides the SFM's own panoptic
+    ``indices`` restricts to a shard of the dataset (distributed evaluation); ``batch`` samples
+    (images x prompt sets) go through the decoder at once; ``object_mask_threshold`` overrides the SFM's own panoptic
     cut (``sfm.object_mask_threshold``, else Mask2Former's 0.8)."""
     return evaluate_many(sfm, [(spatial, semantic)], dataset, cache, batch, indices,
                          None if evaluator is None else [evaluator], object_mask_threshold)[0]
@@ -46,8 +46,10 @@ def evaluate_many(sfm: PromptableSFM, prompt_list: list[tuple[Tensor, Tensor | N
                   per_image: bool = False) -> list[dict]:
     """``evaluate`` for several prompt sets (spatial (N, D), semantic (C, D) or None; the same
     N and C, all with or all without semantic prompts), decoded together: every batch of
-    ``batch`` images goes through the decoder once, repeated for each prompt set on the batch
-    dimension (so a pass holds ``batch x len(prompt_list)`` samples). One metrics dict per
+    ``batch // len(prompt_list)`` images (at least 1) goes through the decoder once, repeated for
+    each prompt set on the batch dimension, so a pass holds about ``batch`` samples whatever the
+    number of sets (passes of ~50-80 samples are the fastest on a CPU; the decoder's outputs do
+    not depend on the pass size, so neither do the metrics). One metrics dict per
     prompt set, in order; each equals ``evaluate`` of that set alone (a test checks it).
     ``per_image``: each dict also holds "per_image", the statistics of a paired bootstrap over
     the images (``ssprompt.evaluation.records.PerImage``)."""
@@ -64,8 +66,9 @@ def evaluate_many(sfm: PromptableSFM, prompt_list: list[tuple[Tensor, Tensor | N
     evs = evaluators or [SegmentationEvaluator(names, is_thing, sync=rank_world()[1] > 1,
                                                per_image=per_image) for _ in prompt_list]
     indices = list(range(len(dataset))) if indices is None else indices
-    for s in range(0, len(indices), batch):
-        scenes = [dataset[i] for i in indices[s:s + batch]]
+    per_pass = max(1, batch // len(prompt_list))
+    for s in range(0, len(indices), per_pass):
+        scenes = [dataset[i] for i in indices[s:s + per_pass]]
         if agnostic:
             scenes = [object_vs_background(sc) for sc in scenes]
         sizes = [tuple(sc.semantic.shape) for sc in scenes]

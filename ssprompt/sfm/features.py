@@ -30,7 +30,11 @@ def image_key(image: np.ndarray) -> str:
 
 
 class FeatureCache:
-    def __init__(self, directory: str | Path | None = None, batch: int = 32,
+    """``batch``: images per encoder pass. 1 (the default) makes an image's features
+    independent of which images were requested with it: the encoder's float results depend on
+    its batch size, and so would every number downstream (measured: trained cells moved)."""
+
+    def __init__(self, directory: str | Path | None = None, batch: int = 1,
                  max_bytes: int | None = DEFAULT_MAX_BYTES):
         self.dir = Path(directory) if directory else None
         self.mem = LRUCache(max_bytes)

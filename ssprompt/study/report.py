@@ -176,7 +176,7 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
                   f"Δ = mean over seeds of (row − baseline), in points; [95% interval] from a "
                   f"paired bootstrap ({intervals['n_boot']} resamples, seeded): the test images "
                   "and the seeds are both resampled with replacement, the same draw for both "
-                  "rows (`ssprompt/bootstrap.py`). * = the interval excludes 0; without it, "
+                  "rows (`ssprompt/evaluation/bootstrap.py`). * = the interval excludes 0; without it, "
                   "the difference is not detectable with these test images and seeds. "
                   f"Bootstrap time: {intervals['seconds']:.0f} s.", ""]
         lines += _interval_table(cfg, intervals, intervals["pairs"][:n_base])
