@@ -25,7 +25,7 @@ def _table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(out)
 
 
-def _add_sfm_args(s: argparse.ArgumentParser) -> None:
+def _add_sfm_args(s: argparse.ArgumentParser, precision: bool = True) -> None:
     from .sfm import backends_help
 
     s.add_argument("--sfm", default="embedded", help="backend (default: embedded). "
@@ -34,6 +34,9 @@ def _add_sfm_args(s: argparse.ArgumentParser) -> None:
                    help="embedded: weights .safetensors (default: the committed weights); "
                         "sam, sam2, sam3: a local transformers save_pretrained directory")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    if precision:
+        s.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                       help="decoding precision (default fp32 on every device; bf16: autocast)")
     s.add_argument("--cache-dir", default=None,
                    help="keep frozen image features on disk here (keyed by SFM weights + image)")
     s.add_argument("--eval-batch", type=int, default=50,
@@ -56,7 +59,7 @@ def _workspace(a: argparse.Namespace):
     init_from_env()
     if a.eval_batch <= 0:
         raise UserError(f"--eval-batch {a.eval_batch}: must be a positive integer")
-    sfm = load_sfm(a.sfm, a.checkpoint, a.device)
+    sfm = load_sfm(a.sfm, a.checkpoint, a.device, getattr(a, "precision", "fp32"))
     splits = {role: name for role, name in (("train", getattr(a, "train_split", None)),
                                             ("test", getattr(a, "test_split", None))) if name}
     return Workspace(sfm, FeatureCache(a.cache_dir), eval_batch=a.eval_batch,
@@ -100,7 +103,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
             spatial = default_spatial(ws.sfm, a.n_prompts)
             has_text = ws.sfm.encode_texts(test.class_names[:1]) is not None
             semantic = default_semantic(ws.sfm, test.class_names) if has_text else None
-            meta, name = {}, "zero-shot"
+            meta, name = {"n_prompts": int(spatial.shape[0])}, "zero-shot"
         dev = next(ws.sfm.parameters()).device
         # under torchrun each rank scores its shard; the metrics sync their states across ranks
         metrics = evaluate(ws.sfm, spatial.to(dev),
@@ -277,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", default="shift", help="source | shift | novel | stuff")
     s.add_argument("--data", default=None, help="coco:PATH instead of a named task")
     s.add_argument("--prompts", default=None, help="a prompts.safetensors from `ssprompt train`")
-    s.add_argument("--n-prompts", type=int, default=100)
+    s.add_argument("--n-prompts", type=int, default=None,
+                   help="zero-shot grid points (default: the backend's own)")
     s.add_argument("--n-test", type=int, default=None, help="first N test images (default all)")
     _add_split_args(s)
     s.add_argument("--predictions", default=None,
@@ -295,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default=None, help="coco:PATH: its test split (--test-split)")
     s.add_argument("--prompts", default=None,
                    help="a prompts.safetensors from `ssprompt train` (default: zero-shot)")
-    s.add_argument("--n-prompts", type=int, default=100, help="zero-shot: grid points")
+    s.add_argument("--n-prompts", type=int, default=None,
+                   help="zero-shot: grid points (default: the backend's own)")
     s.add_argument("--n-test", type=int, default=None, help="first N images of the split")
     _add_split_args(s)
     s.add_argument("--out", required=True, help="folder for the prediction files")
@@ -308,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", default="weighted", help="default | average | weighted | "
                    "learned_only | prompt_engineering | vanilla_2d")
     s.add_argument("--learners", default="spatial,semantic")
-    s.add_argument("--n-prompts", type=int, default=100)
+    s.add_argument("--n-prompts", type=int, default=None,
+                   help="spatial prompts (default: the backend's own)")
     s.add_argument("--init", default=None, help="random | default: how z_learned starts "
                    "(default: random for learned_only, a copy of z_default otherwise)")
     s.add_argument("--weight", default="prompt", help="prompt | dim (fusion weight shape)")
@@ -354,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per process (default: torch's own count / --workers). "
                         "Cells are identical for any --workers at the same --threads; another "
                         "thread count moves them within the seed spread")
-    _add_sfm_args(s)
+    _add_sfm_args(s, precision=False)
     s.set_defaults(fn=_cmd_study)
 
     return p

@@ -72,3 +72,92 @@ def to_batch(images: list[np.ndarray], size: int, device="cpu") -> Tensor:
     """uint8 (H, W, 3) images of any sizes -> letterboxed float (B, 3, size, size) in [0, 1]."""
     arr = np.stack([letterbox_image(im, size) for im in images]).astype(np.float32) / 255.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).to(device)
+
+
+# ------------------------------------------------------------------- per-backend geometry
+# How a backend's own processor maps an image to its input frame and its masks back. The
+# embedded SFM letterboxes (above); the transformers backends follow their processors.
+class Letterbox:
+    """Longest side resized to ``size``, zero (black) padding at bottom / right, before
+    normalisation; masks back by ``unletterbox``. The embedded SFM's geometry."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def labels(self, labels: np.ndarray, fill: int = 0) -> np.ndarray:
+        return letterbox_labels(labels, self.size, fill)
+
+    def unmap(self, mask_logits: Tensor, hw: tuple[int, int]) -> Tensor:
+        return unletterbox(mask_logits, self.size, hw)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.size})"
+
+
+class PadLongest(Letterbox):
+    """SAM v1's ``SamProcessor``: the longest side resized to ``size`` (its rounding,
+    ``int(x + 0.5)``), padded to ``size`` x ``size`` AFTER normalisation (zeros in the model's
+    input); ``post_process_masks``: bilinear to the padded square, crop of the image's part,
+    bilinear to (H, W)."""
+
+    def shape(self, h: int, w: int) -> tuple[int, int]:
+        scale = self.size * 1.0 / max(h, w)
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+
+    def labels(self, labels: np.ndarray, fill: int = 0) -> np.ndarray:
+        h, w = labels.shape
+        if (h, w) == (self.size, self.size):
+            return labels
+        nh, nw = self.shape(h, w)
+        out = np.full((self.size, self.size), fill, labels.dtype)
+        out[:nh, :nw] = np.asarray(Image.fromarray(labels.astype(np.int32))
+                                   .resize((nw, nh), Image.NEAREST)).astype(labels.dtype)
+        return out
+
+    def unmap(self, mask_logits: Tensor, hw: tuple[int, int]) -> Tensor:
+        lead, s = mask_logits.shape[:-2], self.size
+        x = mask_logits.reshape(1, -1, *mask_logits.shape[-2:])
+        nh, nw = self.shape(*hw)
+        x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)[..., :nh, :nw]
+        x = F.interpolate(x, size=tuple(hw), mode="bilinear", align_corners=False)
+        return x.reshape(*lead, *hw)
+
+
+class Stretch(Letterbox):
+    """SAM 2's / SAM 3's image processors: the image resized to ``size`` x ``size`` whatever
+    its aspect ratio (no padding); ``post_process_masks`` / ``post_process_*_segmentation``
+    resize the masks straight to (H, W). ``probabilities``: SAM 3's post-processing resizes the
+    sigmoid probabilities, not the logits; the result is returned as logits of them (clamped to
+    [1e-6, 1 - 1e-6]) so that ``logit > 0`` is exactly its ``probability > 0.5``."""
+
+    def __init__(self, size: int, probabilities: bool = False):
+        super().__init__(size)
+        self.probabilities = probabilities
+
+    def labels(self, labels: np.ndarray, fill: int = 0) -> np.ndarray:
+        if labels.shape == (self.size, self.size):
+            return labels
+        return np.asarray(Image.fromarray(labels.astype(np.int32))
+                          .resize((self.size, self.size), Image.NEAREST)).astype(labels.dtype)
+
+    def unmap(self, mask_logits: Tensor, hw: tuple[int, int]) -> Tensor:
+        lead = mask_logits.shape[:-2]
+        x = mask_logits.reshape(1, -1, *mask_logits.shape[-2:])
+        if self.probabilities:
+            x = x.sigmoid()
+        if tuple(x.shape[-2:]) != tuple(hw):
+            x = F.interpolate(x, size=tuple(hw), mode="bilinear", align_corners=False)
+        if self.probabilities:
+            x = torch.logit(x, eps=1e-6)
+        return x.reshape(*lead, *hw)
+
+
+def geometry_of(sfm_or_size) -> Letterbox:
+    """A backend's geometry (its ``geometry`` attribute), else the letterbox at its (or the
+    given) ``image_size``."""
+    if isinstance(sfm_or_size, Letterbox):
+        return sfm_or_size
+    if isinstance(sfm_or_size, int):
+        return Letterbox(sfm_or_size)
+    geo = getattr(sfm_or_size, "geometry", None)
+    return geo if geo is not None else Letterbox(sfm_or_size.image_size)

@@ -11,8 +11,8 @@
     predictor.class_names
 
 In the spirit of Segment Anything's ``SamPredictor``: ``set_image`` runs the image encoder once,
-``predict()`` decodes it; every output is at the image's own size (the SFM sees it letterboxed:
-``ssprompt.geometry``; predictions are mapped back by ``ssprompt.evaluation.postprocess``).
+``predict()`` decodes it; every output is at the image's own size (the SFM sees it as its own
+processor prepares it: ``ssprompt.geometry``; predictions are mapped back by ``ssprompt.evaluation.postprocess``).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from .evaluation.postprocess import (
     postprocess,
     with_background,
 )
-from .geometry import to_batch
+from .geometry import geometry_of
 from .prompts.promptset import LearnedPrompts, check_prompts, load_prompts
-from .sfm.base import Features, PromptableSFM, autocast, sfm_device
+from .sfm.base import Features, PromptableSFM, encode_images, sfm_device
 from .sfm.features import FeatureCache
 
 
@@ -46,12 +46,13 @@ class Predictor:
     every class a thing). An SFM without a text encoder (SAM) predicts class-agnostically:
     classes ``object`` (thing) and ``background`` (stuff).
 
+    ``n_prompts``: zero-shot grid size (default: the backend's own, ``sfm.default_n_prompts``).
     ``cache``: a ``FeatureCache`` to reuse image features across calls (``ssprompt predict``
     uses the evaluation's, so files score exactly as ``ssprompt eval``)."""
 
     def __init__(self, sfm: PromptableSFM, prompts: LearnedPrompts | str | Path | None = None,
                  class_names: list[str] | None = None, is_thing: list[bool] | None = None,
-                 n_prompts: int = 100, object_mask_threshold: float | None = None,
+                 n_prompts: int | None = None, object_mask_threshold: float | None = None,
                  cache: FeatureCache | None = None, batch: int = 50):
         self.sfm, self.cache, self.batch = sfm, cache, batch
         self.device = sfm_device(sfm)
@@ -127,13 +128,12 @@ class Predictor:
     def _features(self, images: list[np.ndarray]) -> Features:
         if self.cache is not None:
             return self.cache.get(self.sfm, images)
-        return self.sfm.encode_image(to_batch(images, self.sfm.image_size, self.device))
+        return encode_images(self.sfm, images, self.device)
 
     @torch.no_grad()
     def _decode(self, feats: Features, sizes: list[tuple[int, int]]) -> list[Prediction]:
-        with autocast(self.device):
-            out = self.sfm.decode(feats, self.spatial, self.semantic)
-        preds = postprocess(out, sizes, self.sfm.image_size,
+        out = self.sfm.decode(feats, self.spatial, self.semantic)  # under its own precision
+        preds = postprocess(out, sizes, geometry_of(self.sfm),
                             [True] if self.agnostic else self.is_thing,
                             self.object_mask_threshold)
         return [with_background(p) for p in preds] if self.agnostic else preds

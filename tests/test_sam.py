@@ -203,3 +203,51 @@ def test_weights_hash_is_stable_and_tracks_the_weights(ckpt, sam, tmp_path):
     assert load_sam(ckpt).weights_hash() == h
     other = load_sam(save_tiny(tmp_path / "sam_b", seed=1))
     assert isinstance(other, SamSFM) and other.weights_hash() != h
+
+
+@pytest.mark.parametrize("shape", ["tall", "wide", "square"])
+def test_parity_with_sam_processor_model_and_post_process_masks(sam, ref_model, shape):
+    """Default prompts (SAM's 32 x 32 grid): ssprompt's masks and scores equal
+    ``SamImageProcessor -> SamModel -> post_process_masks`` on non-square images."""
+    from transformers import SamImageProcessor
+
+    import conformance
+
+    image = conformance.images()[shape]
+    assert sam.default_n_prompts == 1024
+    masks, scores, _ = conformance.ours(sam, image)
+    proc = SamImageProcessor(size={"longest_edge": SIZE}, pad_size={"height": SIZE, "width": SIZE})
+    inputs = proc(images=[image], return_tensors="pt")
+    from ssprompt.prompts.layout import grid_layout
+    pts = grid_layout(1024) * SIZE       # the processor's coordinate rescaling, done
+    with torch.no_grad():
+        out = ref_model(pixel_values=inputs["pixel_values"], input_points=pts.view(1, -1, 1, 2),
+                        multimask_output=False)
+    ref = proc.post_process_masks(out.pred_masks, inputs["original_sizes"],
+                                  inputs["reshaped_input_sizes"])[0][:, 0]
+    conformance.compare("sam", shape, masks, scores, ref, out.iou_scores[0, :, 0])
+
+
+def test_precision_is_fp32_by_default_and_bf16_on_request(ckpt, images):
+    """Decoding runs in fp32 on every device unless bf16 is asked for (``load_sfm(precision=)``,
+    the CLI's --precision); a bad value is a one-line UserError."""
+    import contextlib
+
+    from ssprompt.sfm import load_sfm
+    from ssprompt.sfm.base import autocast
+
+    assert isinstance(autocast(torch.device("cuda")), contextlib.nullcontext)
+    fp32 = load_sfm("sam", str(ckpt), device="cpu")
+    bf16 = load_sfm("sam", str(ckpt), device="cpu", precision="bf16")
+    assert fp32.precision == "fp32" and bf16.precision == "bf16"
+    feats = fp32.encode_image(images)
+    pts = torch.rand(4, 2, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a = fp32.decode(feats, fp32.encode_points(pts), None)
+        b = bf16.decode(feats, bf16.encode_points(pts), None)
+    assert a.mask_logits.dtype == torch.float32
+    assert not torch.equal(a.mask_logits, b.mask_logits.float())      # bf16 really ran
+    torch.testing.assert_close(a.mask_logits, b.mask_logits.float(), atol=0.1, rtol=0.05)
+    with pytest.raises(UserError) as e:
+        load_sfm("sam", str(ckpt), device="cpu", precision="fp16")
+    assert "\n" not in str(e.value)

@@ -183,3 +183,28 @@ def test_registry_lists_every_backend_in_the_cli_help():
             assert f"{name}: {backend.description}" in text
     with pytest.raises(UserError, match="unknown backend; choose one of embedded, sam, sam2"):
         load_sfm("sam4", None, device="cpu")
+
+
+@pytest.mark.parametrize("shape", ["tall", "wide", "square"])
+def test_parity_with_sam2_processor_model_and_post_process_masks(sam2, ref_model, shape):
+    """Default prompts (SAM's 32 x 32 grid): ssprompt's masks and scores equal
+    ``Sam2ImageProcessor -> Sam2Model -> post_process_masks``, and its preprocessing equals the
+    processor's bit for bit."""
+    import conformance
+
+    conformance.torchvision_or_skip()
+    from transformers import Sam2ImageProcessor
+
+    from ssprompt.prompts.layout import grid_layout
+
+    image = conformance.images()[shape]
+    proc = Sam2ImageProcessor(size={"height": SIZE, "width": SIZE})
+    inputs = proc(images=[image], return_tensors="pt")
+    assert torch.equal(sam2.processor([image]), inputs["pixel_values"])
+    masks, scores, _ = conformance.ours(sam2, image)
+    pts = grid_layout(sam2.default_n_prompts) * SIZE
+    with torch.no_grad():
+        out = ref_model(pixel_values=inputs["pixel_values"], input_points=pts.view(1, -1, 1, 2),
+                        multimask_output=False)
+    ref = proc.post_process_masks(out.pred_masks, inputs["original_sizes"])[0][:, 0]
+    conformance.compare("sam2", shape, masks, scores, ref, out.iou_scores[0, :, 0])

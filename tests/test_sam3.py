@@ -361,3 +361,54 @@ def test_cli_full_ssprompt_train_and_eval_on_coco_panoptic(ckpt, tmp_path):
         assert isinstance(m[k], float) and math.isfinite(m[k]) and 0.0 <= m[k] <= 100.0
     assert m["n_test"] == 2
     assert m["sfm"] == json.loads((out / "config.json").read_text())["sfm"]
+
+
+@pytest.mark.parametrize("shape", ["tall", "wide", "square"])
+def test_parity_with_sam3_processor_model_and_post_process(sam3, ref_model, shape):
+    """Default prompts (all of SAM 3's own queries) and one class name: ssprompt's per-query
+    masks and scores equal ``Sam3ImageProcessor -> Sam3Model -> post_process_instance_
+    segmentation`` (every query kept), and its preprocessing equals the processor's."""
+    import conformance
+
+    conformance.torchvision_or_skip()
+    from transformers import Sam3ImageProcessor
+
+    image = conformance.images()[shape]
+    proc = Sam3ImageProcessor(size={"height": SIZE, "width": SIZE})
+    inputs = proc(images=[image], return_tensors="pt")
+    assert torch.equal(sam3.processor([image]), inputs["pixel_values"])
+    assert sam3.default_n_prompts == Q
+    masks, scores, spatial = conformance.ours(sam3, image, sam3.encode_texts(["cat"]))
+    # default_spatial gives SAM 3's queries in grid order: the same queries, permuted
+    order = [int((sam3.queries() == row).all(1).nonzero()[0]) for row in spatial]
+    assert sorted(order) == list(range(Q))
+    tok = tiny_tokenizer()(["cat"], padding="max_length", max_length=T, return_tensors="pt")
+    with torch.no_grad():
+        out = ref_model(pixel_values=inputs["pixel_values"], input_ids=tok.input_ids,
+                        attention_mask=tok.attention_mask)
+    ref = proc.post_process_instance_segmentation(out, threshold=-1.0, mask_threshold=0.5,
+                                                  target_sizes=[image.shape[:2]])[0]
+    conformance.compare("sam3", shape, masks, scores, ref["masks"][order], ref["scores"][order])
+
+
+def test_zero_shot_defaults_to_sam3s_own_number_of_queries(sam3, ckpt, tmp_path):
+    """Without --n-prompts, `ssprompt eval` and the Predictor use the model's num_queries (Q = 50
+    in the tiny config, neither the old default 100 nor the released 200); a PromptConfig
+    without n_prompts takes it too."""
+    from cli_helpers import ssprompt
+    from ssprompt.data.coco import export_coco
+    from ssprompt.data.scenes import SceneSplit
+    from ssprompt.predictor import Predictor
+
+    assert sam3.default_n_prompts == Q == sam3.model.config.detr_decoder_config.num_queries
+    root = tmp_path / "coco"
+    export_coco(SceneSplit("novel", "test", n=2), root, "test")
+    r = ssprompt("eval", "--sfm", "sam3", "--checkpoint", ckpt, "--device", "cpu",
+                 "--data", f"coco:{root}", "--out", tmp_path / "eval")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["prompt_meta"]["n_prompts"] == Q
+    assert Predictor(sam3, class_names=NAMES).spatial.shape[0] == Q
+    cfg = PromptConfig(mode="default")
+    PromptSet(sam3, NAMES, cfg)
+    assert cfg.n_prompts == Q

@@ -87,13 +87,14 @@ class Scene:
     instance: np.ndarray       # int32 (H, W): segment id, 0 = void
     segments: list[dict] = field(default_factory=list)  # {"id", "category", "isthing", "area"}
 
-    def targets(self, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def targets(self, size=None) -> tuple[np.ndarray, np.ndarray]:
         """(labels int64 [S], masks bool [S, H, W]) in segment order; with ``size``, in the
-        SFM's letterboxed ``size`` x ``size`` input frame (segments too small to survive the
-        resize are left out)."""
-        from ..geometry import letterbox_labels
+        SFM's input frame (segments too small to survive the resize are left out): an int is
+        the letterboxed ``size`` x ``size`` frame, a backend geometry
+        (``geometry.geometry_of(sfm)``) that backend's own frame."""
+        from ..geometry import geometry_of
 
-        instance = self.instance if size is None else letterbox_labels(self.instance, size)
+        instance = self.instance if size is None else geometry_of(size).labels(self.instance)
         segs = self.segments
         if instance is not self.instance:
             present = set(np.unique(instance).tolist())

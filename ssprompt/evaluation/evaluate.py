@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..data.views import AGNOSTIC_IS_THING, AGNOSTIC_NAMES, object_vs_background
 from ..distributed import rank_world
+from ..geometry import geometry_of
 from ..sfm.base import Features, Outputs, PromptableSFM, autocast
 from ..sfm.features import FeatureCache
 from .metrics import SegmentationEvaluator
@@ -74,7 +75,7 @@ def evaluate_many(sfm: PromptableSFM, prompt_list: list[tuple[Tensor, Tensor | N
         sizes = [tuple(sc.semantic.shape) for sc in scenes]
         feats = cache.get(sfm, [sc.image for sc in scenes])
         for ev, out in zip(evs, _decode_sets(sfm, feats, prompt_list)):
-            preds = postprocess(out, sizes, sfm.image_size, [True] if agnostic else is_thing,
+            preds = postprocess(out, sizes, geometry_of(sfm), [True] if agnostic else is_thing,
                                 threshold)
             if agnostic:
                 preds = [with_background(p) for p in preds]

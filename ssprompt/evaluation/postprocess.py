@@ -2,7 +2,8 @@
 each image's own size (Mask2Former's inference rules).
 
 One stage that evaluation, prediction and the study all call. It maps the mask logits of the
-SFM's letterboxed square input back to every image's (H, W) (``geometry.unletterbox``), computes
+SFM's square input back to every image's (H, W) (the backend's geometry: ``geometry.unletterbox``
+for the embedded SFM, its processor's post-processing for the others), computes
 the mask and class probabilities once (``Probabilities``), and derives the three tasks from them
 with tensor ops over all queries and classes at once (no loop over queries). Metrics
 (``ssprompt.evaluation.metrics``) only compare its ``Prediction`` objects with the ground truth.
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..geometry import unletterbox
+from ..geometry import geometry_of
 
 MASK2FORMER_OBJECT_THRESHOLD = 0.8  # Mask2Former's panoptic class-confidence cut (COCO)
 OVERLAP_THRESHOLD = 0.8   # Mask2Former: a query keeps its segment if it won >= 80% of its mask
@@ -73,10 +74,12 @@ class Probabilities:
 
 # ---------------------------------------------------------------------------------- the stage
 @torch.no_grad()
-def postprocess(outputs, sizes: list[tuple[int, int]], image_size: int, is_thing: list[bool],
+def postprocess(outputs, sizes: list[tuple[int, int]], image_size, is_thing: list[bool],
                 object_mask_threshold: float = MASK2FORMER_OBJECT_THRESHOLD) -> list[Prediction]:
-    """Predictions of an ``Outputs`` batch (mask logits (B, N, h, w) over the SFM's
-    ``image_size`` square input, class logits (B, N, C + 1)), one per image, at ``sizes[i]``.
+    """Predictions of an ``Outputs`` batch (mask logits (B, N, h, w) over the SFM's square
+    input, class logits (B, N, C + 1)), one per image, at ``sizes[i]``. ``image_size``: the
+    backend's geometry (``geometry.geometry_of(sfm)``: how its processor maps masks back to the
+    image), or an int, the letterbox at that size (the embedded SFM's).
     ``object_mask_threshold``: panoptic inference keeps a query whose top class probability
     exceeds it.
 
@@ -88,9 +91,10 @@ def postprocess(outputs, sizes: list[tuple[int, int]], image_size: int, is_thing
     classes = outputs.class_logits.detach().float().softmax(-1)
     if len(sizes) != masks.shape[0]:
         raise ValueError(f"{len(sizes)} sizes for a batch of {masks.shape[0]} images")
+    geometry = geometry_of(image_size)
     preds = []
     for m, c, hw in zip(masks, classes, sizes):
-        p = Probabilities.of(unletterbox(m.float(), image_size, tuple(hw)), c)
+        p = Probabilities.of(geometry.unmap(m.float(), tuple(hw)), c)
         preds.append(Prediction(semantic_inference(p), instance_inference(p, is_thing),
                                 *panoptic_inference(p, is_thing, object_mask_threshold)))
     return preds

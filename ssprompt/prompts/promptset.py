@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..sfm.base import PromptableSFM
+from ..sfm.base import PromptableSFM, default_n_prompts
 from .fusion import MODES, FusedPrompt
 from .semantic import SemPrompt, default_semantic, engineered_semantic
 from .spatial import SpaPrompt, Vanilla2DPrompt, default_spatial
@@ -31,7 +31,7 @@ LEARNERS = ("spatial", "semantic")
 class PromptConfig:
     mode: str = "weighted"
     learners: tuple[str, ...] = LEARNERS
-    n_prompts: int = 100
+    n_prompts: int | None = None   # None: the backend's own (base.default_n_prompts)
     init: str | None = None   # None: "random" for learned_only, "default" otherwise
     weight: str = "prompt"
     weight_init: float = 0.5  # the learned fusion weight's start (``weighted``)
@@ -54,7 +54,8 @@ class PromptConfig:
         bad = [x for x in self.learners if x not in LEARNERS]
         if bad or not self.learners:
             raise UserError(f"--learners {','.join(self.learners)}: choose from spatial,semantic")
-        if not isinstance(self.n_prompts, int) or self.n_prompts <= 0:
+        if self.n_prompts is not None and (not isinstance(self.n_prompts, int)
+                                           or self.n_prompts <= 0):
             raise UserError(f"--n-prompts {self.n_prompts}: must be a positive integer")
 
 
@@ -64,6 +65,8 @@ class PromptSet(nn.Module):
     def __init__(self, sfm: PromptableSFM, class_names: list[str] | None, cfg: PromptConfig,
                  generator: torch.Generator | None = None, is_thing: list[bool] | None = None):
         super().__init__()
+        if cfg.n_prompts is None:   # the backend's own number, recorded in the config
+            cfg.n_prompts = default_n_prompts(sfm)
         self.cfg = cfg
         # what the prompts file records about the vocabulary (see save_prompts)
         self.class_names = None if class_names is None else list(class_names)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..sfm.base import PromptableSFM, sfm_device
+from ..sfm.base import PromptableSFM, default_n_prompts, sfm_device
 from .fusion import FusedPrompt
 from .layout import grid_layout
 
 
-def default_spatial(sfm: PromptableSFM, n: int) -> Tensor:
-    """The frozen prompt encoder's embeddings (N, D) of the default N-point layout."""
+def default_spatial(sfm: PromptableSFM, n: int | None = None) -> Tensor:
+    """The frozen prompt encoder's embeddings (N, D) of the default N-point layout; ``n=None``:
+    the backend's own number of prompts (``base.default_n_prompts``)."""
+    n = default_n_prompts(sfm) if n is None else n
     with torch.no_grad():
         return sfm.encode_points(grid_layout(n).to(sfm_device(sfm))).float()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from .base import Features, Outputs, PromptableSFM, freeze
+from .base import PRECISIONS, Features, Outputs, PromptableSFM, freeze
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def load_sfm(name: str = "embedded", checkpoint: str | None = None,
-             device: str = "auto") -> PromptableSFM:
+             device: str = "auto", precision: str = "fp32") -> PromptableSFM:
     """A frozen SFM backend by its ``REGISTRY`` name; ``checkpoint`` is what that backend
-    loads (a weights file for embedded, a local transformers directory for the others)."""
+    loads (a weights file for embedded, a local transformers directory for the others).
+    ``precision``: "fp32" (default, every device) or "bf16" (bfloat16 autocast while the
+    transformers backends decode)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     backend = REGISTRY.get(name)
     if backend is None:
         raise UserError(f"--sfm {name}: unknown backend; choose one of {', '.join(BACKENDS)}")
@@ -64,7 +68,9 @@ def load_sfm(name: str = "embedded", checkpoint: str | None = None,
     dev = resolve_device(device)
     module, fn = backend.loader.split(":")
     loader = getattr(importlib.import_module(f"{__name__}.{module}"), fn)
-    return loader(checkpoint, dev)
+    sfm = loader(checkpoint, dev)
+    sfm.precision = precision
+    return sfm
 
 
 __all__ = ["BACKENDS", "REGISTRY", "Backend", "Features", "Outputs", "PromptableSFM",

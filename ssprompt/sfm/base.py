@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 
 @dataclass
 class Features:
@@ -69,13 +71,41 @@ def sfm_device(sfm) -> torch.device:
         return torch.device("cpu")
 
 
-def autocast(device: torch.device):
-    """bf16 mixed precision on CUDA; plain fp32 elsewhere."""
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """Decoding precision: plain fp32 by default on every device; ``"bf16"``: bfloat16 autocast
+    (CUDA or CPU). A backend decodes under its own ``precision`` (``load_sfm(precision=...)``),
+    so callers that pass only the device get fp32 here and the backend's choice inside."""
     import contextlib
 
-    if torch.device(device).type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def encode_images(sfm, images: list, device=None) -> Features:
+    """Features of uint8 (H, W, 3) images of any sizes, preprocessed as the backend's own
+    processor does (its ``encode_images``); a backend without one (the embedded SFM) gets them
+    letterboxed to its square input (``geometry.to_batch``)."""
+    own = getattr(sfm, "encode_images", None)
+    if own is not None:
+        return own(images)
+    from ..geometry import to_batch
+
+    return sfm.encode_image(to_batch(images, sfm.image_size,
+                                     device if device is not None else sfm_device(sfm)))
+
+
+def default_n_prompts(sfm) -> int:
+    """The backend's own number of spatial prompts (its ``default_n_prompts``; 100 if absent)."""
+    return int(getattr(sfm, "default_n_prompts", DEFAULT_N_PROMPTS))
+
+
+DEFAULT_N_PROMPTS = 100   # the embedded SFM's (and any backend's that names none)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import Features, Outputs, freeze
+from .base import Features, Outputs, autocast, freeze
 from .modeling.image_encoder import ImageEncoder
 from .modeling.mask_decoder import MaskDecoder
 from .modeling.prompt_encoder import PointEncoder
@@ -32,6 +32,9 @@ OBJECT_MASK_THRESHOLD = 0.4
 
 
 class EmbeddedSFM(nn.Module):
+    precision = "fp32"          # decoding precision ("bf16": bfloat16 autocast); load_sfm sets it
+    default_n_prompts = 100     # the default number of spatial prompts (a 10 x 10 grid)
+
     def __init__(self, embed_dim: int = 128, mask_dim: int = 64, layers: int = 3,
                  image_size: int = 96, object_mask_threshold: float = OBJECT_MASK_THRESHOLD):
         super().__init__()
@@ -61,8 +64,9 @@ class EmbeddedSFM(nn.Module):
         deep supervision); prompt learning and inference use the last layer only."""
         t = feats.tensors
         h = w = int(round(t["tokens"].shape[1] ** 0.5))
-        preds = self.decoder(t["tokens"], t["pos"], t["mask_features"], spatial, semantic,
-                             (h, w), aux=aux)
+        with autocast(t["tokens"].device, self.precision):   # fp32 unless "bf16"
+            preds = self.decoder(t["tokens"], t["pos"], t["mask_features"], spatial, semantic,
+                                 (h, w), aux=aux)
         return Outputs(preds[-1][0], preds[-1][1], aux=preds[:-1])
 
     def weights_hash(self) -> str:

@@ -4,7 +4,8 @@ Keyed by (SFM weights hash, image content hash), so features are never reused ac
 Kept in memory up to ``max_bytes`` (least recently used entries are evicted) and, with a
 ``directory``, on disk too (one safetensors file per image): an evicted entry is read back from
 there, always onto the SFM's device. A damaged disk entry is recomputed with a one-line warning.
-Images of any size are letterboxed to the SFM's square input (``ssprompt.geometry``).
+Images of any size are preprocessed as the backend's own processor does (``base.encode_images``;
+the embedded SFM letterboxes them to its square input, ``ssprompt.geometry``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..geometry import to_batch
 from ..io import write_bytes
 from ..lru import LRUCache
-from .base import Features, PromptableSFM, sfm_device
+from .base import Features, PromptableSFM, encode_images, sfm_device
 
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3  # in-memory features; past this, least recently used go
 
@@ -58,8 +58,7 @@ class FeatureCache:
         for s in range(0, len(missing), self.batch):
             idx = missing[s:s + self.batch]
             with torch.no_grad():
-                feats = sfm.encode_image(to_batch([images[i] for i in idx], sfm.image_size,
-                                                  device))
+                feats = encode_images(sfm, [images[i] for i in idx], device)
             self.encoder_calls += len(idx)
             for j, i in enumerate(idx):
                 one = Features({k: v[j:j + 1].detach() for k, v in feats.tensors.items()})

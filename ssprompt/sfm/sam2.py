@@ -1,9 +1,14 @@
 """SAM 2 through Hugging Face transformers' ``Sam2Model``: a frozen, spatial-only SFM backend.
 
 SAM 2 keeps SAM v1's prompt encoder and mask-decoder contract, so everything but two methods is
-``sam_common.PointPromptSFM`` (see ``sam.py`` for the conventions: letterboxed input, one
-positive point per prompt in the padded square frame, class logits ``[logit(clamp(iou)), 0]``).
+``sam_common.PointPromptSFM`` (see ``sam.py`` for the conventions: one positive point per
+prompt in the model's square input frame, class logits ``[logit(clamp(iou)), 0]``).
 What differs:
+
+* preprocessing is ``Sam2ImageProcessor``'s: the image resized to ``image_size`` x
+  ``image_size`` whatever its aspect ratio (no padding; ``sam_common.StretchProcessor``), and
+  masks go back as its ``post_process_masks`` does, resized straight to the image
+  (``geometry.Stretch``); so a point p in [0, 1]^2 is the same fraction of the image itself;
 
 * the image encoder (Hiera + FPN) gives three maps; the two high-resolution ones (already
   projected by the mask decoder's ``conv_s0`` / ``conv_s1``, as ``Sam2Model`` does) are cached
@@ -25,7 +30,10 @@ from torch import Tensor
 
 from .base import freeze
 from .sam_common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     PointPromptSFM,
+    StretchProcessor,
     check_checkpoint_dir,
     from_pretrained,
     pixel_stats,
@@ -59,4 +67,7 @@ def load_sam2(checkpoint: str | Path, device: str | torch.device = "cpu") -> Sam
     path, files = check_checkpoint_dir(checkpoint, "sam2", "SAM 2", HOW_TO_GET)
     model = from_pretrained(Sam2Model, path, "SAM 2", HOW_TO_GET)
     sfm = Sam2SFM(model, weights_file_hash(files), **pixel_stats(path))
+    sfm.processor = StretchProcessor.from_dir(path, sfm.image_size, IMAGENET_MEAN, IMAGENET_STD,
+                                              "SAM 2")
+    sfm.geometry = sfm.processor.geometry
     return freeze(sfm.to(device))

@@ -45,9 +45,12 @@ backend seam (``base.PromptableSFM``) onto them:
   them". Query n's mask is its mask for its best concept (argmax_c p(c, n)), the class that
   Mask2Former-style post-processing gives it. With ``semantic=None`` the one concept "object" is
   used (class logits (B, N, 2)).
-* Images arrive letterboxed to the square input (``geometry.to_batch``), are normalised with the
-  processor's mean/std (0.5 / 0.5 unless ``preprocessor_config.json`` says otherwise), and the
-  three FPN levels SAM 3's detector reads are cached (their position encodings are recomputed).
+* Images are preprocessed as ``Sam3ImageProcessor`` does (``sam_common.StretchProcessor``:
+  resized to ``image_size`` x ``image_size`` whatever their aspect ratio, no padding, normalised
+  with its mean/std, 0.5 / 0.5 unless ``preprocessor_config.json`` says otherwise), and the three
+  FPN levels SAM 3's detector reads are cached (their position encodings are recomputed). Masks
+  go back to the image as its ``post_process_instance_segmentation`` does: the sigmoid
+  probabilities resized straight to the image's size (``geometry.Stretch(probabilities=True)``).
 """
 
 from __future__ import annotations
@@ -61,8 +64,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
+from ..geometry import Stretch
 from .base import Features, Outputs, freeze
 from .sam_common import (
+    StretchProcessor,
     TransformersSFM,
     batched_prompts,
     check_checkpoint_dir,
@@ -119,11 +124,16 @@ class Sam3SFM(TransformersSFM):
 
     # -- the backend seam ------------------------------------------------------------------
     @torch.no_grad()
-    def encode_image(self, images: Tensor) -> Features:
-        """(B, 3, S, S) letterboxed images in [0, 1] -> the FPN levels SAM 3's detector reads,
-        ``fpn0`` (4x) .. ``fpn2`` (1x). Other sizes are letterboxed here (fallback)."""
-        out = self.model.get_vision_features(pixel_values=self._pixels(images))
+    def encode_pixels(self, pixels: Tensor) -> Features:
+        """The processor's pixel values -> the FPN levels SAM 3's detector reads, ``fpn0``
+        (4x) .. ``fpn2`` (1x)."""
+        out = self.model.get_vision_features(pixel_values=pixels)
         return Features({f"fpn{i}": out.fpn_hidden_states[i] for i in range(self.levels)})
+
+    @property
+    def default_n_prompts(self) -> int:
+        """SAM 3's own number of object queries (``detr_decoder_config.num_queries``)."""
+        return self.num_queries
 
     def queries(self) -> Tensor:
         """(Q, D + 4) SAM 3's own object queries: content | reference box before sigmoid."""
@@ -161,7 +171,7 @@ class Sam3SFM(TransformersSFM):
         feats = self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
         return (feats * mask[..., None].to(feats.dtype)).flatten(1).float()
 
-    def decode(self, feats: Features, spatial: Tensor, semantic: Tensor | None) -> Outputs:
+    def _decode(self, feats: Features, spatial: Tensor, semantic: Tensor | None) -> Outputs:
         """Spatial (N, D + 4) or (B, N, D + 4) object queries and semantic (C, T * D) or
         (B, C, T * D) class prompts -> mask logits (B, N, h, w) over the padded square and
         class logits (B, N, C + 1) (see the module docstring)."""
@@ -293,4 +303,7 @@ def load_sam3(checkpoint: str | Path, device: str | torch.device = "cpu") -> Sam
     model = from_pretrained(Sam3Model, path, "SAM 3", HOW_TO_GET)
     sfm = Sam3SFM(model, tokenizer, weights_file_hash(files),
                   **pixel_stats(path, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    sfm.processor = StretchProcessor.from_dir(path, sfm.image_size, (0.5, 0.5, 0.5),
+                                              (0.5, 0.5, 0.5), "SAM 3")
+    sfm.geometry = Stretch(sfm.image_size, probabilities=True)
     return freeze(sfm.to(device))

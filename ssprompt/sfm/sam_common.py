@@ -1,5 +1,6 @@
-"""What the transformers-based backends share: checkpoint directories, weight hashes, pixel
-statistics, the letterbox fallback, chunked decoding, and the SAM v1 / SAM 2 point-prompt glue.
+"""What the transformers-based backends share: checkpoint directories, weight hashes, each
+processor's preprocessing (``StretchProcessor`` for SAM 2 / SAM 3; SAM v1 calls its own
+``SamImageProcessor``), chunked decoding, and the SAM v1 / SAM 2 point-prompt glue.
 
 SAM v1 (``sam.py``) and SAM 2 (``sam2.py``) have the same prompt encoder and the same mask
 decoder contract, so ``PointPromptSFM`` holds all of their seam code; each of them only says how
@@ -13,18 +14,20 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from ..geometry import letterbox_shape
-from .base import Features, Outputs
+from ..geometry import Stretch, letterbox_shape
+from .base import Features, Outputs, autocast
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IOU_EPS = 1e-4      # a predicted IoU is clamped to [eps, 1 - eps] before its logit
+SAM_GRID = 32       # SAM's automatic mask generator: points_per_side
 PROMPT_CHUNK = 64   # SAM decoders copy the image embedding per prompt: decode this many at once
 
 
@@ -54,6 +57,56 @@ def pixel_stats(directory: Path, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
     except (OSError, ValueError, TypeError, AttributeError):
         pass
     return {"pixel_mean": tuple(mean), "pixel_std": tuple(std)}
+
+
+def preprocessor_config(directory: Path) -> dict:
+    """The checkpoint's ``preprocessor_config.json`` (its processor's settings), or {}."""
+    try:
+        cfg = json.loads((directory / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+class StretchProcessor:
+    """``Sam2ImageProcessor`` / ``Sam3ImageProcessor`` (transformers' torchvision backend)
+    reproduced with torch alone (torchvision is not a dependency): each uint8 image resized to
+    ``size`` x ``size`` by antialiased bilinear interpolation ON THE uint8 TENSOR (what
+    torchvision's ``resize`` does on CPU), then ``(x - mean / r) / (std / r)`` in float32 with
+    ``r`` the rescale factor (its fused rescale + normalise), no padding. Settings come from the
+    checkpoint's ``preprocessor_config.json`` when it ships one, else the processor's defaults
+    at the model's input size. The tests check it against the processor itself, bit for bit."""
+
+    def __init__(self, size: int, mean, std, rescale_factor: float = 1 / 255):
+        self.size = int(size)
+        self.mean = torch.tensor(tuple(mean), dtype=torch.float32) * (1.0 / rescale_factor)
+        self.std = torch.tensor(tuple(std), dtype=torch.float32) * (1.0 / rescale_factor)
+        self.geometry = Stretch(self.size)
+
+    @staticmethod
+    def from_dir(directory: Path, size: int, mean, std, what: str) -> "StretchProcessor":
+        cfg = preprocessor_config(directory)
+        want = cfg.get("size") or {"height": size, "width": size}
+        if not isinstance(want, dict) or (want.get("height"), want.get("width")) != (size, size):
+            raise UserError(f"{directory}/preprocessor_config.json: size {want} does not match "
+                            f"the {what} model's {size} x {size} input")
+        if cfg.get("resample", 2) != 2 or cfg.get("do_pad"):
+            raise UserError(f"{directory}/preprocessor_config.json: only the {what} "
+                            "processor's bilinear resize without padding is supported")
+        m, sd = cfg.get("image_mean", mean), cfg.get("image_std", std)
+        return StretchProcessor(size, m, sd, float(cfg.get("rescale_factor", 1 / 255)))
+
+    def __call__(self, images: list) -> Tensor:
+        """uint8 (H, W, 3) images -> normalised float32 pixel values (B, 3, size, size)."""
+        out = []
+        for im in images:
+            x = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].contiguous()
+            if tuple(x.shape[-2:]) != (self.size, self.size):
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                                  align_corners=False, antialias=True)
+            out.append(x)
+        x = torch.cat(out).float()
+        return (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
 
 
 def check_checkpoint_dir(checkpoint, model_type: str | tuple[str, ...], what: str,
@@ -147,11 +200,20 @@ def batched_prompts(spatial: Tensor, b: int, dim: int) -> Tensor:
 
 # -- the backends' common base ---------------------------------------------------------------
 class TransformersSFM(nn.Module):
-    """A frozen transformers model behind the seam: weights hash, pixel statistics, and the
-    letterbox + normalisation every image goes through. Subclasses set ``image_size`` and
-    ``_ref`` (a frozen weight: the device and dtype the model runs in)."""
+    """A frozen transformers model behind the seam: weights hash, pixel statistics, the
+    processor's preprocessing (``processor``: uint8 images -> pixel values) and geometry
+    (``geometry``: how masks go back to the image, as the processor's post-processing), and the
+    decoding ``precision`` ("fp32" default, or "bf16" autocast). Subclasses set ``image_size``,
+    ``_ref`` (a frozen weight: the device and dtype the model runs in) and ``encode_pixels``.
+
+    ``encode_images`` (uint8 images of any size, the processor's preprocessing) is what the
+    feature cache and the predictor call; ``encode_image`` takes [0, 1] tensors (B, 3, S, S)
+    and only normalises them (another size is letterboxed: a fallback for direct callers)."""
 
     image_size: int
+    processor = None
+    geometry = None
+    precision = "fp32"
 
     def __init__(self, model, weights_hash: str, pixel_mean, pixel_std):
         super().__init__()
@@ -171,6 +233,27 @@ class TransformersSFM(nn.Module):
 
     def weights_hash(self) -> str:
         return self._hash
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Features:
+        """(B, 3, S, S) images in [0, 1] (S = ``image_size``) -> the image encoder's features
+        (normalised with the processor's mean / std; another size is letterboxed here)."""
+        return self.encode_pixels(self._pixels(images))
+
+    @torch.no_grad()
+    def encode_images(self, images: list) -> Features:
+        """uint8 (H, W, 3) images of any sizes, preprocessed exactly as the checkpoint's
+        transformers processor does (``processor``) -> the image encoder's features."""
+        ref = self._ref
+        return self.encode_pixels(self.processor(images).to(device=ref.device, dtype=ref.dtype))
+
+    def encode_pixels(self, pixels: Tensor) -> Features:
+        raise NotImplementedError
+
+    def decode(self, feats: Features, spatial: Tensor, semantic: Tensor | None) -> Outputs:
+        """The backend's ``_decode`` under its ``precision`` (fp32 unless "bf16")."""
+        with autocast(self._ref.device, self.precision):
+            return self._decode(feats, spatial, semantic)
 
 
 # -- SAM v1 / SAM 2 ----------------------------------------------------------------------------
@@ -197,10 +280,15 @@ class PointPromptSFM(TransformersSFM):
         return self.model.prompt_encoder.no_mask_embed.weight
 
     @torch.no_grad()
-    def encode_image(self, images: Tensor) -> Features:
-        """(B, 3, S, S) letterboxed images in [0, 1] (S = ``image_size``, what the feature cache
-        gives) -> the image encoder's features. Other sizes are letterboxed here (fallback)."""
-        return Features(self._embed(self._pixels(images)))
+    def encode_pixels(self, pixels: Tensor) -> Features:
+        """The processor's normalised pixel values -> the image encoder's features."""
+        return Features(self._embed(pixels))
+
+    @property
+    def default_n_prompts(self) -> int:
+        """SAM's own point grid (the automatic mask generator's ``points_per_side`` 32:
+        ``grid_layout(1024)`` is exactly its 32 x 32 grid of cell centres)."""
+        return SAM_GRID ** 2
 
     def encode_points(self, points: Tensor) -> Tensor:
         """(N, 2) [0, 1] (x, y) in the padded square input -> (N, D): the prompt encoder's own
@@ -221,7 +309,7 @@ class PointPromptSFM(TransformersSFM):
         """(D,) the token the prompt encoder appends to point-only prompts (label -1)."""
         return self.model.prompt_encoder.not_a_point_embed.weight[0]
 
-    def decode(self, feats: Features, spatial: Tensor, semantic: Tensor | None) -> Outputs:
+    def _decode(self, feats: Features, spatial: Tensor, semantic: Tensor | None) -> Outputs:
         """Each of the N spatial embeddings, (N, D) or (B, N, D), is the sparse prompt of its
         own prompt; returns low-res mask logits (B, N, h, w) over the padded square and class
         logits (B, N, 2) = [logit(clamp(predicted IoU)), 0]. Prompts are decoded
