@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..distributed import all_reduce_mean_, rank_world
 from ..errors import UserError
+from ..geometry import geometry_of
 from ..prompts.promptset import PromptSet
 from ..sfm.base import Features, PromptableSFM, autocast
 from ..sfm.features import FeatureCache
@@ -60,7 +61,7 @@ class _Run:
         device = next(iter(self.feats.tensors.values())).device
         self.targets = []
         for s in scenes:
-            labels, masks = s.targets(sfm.image_size)  # in the SFM's letterboxed frame
+            labels, masks = s.targets(geometry_of(sfm))  # in the frame the SFM sees
             self.targets.append((torch.from_numpy(labels).to(device),
                                  torch.from_numpy(masks).to(device)))
         self.params = prompts.trainable()
