@@ -150,7 +150,8 @@ def bench_study(quick_only: bool) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7; skip studies")
-    ap.add_argument("--only", choices=["train_batching", "study_floor", "study_workers"],
+    ap.add_argument("--only", choices=["train_batching", "study_floor", "study_workers",
+                                       "study_group"],
                     help="measure this one part and update it in bench/results.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -162,12 +163,15 @@ def main(argv: list[str] | None = None) -> None:
             res[a.only] = bench_study_floor(rate)
         elif a.only == "study_workers":   # ~10 min: three runs of a 4-group slice
             res[a.only] = bench_study_workers()
+        elif a.only == "study_group":     # one trained group, new (and old) code, ~3 min each
+            from bench.study_group import bench_study_group
+            res[a.only] = bench_study_group()
         else:
             res[a.only] = bench_train_batching(repeats)
         tmp = OUT.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=2))
         tmp.replace(OUT)
-        print(render(res))
+        print(json.dumps(res[a.only], indent=2) if a.only == "study_group" else render(res))
         return
     res: dict = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                              "threads": torch.get_num_threads(),
