@@ -255,7 +255,7 @@ def read_predictions(folder: str | Path) -> tuple[dict, list[Prediction]]:
         inst = Instances(torch.from_numpy(masks.astype(bool)),
                          torch.tensor([cat_index[r["category_id"]] for r in rs],
                                       dtype=torch.long),
-                         torch.tensor([r["score"] for r in rs], dtype=torch.float32))
+                         torch.tensor([r["score"] for r in rs], dtype=torch.float64))
         segments = [{"id": s["id"], "category": cat_index[s["category_id"]],
                      "isthing": bool(s["isthing"]), "score": s["score"], "area": s["area"]}
                     for s in segs.get(im["id"], [])]
