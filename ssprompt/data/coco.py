@@ -14,7 +14,8 @@ With instances, a scene's ``semantic`` / ``instance`` maps are a flattened, pano
 annotations (overlaps painted larger objects first, so an instance other instances cover
 entirely is not in the maps): mIoU and PQ score against that view. AP50 scores against the
 annotations themselves, kept in ``Scene.annotations`` (every annotation's own mask, crowd flags
-kept), so it equals pycocotools' ``COCOeval(iouType="segm")`` on the user's JSON.
+kept), so it equals pycocotools' ``COCOeval(iouType="segm")`` on the user's JSON. With
+panoptic annotations (non-overlapping by definition) all three metrics use the PNG's segments.
 """
 
 from __future__ import annotations
