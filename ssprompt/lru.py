@@ -17,6 +17,8 @@ def nbytes(obj: Any) -> int:
         return obj.element_size() * obj.numel()
     if isinstance(obj, np.ndarray):
         return obj.nbytes
+    if isinstance(obj, (bytes, bytearray)):  # e.g. the RLE masks of Scene.annotations
+        return len(obj)
     if isinstance(obj, dict):
         return sum(nbytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):

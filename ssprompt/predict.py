@@ -211,7 +211,9 @@ def overlay(image: np.ndarray, pred: Prediction, class_names: list[str],
 # ------------------------------------------------------------------------------ reading
 def read_predictions(folder: str | Path) -> tuple[dict, list[Prediction]]:
     """The manifest and one ``Prediction`` per image, in the manifest's order, rebuilt from
-    the files (semantic PNG, RLE instance results, panoptic PNG + segments_info)."""
+    the files (semantic PNG, RLE instance results, panoptic PNG + segments_info). An empty
+    results list (``[]``) is an image set without detections. A panoptic PNG id (other than
+    0, void) without a ``segments_info`` entry is an error, as in panopticapi."""
     from pycocotools import mask as mask_util
 
     folder = Path(folder)
@@ -226,6 +228,8 @@ def read_predictions(folder: str | Path) -> tuple[dict, list[Prediction]]:
         except (OSError, ValueError) as e:
             raise fail(p, f"unreadable ({' '.join(str(e).split())[:120]})") from None
     manifest, results, pan = docs
+    if not isinstance(results, list):
+        raise fail(paths[1], "not a COCO results file (top level is not a list)")
     cat_index = {c["id"]: i for i, c in enumerate(manifest["categories"])}
     by_image: dict[int, list[dict]] = {}
     for r in results:
@@ -235,7 +239,14 @@ def read_predictions(folder: str | Path) -> tuple[dict, list[Prediction]]:
     for im in manifest["images"]:
         h, w, name = im["height"], im["width"], im["file_name"]
         sem = _read_png(folder / "semantic" / name, (h, w))
-        pmap = rgb2id(_read_png(folder / "panoptic" / name, (h, w)))
+        pan_png = folder / "panoptic" / name
+        pmap = rgb2id(_read_png(pan_png, (h, w)))
+        listed = {int(s["id"]) for s in segs.get(im["id"], [])}
+        unknown = sorted(set(np.unique(pmap).tolist()) - listed - {0})
+        if unknown:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise fail(pan_png, f"segment id {unknown[0]}{more} has no segments_info entry in "
+                                f"{paths[2].name} for image_id {im['id']}")
         rs = by_image.get(im["id"], [])
         if rs:
             masks = mask_util.decode([r["segmentation"] for r in rs]).transpose(2, 0, 1)
@@ -244,7 +255,7 @@ def read_predictions(folder: str | Path) -> tuple[dict, list[Prediction]]:
         inst = Instances(torch.from_numpy(masks.astype(bool)),
                          torch.tensor([cat_index[r["category_id"]] for r in rs],
                                       dtype=torch.long),
-                         torch.tensor([r["score"] for r in rs], dtype=torch.float32))
+                         torch.tensor([r["score"] for r in rs], dtype=torch.float64))
         segments = [{"id": s["id"], "category": cat_index[s["category_id"]],
                      "isthing": bool(s["isthing"]), "score": s["score"], "area": s["area"]}
                     for s in segs.get(im["id"], [])]

@@ -3,6 +3,8 @@ and one-line errors that name the offending file."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -267,3 +269,202 @@ def test_error_unknown_panoptic_segment(exported, tmp_path):
 def test_error_empty_coco_spec():
     with pytest.raises(UserError, match="coco:"):
         open_dataset("coco:", "test")
+
+
+# ------------------------------------------ AP50 against the user's own instance annotations
+def _rect(hw: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+    m = np.zeros(hw, bool)
+    m[rows[0]:rows[1], cols[0]:cols[1]] = True
+    return m
+
+
+def _rle(mask: np.ndarray) -> dict:
+    from pycocotools import mask as mask_util
+
+    r = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(mask.shape), "counts": r["counts"].decode("ascii")}
+
+
+# two images; image 1 holds a box (polygon) mostly covered by a ring inside it (the flattened
+# map keeps < half of the box), a box hidden entirely by two smaller rings painted over it, and
+# a crowd region; image 2 a box and a ring nobody predicts
+_HW1, _HW2 = (32, 32), (20, 28)
+_GT = [  # (id, image, category id, iscrowd, segmentation)
+    (1, 1, 7, 0, [[0, 0, 16, 0, 16, 16, 0, 16]]),
+    (2, 1, 9, 0, _rle(_rect(_HW1, (2, 14), (2, 14)))),
+    (3, 1, 7, 0, _rle(_rect(_HW1, (20, 24), (20, 26)))),
+    (4, 1, 9, 0, _rle(_rect(_HW1, (20, 24), (18, 22)))),
+    (5, 1, 9, 0, _rle(_rect(_HW1, (20, 24), (22, 26)))),
+    (6, 1, 7, 1, _uncompressed_rle(_rect(_HW1, (26, 32), (0, 12)))),
+    (7, 2, 7, 0, [[3, 2, 15, 2, 15, 10, 3, 10]]),
+    (8, 2, 9, 0, _rle(_rect(_HW2, (10, 18), (16, 26)))),
+]
+
+
+def _overlapping_coco(root: Path) -> Path:
+    """The case above as a COCO instances folder (split "val"); returns the JSON's path."""
+    from pycocotools import mask as mask_util
+
+    images = [{"id": 1, "file_name": "a.png", "height": _HW1[0], "width": _HW1[1]},
+              {"id": 2, "file_name": "b.png", "height": _HW2[0], "width": _HW2[1]}]
+    anns = []
+    for aid, img, cat, crowd, seg in _GT:
+        h, w = _HW1 if img == 1 else _HW2
+        rle = mask_util.merge(mask_util.frPyObjects(seg, h, w)) if isinstance(seg, list) \
+            else mask_util.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+        anns.append({"id": aid, "image_id": img, "category_id": cat, "iscrowd": crowd,
+                     "segmentation": seg, "area": float(mask_util.area(rle)),
+                     "bbox": [float(v) for v in mask_util.toBbox(rle)]})
+    path = _tiny(root, anns, images=images)
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({"info": {"description": "overlaps"}, **doc}))
+    return path
+
+
+def _gt_mask(path: Path, aid: int) -> np.ndarray:
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(path))
+    return coco.annToMask(coco.anns[aid]).astype(bool)
+
+
+def _good_detections(path: Path) -> list[list[tuple[np.ndarray, int, float]]]:
+    """Per image: (mask, class index, score). Every real instance found (the ring over the
+    box and the hidden box too; one ring shifted by a pixel), one detection on the crowd, a
+    confident false positive per image, and image 2's ring missed."""
+    m = {aid: _gt_mask(path, aid) for aid, *_ in _GT}
+    return [[(m[1], 0, 0.9), (m[2], 1, 0.8), (m[3], 0, 0.7), (m[4], 1, 0.6),
+             (np.roll(m[5], 1, 1), 1, 0.95), (_rect(_HW1, (26, 32), (0, 6)), 0, 0.85),
+             (_rect(_HW1, (26, 32), (20, 32)), 0, 0.99)],
+            [(m[7], 0, 0.5), (m[7], 1, 0.88)]]
+
+
+def _bad_detections(path: Path) -> list[list[tuple[np.ndarray, int, float]]]:
+    """The good detections with their classes swapped and their masks moved 7 pixels."""
+    return [[(np.roll(mk, (7, 7), (0, 1)), 1 - c, s) for mk, c, s in dets]
+            for dets in _good_detections(path)]
+
+
+class _HandMade:
+    """Stands in for ``ssprompt.predictor.Predictor``: hands out the given detections (one list
+    per image, in order) as ``Prediction`` objects, panoptic maps painted lowest score first."""
+
+    agnostic, batch, object_mask_threshold = False, 4, None
+
+    def __init__(self, class_names, is_thing, detections) -> None:
+        self.class_names, self.is_thing, self.left = class_names, is_thing, list(detections)
+
+    def predict_batch(self, pixels):
+        import torch
+
+        from ssprompt.evaluation.postprocess import Instances, Prediction
+
+        out = []
+        for image in pixels:
+            dets, self.left = self.left[0], self.left[1:]
+            hw = image.shape[:2]
+            masks = torch.as_tensor(np.stack([d[0] for d in dets])) if dets else \
+                torch.zeros(0, *hw, dtype=torch.bool)
+            pan = np.zeros(hw, np.int64)
+            for k in sorted(range(len(dets)), key=lambda k: dets[k][2]):
+                pan[dets[k][0]] = k + 1
+            segments = [{"id": k + 1, "category": c, "isthing": True, "score": s,
+                         "area": int((pan == k + 1).sum())}
+                        for k, (_, c, s) in enumerate(dets) if (pan == k + 1).any()]
+            out.append(Prediction(torch.as_tensor(np.where(pan > 0, 0, 1)),
+                                  Instances(masks, torch.tensor([d[1] for d in dets],
+                                                                dtype=torch.long),
+                                            torch.tensor([d[2] for d in dets],
+                                                         dtype=torch.float64)),
+                                  torch.as_tensor(pan), segments))
+        return out
+
+
+def write_hand_predictions(root: Path, out: Path, detections) -> Path:
+    """``ssprompt predict``'s files for the COCO split ``root``/val, from hand-made detections,
+    written by ssprompt's own writer."""
+    from ssprompt.predict import dataset_items, write_predictions
+
+    ds = CocoDataset(root, "val")
+    items, cat_ids = dataset_items(ds)
+    write_predictions(out, _HandMade(ds.class_names, ds.is_thing, detections), items, cat_ids,
+                      {"sfm": "hand-made", "prompts": None}, progress=False)
+    return out
+
+
+def pycocotools_ap50(gt_json: Path, results_json: Path) -> float:
+    """pycocotools' AP50 as ``COCOeval.summarize()`` reports it (``stats[1]``: IoU 0.5, area
+    all, 100 detections), on the original ground-truth JSON and a results JSON file."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_json))
+        ev = COCOeval(gt, gt.loadRes(str(results_json)), iouType="segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[1])
+
+
+def _ap50(folder: Path, root: Path, flatten: bool = False) -> float:
+    """ssprompt's unrounded AP50 (a fraction) of a prediction folder on COCO split root/val;
+    ``flatten``: against the flattened maps instead (what AP50 scored before)."""
+    import dataclasses
+
+    from ssprompt.evaluation.metrics import InstanceAP50
+    from ssprompt.predict import read_predictions
+
+    ds = CocoDataset(root, "val")
+    _, preds = read_predictions(folder)
+    m = InstanceAP50(len(ds.class_names))
+    for i, p in enumerate(preds):
+        scene = ds[i]
+        m.update(p.instances, dataclasses.replace(scene, annotations=None) if flatten else scene)
+    return m.compute()["AP50"] / 100
+
+
+def test_overlapping_instances_fixture_is_what_it_claims(tmp_path):
+    """The flattened maps lose the hidden box and most of the covered box; the annotations
+    keep every mask as the file has it, crowd flag included."""
+    from pycocotools import mask as mask_util
+
+    path = _overlapping_coco(tmp_path)
+    s = CocoDataset(tmp_path, "val")[0]
+    box = _gt_mask(path, 1)
+    flat_box = [g for g in s.segments if g["category"] == 0 and g["area"] > 100]
+    assert len(flat_box) == 1 and flat_box[0]["area"] < box.sum() / 2
+    assert not (s.instance[_gt_mask(path, 3)] == 0).any()        # covered, yet ...
+    assert len([g for g in s.segments if not g["iscrowd"]]) == 4  # ... one instance gone
+    assert len(s.annotations) == 6
+    for a, (aid, _, cat, crowd, _) in zip(s.annotations, _GT[:6], strict=True):
+        mask = mask_util.decode({"size": list(_HW1), "counts": a["counts"]}).astype(bool)
+        assert np.array_equal(mask, _gt_mask(path, aid))
+        assert a["category"] == (0 if cat == 7 else 1) and a["iscrowd"] == crowd
+
+
+def test_ap50_equals_pycocotools_on_the_original_json(tmp_path):
+    """AP50 of ssprompt's own prediction files on a COCO instances split with overlapping,
+    fully hidden and crowd instances equals pycocotools' COCOeval on the user's JSON and the
+    written results JSON; the CLI reports it (2 decimals); bad predictions score low."""
+    from cli_helpers import ssprompt
+
+    path = _overlapping_coco(tmp_path / "coco")
+    root = tmp_path / "coco"
+    good = write_hand_predictions(root, tmp_path / "good", _good_detections(path))
+    bad = write_hand_predictions(root, tmp_path / "bad", _bad_detections(path))
+    ref_good = pycocotools_ap50(path, good / "instances_results.json")
+    ref_bad = pycocotools_ap50(path, bad / "instances_results.json")
+    assert 0.4 < ref_good < 0.95 and ref_bad < 0.1
+    assert abs(_ap50(good, root) - ref_good) <= 1e-9
+    assert abs(_ap50(bad, root) - ref_bad) <= 1e-9
+    # the flattened ground truth (the hidden box gone, the covered one shrunk) scores otherwise
+    assert _ap50(good, root, flatten=True) < ref_good - 0.1
+
+    r = ssprompt("eval", "--data", f"coco:{root}", "--test-split", "val", "--predictions",
+                 good, "--out", tmp_path / "m", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["AP50"] == round(100 * ref_good, 2)
+    assert metrics["mIoU"] is not None and metrics["PQ"] is not None

@@ -11,6 +11,8 @@ import torch
 from cli_helpers import assert_one_line_error, ssprompt
 from PIL import Image
 
+from ssprompt.errors import UserError
+
 N_TEST = 8
 
 
@@ -225,3 +227,60 @@ def test_predict_class_agnostic_with_a_tiny_sam(tmp_path):
                   for d in ("mem", "files"))
     assert all(files[k] == mem[k] for k in ("mIoU", "AP50", "PQ", "per_class"))
     assert files["sfm"] == mem["sfm"] == manifest["sfm"]   # the SAM's, not the embedded one
+
+
+def test_empty_results_file_scores_as_no_detections(tmp_path):
+    """``instances_results.json`` = ``[]`` (pycocotools' ``loadRes([])`` fails on it) reads
+    back as images without detections: AP50 0 where there is ground truth, mIoU / PQ as
+    before; pycocotools given an empty result set agrees."""
+    from test_coco import _good_detections, _overlapping_coco, write_hand_predictions
+
+    from ssprompt.data.coco import CocoDataset
+    from ssprompt.evaluation.metrics import InstanceAP50, coco_ap50
+    from ssprompt.predict import read_predictions, score_predictions
+
+    root = tmp_path / "coco"
+    path = _overlapping_coco(root)
+    folder = write_hand_predictions(root, tmp_path / "pred", _good_detections(path))
+    ds = CocoDataset(root, "val")
+    before, _ = score_predictions(folder, ds)
+    assert before["AP50"] > 40
+    (folder / "instances_results.json").write_text("[]\n")
+    _, preds = read_predictions(folder)
+    assert [len(p.instances) for p in preds] == [0, 0]
+    after, _ = score_predictions(folder, ds)
+    assert after["AP50"] == 0.0
+    assert (after["mIoU"], after["PQ"]) == (before["mIoU"], before["PQ"])
+    m = InstanceAP50(len(ds.class_names))
+    for i, p in enumerate(preds):
+        m.update(p.instances, ds[i])
+    images, gts, dts = m._coco()
+    assert dts == [] and coco_ap50(images, gts, dts, 2, library="pycocotools")[0] == 0.0
+    (folder / "instances_results.json").write_text("{}\n")
+    with pytest.raises(UserError, match="instances_results.json: not a COCO results file"):
+        read_predictions(folder)
+
+
+def test_panoptic_id_without_segments_info_is_an_error(tmp_path):
+    """A panoptic PNG segment id that ``segments_info`` does not list stops reading (as in
+    panopticapi), in one line naming the PNG and the id; eval says the same."""
+    from test_coco import _good_detections, _overlapping_coco, write_hand_predictions
+
+    from ssprompt.data.coco import id2rgb, rgb2id
+    from ssprompt.predict import read_predictions
+
+    root = tmp_path / "coco"
+    path = _overlapping_coco(root)
+    folder = write_hand_predictions(root, tmp_path / "pred", _good_detections(path))
+    read_predictions(folder)  # as written: fine
+    png = folder / "panoptic" / "b.png"
+    ids = rgb2id(np.asarray(Image.open(png)))
+    ids[-2:, :2] = 4321
+    Image.fromarray(id2rgb(ids)).save(png)
+    with pytest.raises(UserError) as e:
+        read_predictions(folder)
+    msg = str(e.value)
+    assert "\n" not in msg and str(png) in msg and "4321" in msg and "segments_info" in msg
+    r = ssprompt("eval", "--data", f"coco:{root}", "--test-split", "val", "--predictions",
+                 folder, "--device", "cpu")
+    assert_one_line_error(r, "b.png", "4321")

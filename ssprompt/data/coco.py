@@ -9,6 +9,13 @@ Layout (what a user with real COCO points at)::
 
 ``CocoDataset`` prefers the panoptic annotations when present (they label stuff too); with
 instances only, pixels no instance covers are void.
+
+With instances, a scene's ``semantic`` / ``instance`` maps are a flattened, panoptic view of the
+annotations (overlaps painted larger objects first, so an instance other instances cover
+entirely is not in the maps): mIoU and PQ score against that view. AP50 scores against the
+annotations themselves, kept in ``Scene.annotations`` (every annotation's own mask, crowd flags
+kept), so it equals pycocotools' ``COCOeval(iouType="segm")`` on the user's JSON. With
+panoptic annotations (non-overlapping by definition) all three metrics use the PNG's segments.
 """
 
 from __future__ import annotations
@@ -132,9 +139,11 @@ def _load_image(path: Path) -> np.ndarray:
         raise fail(path, f"cannot decode image ({_one_line(e)})") from None
 
 
-def _finish(image: np.ndarray, instance: np.ndarray, segments: list[dict]) -> Scene:
+def _finish(image: np.ndarray, instance: np.ndarray, segments: list[dict],
+            annotations: list[dict] | None = None) -> Scene:
     """At the image's own size: recompute areas, drop segments no pixel shows, renumber ids
-    1..S and derive the semantic map (int32, VOID where no segment is) from the instance map."""
+    1..S and derive the semantic map (int32, VOID where no segment is) from the instance map.
+    ``annotations`` (``Scene.annotations``) are kept as given."""
     counts = np.bincount(instance.ravel(), minlength=max([s["id"] for s in segments], default=0) + 1)
     remap = np.zeros(len(counts), np.int32)
     lut = np.full(len(counts), VOID, np.int32)
@@ -148,7 +157,7 @@ def _finish(image: np.ndarray, instance: np.ndarray, segments: list[dict]) -> Sc
         lut[s["id"]] = s["category"]
         kept.append(new)
     return Scene(np.ascontiguousarray(image, dtype=np.uint8), lut[instance],
-                 remap[instance].astype(np.int32), kept)
+                 remap[instance].astype(np.int32), kept, annotations)
 
 
 def _check_polygons(where: Path, ann: dict) -> None:
@@ -249,9 +258,8 @@ class CocoDataset:
         anns = self.anns[int(info["id"])]
         if self.kind == "panoptic":
             instance, segments = self._panoptic(info, anns, image.shape[:2])
-        else:
-            instance, segments = self._instances(info, anns, image.shape[:2])
-        return _finish(image, instance, segments)
+            return _finish(image, instance, segments)
+        return _finish(image, *self._instances(info, anns, image.shape[:2]))
 
     def _panoptic(self, info: dict, anns: list[dict], hw: tuple[int, int]):
         if not anns:  # an image without a panoptic annotation: all void
@@ -277,7 +285,15 @@ class CocoDataset:
         return instance, segments
 
     def _instances(self, info: dict, anns: list[dict], hw: tuple[int, int]):
+        """The flattened maps (larger masks painted first) and, for AP50, every annotation of
+        a thing category as it is in the file: its own mask (compressed RLE), crowd flag."""
         masks = [self._ann_mask(info, a, hw) for a in anns]
+        originals = []
+        for a, m in zip(anns, masks):
+            c = self.cat_index[int(a["category_id"])]
+            if self.is_thing[c]:
+                originals.append({"category": c, "iscrowd": int(a.get("iscrowd", 0) or 0),
+                                  "counts": _encode(m)["counts"].encode("ascii")})
         instance = np.zeros(hw, np.int32)
         segments: list[dict] = []
         # larger masks first, so small objects overlapping them stay visible
@@ -288,7 +304,7 @@ class CocoDataset:
             instance[masks[k]] = sid
             segments.append({"id": sid, "category": c, "isthing": self.is_thing[c], "area": 0,
                              "iscrowd": int(a.get("iscrowd", 0))})
-        return instance, segments
+        return instance, segments, originals
 
     def _ann_mask(self, info: dict, ann: dict, hw: tuple[int, int]) -> np.ndarray:
         h, w = hw

@@ -86,6 +86,12 @@ class Scene:
     semantic: np.ndarray       # int32 (H, W): index into the task vocabulary, VOID = void
     instance: np.ndarray       # int32 (H, W): segment id, 0 = void
     segments: list[dict] = field(default_factory=list)  # {"id", "category", "isthing", "area"}
+    # The dataset's own instance annotations, where it has any that the maps above cannot hold
+    # (COCO instances: masks may overlap, and an instance may be hidden by others): one dict
+    # per annotation, {"category", "iscrowd", "counts"} (compressed COCO RLE bytes at the
+    # scene's size). When present, AP50 scores against these instead of the thing segments
+    # of ``instance``; mIoU and PQ always use the flattened maps. None: the maps are exact.
+    annotations: list[dict] | None = None
 
     def targets(self, size=None) -> tuple[np.ndarray, np.ndarray]:
         """(labels int64 [S], masks bool [S, H, W]) in segment order; with ``size``, in the

@@ -13,7 +13,8 @@ AGNOSTIC_NAMES, AGNOSTIC_IS_THING = ["object", "background"], [True, False]
 
 def object_vs_background(scene):
     """Ground truth of the class-agnostic 2-class problem: every thing segment becomes class 0
-    ("object", a thing class; crowd flags kept), all stuff pixels one segment of class 1
+    ("object", a thing class; crowd flags kept; so do ``annotations``, where the scene has them),
+    all stuff pixels one segment of class 1
     ("background", a stuff class); void stays void. Scored by mIoU over both classes, AP50 over
     the object class and PQ over both (PQ_th: objects, PQ_st: background)."""
     s = copy.copy(scene)
@@ -23,6 +24,8 @@ def object_vs_background(scene):
     s.semantic = np.select([thing, stuff], [0, 1], VOID).astype(np.int32)
     s.segments = [dict(seg, category=0) for seg in scene.segments if seg["isthing"]]
     s.instance = np.where(thing, scene.instance, 0).astype(np.int32)
+    if getattr(scene, "annotations", None) is not None:  # AP50's own masks: objects too
+        s.annotations = [dict(a, category=0) for a in scene.annotations]
     if stuff.any():
         bg = int(max(seg["id"] for seg in scene.segments)) + 1
         s.instance[stuff] = bg

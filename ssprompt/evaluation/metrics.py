@@ -10,7 +10,10 @@
   hotcoco, whose precision values equal pycocotools' on the study's detections and on a crowd
   fixture (a test keeps pycocotools as the reference). Masks are kept as the bytes of
   their compressed COCO RLE in tensor states, so torchmetrics gathers them across ranks. With no
-  (non-crowd) ground-truth instance at all AP50 is undefined and reported as ``None``.
+  (non-crowd) ground-truth instance at all AP50 is undefined and reported as ``None``. The
+  ground truth is a scene's ``annotations`` where it has them (COCO instances data: each
+  annotation's own mask, overlaps and fully hidden instances included, so AP50 equals
+  pycocotools on the user's JSON), else the thing segments of its ``instance`` map.
 - ``PanopticQuality``: COCO's PQ exactly as cocodataset/panopticapi ``pq_compute`` defines it:
   a ground-truth and a predicted segment of the same category match when IoU > 0.5, where the
   predicted segment's overlap with void ground truth is taken out of the union; ground-truth
@@ -31,6 +34,9 @@
 
   Where none of these applies (no void, no crowd, one segment per stuff class) both agree; a test
   checks that too. The per-category TP / FP / FN / IoU sums are ``add_state`` sum tensors.
+
+mIoU and PQ always score against a scene's flattened ``semantic`` / ``instance`` maps (on COCO
+instances data a panoptic view of the annotations: overlaps painted larger objects first).
 
 Undefined results (nothing to average over) are ``None``.
 """
@@ -139,8 +145,9 @@ def _rle_counts(masks: np.ndarray) -> list[bytes]:
 
 class InstanceAP50(Metric):
     """COCO mask AP at IoU 0.5 of thing instances. ``update(instances, gt)``: ``instances`` a
-    ``postprocess.Instances`` (or a list of {"mask", "category", "score"}), ``gt`` a Scene (its
-    thing segments, honouring ``iscrowd``)."""
+    ``postprocess.Instances`` (or a list of {"mask", "category", "score"}), ``gt`` a Scene: its
+    ``annotations`` when not None (the dataset's own, possibly overlapping, instance masks),
+    else its thing segments; ``iscrowd`` honoured either way."""
 
     full_state_update = False
     # per image: (height, width, #gt, #dt); per gt: (category, iscrowd, #rle bytes);
@@ -156,9 +163,14 @@ class InstanceAP50(Metric):
     def update(self, instances, gt) -> None:
         if isinstance(instances, list):
             instances = _as_instances(instances, gt.instance.shape)
-        things = [s for s in gt.segments if s["isthing"]]
-        ids = np.array([s["id"] for s in things], dtype=np.int64)
-        gt_rle = _rle_counts(np.asarray(gt.instance)[None] == ids[:, None, None])
+        originals = getattr(gt, "annotations", None)
+        if originals is not None:  # the dataset's own masks (COCO instances: may overlap)
+            things = originals
+            gt_rle = [bytes(a["counts"]) for a in originals]
+        else:                      # the thing segments of the flattened map
+            things = [s for s in gt.segments if s["isthing"]]
+            ids = np.array([s["id"] for s in things], dtype=np.int64)
+            gt_rle = _rle_counts(np.asarray(gt.instance)[None] == ids[:, None, None])
         gt_meta = [v for s, b in zip(things, gt_rle)
                    for v in (int(s["category"]), int(s.get("iscrowd", 0) or 0), len(b))]
         dt_rle = _rle_counts(instances.masks.detach().cpu().numpy())
@@ -277,7 +289,13 @@ def coco_ap50(images: list[dict], gts: list[dict], dts: list[dict], num_classes:
             # "info" too: pycocotools 2.0.10's loadRes copies it and fails without it
             coco_gt.dataset = dataset
             coco_gt.createIndex()
-            ev = COCOeval(coco_gt, coco_gt.loadRes(dts), iouType="segm")
+            if dts:
+                coco_dt = coco_gt.loadRes(dts)
+            else:  # loadRes([]) fails (IndexError): no detections are an empty result set
+                coco_dt = COCO()
+                coco_dt.dataset = {**dataset, "annotations": []}
+                coco_dt.createIndex()
+            ev = COCOeval(coco_gt, coco_dt, iouType="segm")
         else:
             raise ValueError(f"unknown AP library {library!r}")
         ev.params.iouThrs = np.array([0.5])
