@@ -11,6 +11,8 @@ a 2-class problem, {object, background}; see ``object_vs_background`` for the gr
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -53,9 +55,17 @@ def evaluate_many(sfm: PromptableSFM, prompt_list: list[tuple[Tensor, Tensor | N
     not depend on the pass size, so neither do the metrics). One metrics dict per
     prompt set, in order; each equals ``evaluate`` of that set alone (a test checks it).
     ``per_image``: each dict also holds "per_image", the statistics of a paired bootstrap over
-    the images (``ssprompt.evaluation.records.PerImage``)."""
+    the images (``ssprompt.evaluation.records.PerImage``). Identical prompt sets (e.g. the seeds
+    whose selection kept the default embeddings) are decoded and scored once; without
+    ``evaluators`` their results are copies of one evaluation."""
     if not prompt_list:
         return []
+    if evaluators is None:
+        unique, where = _unique_sets(prompt_list)
+        if len(unique) < len(prompt_list):
+            done = evaluate_many(sfm, unique, dataset, cache, batch, indices, None,
+                                 object_mask_threshold, per_image)
+            return [copy.deepcopy(done[i]) for i in where]
     agnostic = prompt_list[0][1] is None
     if any((se is None) != agnostic for _, se in prompt_list):
         raise ValueError("evaluate_many: mix of prompt sets with and without semantic prompts")
@@ -81,6 +91,20 @@ def evaluate_many(sfm: PromptableSFM, prompt_list: list[tuple[Tensor, Tensor | N
                 preds = [with_background(p) for p in preds]
             ev.update(preds, scenes)
     return [ev.compute() for ev in evs]
+
+
+def _unique_sets(prompt_list: list[tuple[Tensor, Tensor | None]]):
+    """(the distinct prompt sets in first-seen order, each input's position among them);
+    sets are the same when their tensors are equal bit for bit."""
+    unique, where, seen = [], [], {}
+    for sp, se in prompt_list:
+        key = (sp.detach().cpu().numpy().tobytes(), tuple(sp.shape),
+               None if se is None else (se.detach().cpu().numpy().tobytes(), tuple(se.shape)))
+        if key not in seen:
+            seen[key] = len(unique)
+            unique.append((sp, se))
+        where.append(seen[key])
+    return unique, where
 
 
 def _decode_sets(sfm: PromptableSFM, feats: Features,
