@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssprompt import bootstrap as bs
+from ssprompt.evaluation import bootstrap as bs
 from ssprompt.data.scenes import VOID, Scene
 from ssprompt.evaluation.metrics import SegmentationEvaluator, coco_ap50
 from ssprompt.evaluation.postprocess import Instances, Prediction
