@@ -1,5 +1,5 @@
-"""A study's aggregates: its cells read back, paired bootstrap intervals, results.csv / .json,
-summary.md and the plots."""
+"""A study's aggregates: its cells read back, 95% intervals (over seeds and image resamples),
+results.csv / .json, summary.md and the plots."""
 
 from __future__ import annotations
 
@@ -29,14 +29,15 @@ def load_cells(run: Path, cfg: StudyConfig) -> list[dict]:
 
 
 def study_intervals(run: Path, cfg: StudyConfig, rows: list[dict]) -> dict | None:
-    """Paired bootstrap intervals (``ssprompt.evaluation.bootstrap``) of every variant's Δ to the first
-    (baseline) variant and of each configured comparison, per task and metric; and each row's
-    own interval. None when a cell has no per-image statistics (a study from an older
-    version)."""
+    """95% intervals (``ssprompt.evaluation.bootstrap``: a t-interval over seeds with the
+    shared image-sampling variance from image resamples) of every row's Δ to its baseline
+    (``cfg.baseline_of``), of each configured comparison, and, for each comparison whose two
+    rows have different baselines, of the gain comparison (a - base(a)) - (b - base(b)); per
+    task and metric; and each row's own interval. None when a cell has no per-image
+    statistics (a study from an older version)."""
     from ..evaluation import bootstrap as bs
 
     t0 = time.time()
-    draws = bs.seed_draws(len(cfg.seeds))
     by_key = {(r["variant"], r["task"], r["seed"]): r for r in rows}
     values: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     memo: dict[bytes, dict[str, np.ndarray]] = {}   # zero-shot's seeds share one evaluation
@@ -59,36 +60,53 @@ def study_intervals(run: Path, cfg: StudyConfig, rows: list[dict]) -> dict | Non
             values[(v.name, t)] = {m: np.stack([d[m] for d in per_seed])
                                    for m in (*METRICS, "class_iou")}
 
-    def observed(name: str, t: str, m: str) -> float:
-        return _mean_std([by_key[(name, t, s)].get(m) for s in cfg.seeds])[0]
+    def observed(name: str, t: str, m: str) -> np.ndarray:
+        """The row's per-seed values (S,) on the test set as it is (NaN where undefined)."""
+        return np.array([np.nan if by_key[(name, t, s)].get(m) is None
+                         else by_key[(name, t, s)][m] for s in cfg.seeds], dtype=float)
 
     pairs = [(v.name, cfg.baseline_of(v.name)) for v in cfg.variants
              if cfg.baseline_of(v.name)] + list(cfg.comparisons)
-    out: dict = {"n_boot": int(draws.shape[0]), "level": bs.LEVEL, "seed": bs.BOOT_SEED,
-                 "pairs": [], "rows": {}}
+    out: dict = {"method": "t over seeds + shared image variance", "n_boot": bs.N_BOOT,
+                 "level": bs.LEVEL, "seed": bs.BOOT_SEED, "n_seeds": len(cfg.seeds),
+                 "pairs": [], "gains": [], "rows": {}}
     for a, b in dict.fromkeys(pairs):
         entry = {"a": a, "b": b, "tasks": {}}
         for t in cfg.tasks:
-            entry["tasks"][t] = {}
-            for m in METRICS:
-                iv = bs.paired_interval(values[(a, t)][m], values[(b, t)][m],
-                                        (observed(a, t, m), observed(b, t, m)), draws)
-                entry["tasks"][t][m] = {"delta": iv.delta, "lo": iv.lo, "hi": iv.hi,
-                                        "excludes_zero": iv.excludes_zero}
+            entry["tasks"][t] = {
+                m: bs.paired_interval(values[(a, t)][m], values[(b, t)][m],
+                                      (observed(a, t, m), observed(b, t, m))).as_dict()
+                for m in METRICS}
         out["pairs"].append(entry)
-    out["things_vs_stuff"] = _things_vs_stuff(cfg, values, rows, draws)
+    for a, b in dict.fromkeys(cfg.comparisons):
+        ba, bb = cfg.baseline_of(a), cfg.baseline_of(b)
+        if ba is None or bb is None or ba == bb:   # same baseline: the pair's Δ is the gain's
+            continue
+        entry = {"a": a, "base_a": ba, "b": b, "base_b": bb, "tasks": {}}
+        for t in cfg.tasks:
+            entry["tasks"][t] = {
+                m: bs.gain_interval(*(values[(x, t)][m] for x in (a, ba, b, bb)),
+                                    tuple(observed(x, t, m) for x in (a, ba, b, bb))).as_dict()
+                for m in METRICS}
+        out["gains"].append(entry)
+    out["things_vs_stuff"] = _things_vs_stuff(cfg, values, rows)
     for v in cfg.variants:
-        out["rows"][v.name] = {t: {m: [observed(v.name, t, m),
-                                       *bs.row_interval(values[(v.name, t)][m], draws)]
-                                   for m in METRICS} for t in cfg.tasks}
+        out["rows"][v.name] = {}
+        for t in cfg.tasks:
+            out["rows"][v.name][t] = {}
+            for m in METRICS:
+                obs = observed(v.name, t, m)
+                mean = float(np.nanmean(obs)) if np.isfinite(obs).any() else float("nan")
+                out["rows"][v.name][t][m] = [mean, *bs.row_interval(values[(v.name, t)][m],
+                                                                    obs)]
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
 
-def _things_vs_stuff(cfg: StudyConfig, values: dict, rows: list[dict], draws) -> dict:
+def _things_vs_stuff(cfg: StudyConfig, values: dict, rows: list[dict]) -> dict:
     """Per task: does full SSPrompt gain more IoU over stuff classes than over thing classes?
     The mean per-class IoU gain over zero-shot over thing classes and over stuff classes, each
-    with its bootstrap interval, and the interval of stuff minus things (classes absent from a
+    with its interval, and the interval of stuff minus things (classes absent from a
     resample's ground truth are left out of its means)."""
     import warnings
 
@@ -104,7 +122,7 @@ def _things_vs_stuff(cfg: StudyConfig, values: dict, rows: list[dict], draws) ->
         if flags.all() or not flags.any():
             continue
 
-        def observed(sel: np.ndarray) -> float:   # on the test set as it is, mean over seeds
+        def observed(sel: np.ndarray) -> np.ndarray:   # per seed, on the test set as it is
             gains = []
             for seed in cfg.seeds:
                 a, b = ([r for r in mine if r["variant"] == v and r["seed"] == seed][0]
@@ -112,7 +130,7 @@ def _things_vs_stuff(cfg: StudyConfig, values: dict, rows: list[dict], draws) ->
                 g = [a[n]["IoU"] - b[n]["IoU"] for n, f in zip(a, sel)
                      if f and a[n]["IoU"] is not None and b[n]["IoU"] is not None]
                 gains.append(np.mean(g) if g else np.nan)
-            return float(np.nanmean(gains))
+            return np.array(gains, dtype=float)
 
         gain = values[(target, t)]["class_iou"] - values[(base, t)]["class_iou"]  # (S, B, C)
         with warnings.catch_warnings():
@@ -120,11 +138,10 @@ def _things_vs_stuff(cfg: StudyConfig, values: dict, rows: list[dict], draws) ->
             things = np.nanmean(gain[..., flags], -1)
             stuff = np.nanmean(gain[..., ~flags], -1)
         th, st = observed(flags), observed(~flags)
-        iv = bs.paired_interval(stuff, things, (st, th), draws)
-        out[t] = {"things": [th, *bs.row_interval(things, draws)],
-                  "stuff": [st, *bs.row_interval(stuff, draws)],
-                  "stuff_minus_things": {"delta": iv.delta, "lo": iv.lo, "hi": iv.hi,
-                                         "excludes_zero": iv.excludes_zero}}
+        iv = bs.paired_interval(stuff, things, (st, th))
+        out[t] = {"things": [float(np.nanmean(th)), *bs.row_interval(things, th)],
+                  "stuff": [float(np.nanmean(st)), *bs.row_interval(stuff, st)],
+                  "stuff_minus_things": iv.as_dict()}
     return out
 
 

@@ -225,8 +225,9 @@ def plot_qualitative(run: Path, cfg, sfm, dataset_of, n_images: int = 3) -> list
 
 def plot_shots(run: Path, cfg, intervals: dict) -> None:
     """A shots sweep (study ``shots: [k, ...]``): each metric against k for every swept
-    variant, mean over seeds with its 95% bootstrap interval (``study_intervals``), and the
-    fixed variants (zero-shot) as flat bands. Written as shots.png; nothing without a sweep."""
+    variant, mean over seeds with its 95% interval (``study_intervals``: over seeds and
+    test-image resamples, centred on the observed mean), and the fixed variants (zero-shot)
+    as flat bands. Written as shots.png; nothing without a sweep."""
     swept: dict[str, list] = {}
     for v in cfg.variants:
         if v.base != v.name:
@@ -262,7 +263,7 @@ def plot_shots(run: Path, cfg, intervals: dict) -> None:
             if j == 0:
                 ax.set_ylabel("percent")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Metric vs number of shots (mean over seeds, 95% bootstrap interval)")
+    fig.suptitle("Metric vs number of shots (mean over seeds, 95% interval over seeds and images)")
     fig.tight_layout()
     fig.savefig(run / "shots.png", dpi=100)
     plt.close(fig)

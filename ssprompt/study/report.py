@@ -25,6 +25,28 @@ def _interval_table(cfg: StudyConfig, intervals: dict, pairs: list[dict]) -> lis
     return lines
 
 
+def _method_note(intervals: dict) -> str:
+    """What the intervals are, and their simulated coverage at the study's seed count."""
+    from ..evaluation import bootstrap as bs
+
+    s = intervals.get("n_seeds")
+    note = ("a t-interval over the seeds' paired differences (each on all test images; "
+            "Welch–Satterthwaite degrees of freedom), its variance s²/S plus the image-sampling "
+            "variance all seeds share (estimated from "
+            f"{intervals['n_boot']} seeded resamples of the test images, the same for every "
+            "row and seed), centred on Δ (`ssprompt/evaluation/bootstrap.py`).")
+    if s == 1:
+        return note + (" With one seed, only the test images' sampling is in the interval: "
+                       "it says nothing about other seeds.")
+    known = sorted(bs.SIMULATED_COVERAGE)
+    at = min(known, key=lambda k: abs(k - (s or 0)))
+    cov = " / ".join(f"{c:.2f}" for c in bs.SIMULATED_COVERAGE[at])
+    sds = " / ".join(str(x) for x in bs.SIMULATED_SEED_SD)
+    where = f"at this study's {s} seeds" if at == s else f"at {at} seeds (this study has {s})"
+    return note + (f" Simulated coverage {where}: {cov} at a seed SD of the Δ of {sds} points "
+                   "(200 images, known Δ, 1000 replications; `tests/test_bootstrap.py`).")
+
+
 def _moved_table(cfg: StudyConfig, rows: list[dict]) -> list[str]:
     """How far training moved the fused embeddings z from the defaults (last step, before
     selection; mean over seeds): the quantity a step-size confound changes."""
@@ -173,22 +195,28 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
     if intervals is not None:
         n_base = sum(1 for v in cfg.variants if cfg.baseline_of(v.name))
         lines += ["", "## Differences with 95% intervals", "",
-                  f"Δ = mean over seeds of (row − baseline), in points; [95% interval] from a "
-                  f"paired bootstrap ({intervals['n_boot']} resamples, seeded): the test images "
-                  "and the seeds are both resampled with replacement, the same draw for both "
-                  "rows (`ssprompt/evaluation/bootstrap.py`). * = the interval excludes 0; without it, "
-                  "the difference is not detectable with these test images and seeds. "
-                  f"Bootstrap time: {intervals['seconds']:.0f} s.", ""]
+                  "Δ = mean over seeds of (row − baseline), in points. [95% interval]: "
+                  + _method_note(intervals)
+                  + " * = the interval excludes 0; without it, the difference is not "
+                  "detectable with these test images and seeds. "
+                  f"Interval time: {intervals['seconds']:.0f} s.", ""]
         lines += _interval_table(cfg, intervals, intervals["pairs"][:n_base])
         if intervals["pairs"][n_base:]:
             lines += ["", "### Comparisons (controls)", ""]
             lines += _interval_table(cfg, intervals, intervals["pairs"][n_base:])
+        if intervals.get("gains"):
+            lines += ["", "### Gain comparisons", "",
+                      "(a − base(a)) − (b − base(b)): does `a` gain more over its own "
+                      "zero-shot baseline than `b` over its own? Per seed, then as above.", ""]
+            lines += _interval_table(cfg, intervals, [
+                {**e, "a": f"({e['a']} − {e['base_a']})", "b": f"({e['b']} − {e['base_b']})"}
+                for e in intervals["gains"]])
     if intervals is not None and intervals.get("things_vs_stuff"):
 
         lines += ["", f"## Things vs stuff: `{cfg.full}`'s IoU gain over "
                   f"`{zs}`", "",
                   "Mean per-class IoU gain over the thing classes and over the stuff classes "
-                  "(mean over seeds), with 95% bootstrap intervals, and stuff minus things.", "",
+                  "(mean over seeds), with 95% intervals as above, and stuff minus things.", "",
                   "| task | things | stuff | stuff − things |", "|---|---:|---:|---:|"]
         for t, d in intervals["things_vs_stuff"].items():
             diff = d["stuff_minus_things"]
