@@ -161,6 +161,9 @@ def test_default_embeddings_come_from_sam3s_own_encoders(sam3, ref_model):
 
 
 def test_decode_with_defaults_matches_sam3_forward(sam3, ref_model, images, feats):
+    """C classes = C SAM 3 forwards, one per class text: pair (c, n) (at c * Q + n) has query
+    n's mask and SAM 3's own score p(c, n) from concept c's forward (class probabilities
+    [0, .., p, .., 0, 1 - p]), and the semantic maps are each forward's semantic head."""
     spatial = sam3.encode_points(grid_layout(Q))
     semantic = sam3.encode_texts(NAMES)
     with torch.no_grad():
@@ -169,23 +172,133 @@ def test_decode_with_defaults_matches_sam3_forward(sam3, ref_model, images, feat
     own = torch.cat([ref_model.detr_decoder.query_embed.weight,
                      ref_model.detr_decoder.reference_points.weight], -1).detach()
     perm = ((spatial[:, None, :] == own[None]).all(-1)).float().argmax(1)  # grid -> model order
-    assert out.mask_logits.shape == (2, Q, 64, 64) and out.class_logits.shape == (2, Q, 4)
-    log_p = torch.stack([torch.nn.functional.logsigmoid(r.pred_logits[:, perm])
-                         + torch.nn.functional.logsigmoid(r.presence_logits) for r in refs], -1)
-    torch.testing.assert_close(out.class_logits[..., :3], log_p, atol=1e-4, rtol=1e-4)
-    best = log_p.argmax(-1)                                     # (B, N) each query's concept
-    masks = torch.stack([r.pred_masks[:, perm] for r in refs], 2)  # (B, N, C, h, w)
-    want = masks.gather(2, best[:, :, None, None, None].expand(-1, -1, 1, 64, 64))[:, :, 0]
-    torch.testing.assert_close(out.mask_logits, want, atol=1e-4, rtol=1e-4)
-    assert len(set(best.flatten().tolist())) > 1                # the argmax really chooses
-    # one concept: the softmax over [concept, no object] is SAM 3's own score exactly
+    c = len(NAMES)
+    assert out.own_scores and out.mask_logits.shape == (2, c * Q, 64, 64)
+    assert out.class_logits.shape == (2, c * Q, c + 1)
+    score = torch.stack([r.pred_logits[:, perm].sigmoid() * r.presence_logits.sigmoid()
+                         for r in refs], 1).flatten(1)                  # (B, C * Q)
+    concept = torch.arange(c).repeat_interleave(Q)
+    want = torch.zeros(2, c * Q, c + 1)
+    want[:, torch.arange(c * Q), concept] = score
+    want[..., -1] = 1 - score
+    torch.testing.assert_close(out.class_logits.softmax(-1), want, atol=1e-5, rtol=1e-4)
+    masks = torch.cat([r.pred_masks[:, perm] for r in refs], 1)
+    torch.testing.assert_close(out.mask_logits, masks, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.semantic_logits, torch.cat([r.semantic_seg for r in refs], 1),
+                               atol=1e-4, rtol=1e-4)
+    # one concept: the pairs are the queries, scored by SAM 3's own score exactly
     with torch.no_grad():
         one = sam3.decode(feats, spatial, semantic[1:2])
-    score = refs[1].pred_logits[:, perm].sigmoid() * refs[1].presence_logits.sigmoid()
-    torch.testing.assert_close(one.class_logits.softmax(-1)[..., 0], score, atol=1e-5,
-                               rtol=1e-4)
+    torch.testing.assert_close(one.class_logits.softmax(-1)[..., 0], score[:, Q:2 * Q],
+                               atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(one.mask_logits, refs[1].pred_masks[:, perm], atol=1e-4,
                                rtol=1e-4)
+
+
+def _post_process_instance_segmentation(out, threshold: float, target_size) -> dict:
+    """``Sam3ImageProcessor.post_process_instance_segmentation`` (transformers
+    models/sam3/image_processing_sam3.py) of one image, replicated without torchvision: score =
+    sigmoid(pred_logits) * sigmoid(presence_logits), kept above ``threshold``; masks = sigmoid,
+    bilinearly resized (align_corners=False) to the target size, > 0.5."""
+    scores = (out.pred_logits.sigmoid() * out.presence_logits.sigmoid())[0]
+    keep = scores > threshold
+    masks = torch.nn.functional.interpolate(out.pred_masks[:, keep].sigmoid(),
+                                            size=target_size, mode="bilinear",
+                                            align_corners=False)[0]
+    return {"scores": scores[keep], "masks": masks > 0.5}
+
+
+def test_replicated_post_processing_is_the_processors(ref_model):
+    """``_post_process_instance_segmentation`` (which the test above uses so that it runs
+    without torchvision) equals ``Sam3ImageProcessor.post_process_instance_segmentation``."""
+    import conformance
+
+    conformance.torchvision_or_skip()
+    from transformers import Sam3ImageProcessor
+
+    image = conformance.images()["wide"]
+    proc = Sam3ImageProcessor(size={"height": SIZE, "width": SIZE})
+    tok = tiny_tokenizer()(["cat"], padding="max_length", max_length=T, return_tensors="pt")
+    with torch.no_grad():
+        out = ref_model(pixel_values=proc(images=[image], return_tensors="pt")["pixel_values"],
+                        input_ids=tok.input_ids, attention_mask=tok.attention_mask)
+    threshold = float((out.pred_logits.sigmoid() * out.presence_logits.sigmoid()).median())
+    want = proc.post_process_instance_segmentation(out, threshold=threshold,
+                                                   target_sizes=[image.shape[:2]])[0]
+    got = _post_process_instance_segmentation(out, threshold, image.shape[:2])
+    assert len(got["scores"]) > 0
+    torch.testing.assert_close(got["scores"], want["scores"])
+    assert torch.equal(got["masks"], want["masks"].bool())
+
+
+def test_zero_shot_instances_and_semantics_are_sam3s_per_class_outputs(sam3, ref_model):
+    """ssprompt's zero-shot SAM 3 with 3 classes on a non-square image (224 x 160): its
+    instances (masks, scores, classes) are those of 3 separate Sam3Model forwards, one per
+    class text, each post-processed as post_process_instance_segmentation does, concatenated;
+    its semantic map is the per-pixel argmax of the 3 forwards' semantic heads."""
+    import conformance
+
+    from ssprompt.evaluation.postprocess import postprocess
+    from ssprompt.geometry import geometry_of
+    from ssprompt.prompts.spatial import default_spatial
+    from ssprompt.sfm.base import encode_images
+
+    image = conformance.images()["tall"]
+    hw = image.shape[:2]
+    # SAM 3's preprocessing (the parity test checks it against Sam3ImageProcessor's)
+    pixels = sam3.processor([image])
+    tok = tiny_tokenizer()(NAMES, padding="max_length", max_length=T, return_tensors="pt")
+    with torch.no_grad():
+        refs = [ref_model(pixel_values=pixels, input_ids=tok.input_ids[c:c + 1],
+                          attention_mask=tok.attention_mask[c:c + 1])
+                for c in range(len(NAMES))]
+    # the tiny random model scores every pair ~0.25: cut in the widest gap near the median so
+    # that about half the pairs are kept and no pair sits on the threshold
+    all_scores = torch.cat([(r.pred_logits.sigmoid() * r.presence_logits.sigmoid())[0]
+                            for r in refs]).sort().values
+    mid = len(all_scores) // 2
+    gaps = all_scores[mid - 10:mid + 10].diff()
+    i = mid - 10 + int(gaps.argmax())
+    threshold = float(all_scores[i:i + 2].mean())
+    assert float(gaps.max()) > 1e-4
+    ref = [_post_process_instance_segmentation(r, threshold, hw) for r in refs]
+    ref_scores = torch.cat([r["scores"] for r in ref])
+    ref_classes = torch.cat([torch.full((len(r["scores"]),), c) for c, r in enumerate(ref)])
+    ref_masks = torch.cat([r["masks"] for r in ref])
+    nonempty = ref_masks.flatten(1).any(1)           # ssprompt drops empty masks
+    order = ref_scores[nonempty].argsort(descending=True)
+    ref_scores, ref_classes = ref_scores[nonempty][order], ref_classes[nonempty][order]
+    ref_masks = ref_masks[nonempty][order]
+
+    with torch.no_grad():
+        out = sam3.decode(encode_images(sam3, [image]), default_spatial(sam3),
+                          sam3.encode_texts(NAMES))
+    pred = postprocess(out, [hw], geometry_of(sam3), [True] * len(NAMES), threshold)[0]
+    inst = pred.instances
+    assert 20 <= len(ref_scores) <= 100 and len(set(ref_classes.tolist())) == len(NAMES)
+    assert torch.equal(inst.categories, ref_classes)
+    row = conformance.compare("sam3 3 classes", "tall", inst.masks, inst.scores, ref_masks,
+                              ref_scores)
+    assert row["n"] == len(ref_scores)
+    # semantic: the class whose own semantic map is most probable, at the image's size
+    probs = torch.cat([torch.nn.functional.interpolate(
+        r.semantic_seg.sigmoid(), size=hw, mode="bilinear", align_corners=False)[0]
+        for r in refs])
+    agree = (pred.semantic == probs.argmax(0)).float().mean()
+    assert agree >= 0.999 and len(pred.semantic.unique()) > 1
+    # panoptic: from the kept pairs only
+    assert all(s["score"] > threshold for s in pred.segments)
+    # pruning (not training) keeps each image's best pairs, in pair order
+    sam3.max_pairs = 20
+    try:
+        with torch.no_grad():
+            few = sam3.decode(encode_images(sam3, [image]), default_spatial(sam3),
+                              sam3.encode_texts(NAMES))
+    finally:
+        sam3.max_pairs = 1000
+    best = out.class_logits[0, :, :-1].max(-1).values.topk(20).indices.sort().values
+    torch.testing.assert_close(few.class_logits[0], out.class_logits[0, best])
+    torch.testing.assert_close(few.mask_logits[0], out.mask_logits[0, best])
 
 
 def test_fewer_queries_match_sam3_with_those_queries(sam3, ref_model, images, feats):
@@ -243,7 +356,7 @@ def test_every_learner_and_fusion_mode_trains(sam3, feats, mode, learners):
     spatial, semantic = ps()
     assert spatial.shape == (25, H + 4) and semantic.shape == (3, T * H)
     out = sam3.decode(feats, spatial, semantic)
-    assert out.mask_logits.shape == (2, 25, 64, 64) and out.class_logits.shape == (2, 25, 4)
+    assert out.mask_logits.shape == (2, 75, 64, 64) and out.class_logits.shape == (2, 75, 4)
     assert torch.isfinite(out.mask_logits).all() and torch.isfinite(out.class_logits).all()
     if mode == "default":
         assert ps.num_trainable() == 0
@@ -260,7 +373,8 @@ def test_every_learner_and_fusion_mode_trains(sam3, feats, mode, learners):
 def test_any_number_of_queries(sam3, feats, n):
     spatial = sam3.encode_points(grid_layout(n)).requires_grad_()
     out = sam3.decode(feats, spatial, sam3.encode_texts(NAMES[:2]))
-    assert out.mask_logits.shape == (2, n, 64, 64) and out.class_logits.shape == (2, n, 3)
+    assert out.mask_logits.shape == (2, 2 * n, 64, 64)          # (class, query) pairs
+    assert out.class_logits.shape == (2, 2 * n, 3)
     assert torch.isfinite(out.mask_logits).all()
     out.mask_logits.mean().backward()
     assert spatial.grad.shape == (n, H + 4) and spatial.grad.abs().sum() > 0

@@ -83,6 +83,11 @@ def postprocess(outputs, sizes: list[tuple[int, int]], image_size, is_thing: lis
     ``object_mask_threshold``: panoptic inference keeps a query whose top class probability
     exceeds it.
 
+    Outputs with ``own_scores`` (SAM 3) keep its rules instead: instances and panoptic segments
+    from the queries whose own score exceeds ``object_mask_threshold`` (``own_score_instances``,
+    ``own_score_panoptic``); outputs with ``semantic_logits`` take semantic segmentation from
+    them (``semantic_of_maps``).
+
     Class probabilities are one softmax over the batch. The per-pixel work runs image by image,
     vectorised over queries and classes: one image's (N, H, W) maps stay in the CPU's cache
     through the three tasks, where a batch's would not (2x faster, measured: bench/eval_speed.py),
@@ -92,11 +97,19 @@ def postprocess(outputs, sizes: list[tuple[int, int]], image_size, is_thing: lis
     if len(sizes) != masks.shape[0]:
         raise ValueError(f"{len(sizes)} sizes for a batch of {masks.shape[0]} images")
     geometry = geometry_of(image_size)
+    maps = outputs.semantic_logits
     preds = []
-    for m, c, hw in zip(masks, classes, sizes):
+    for i, (m, c, hw) in enumerate(zip(masks, classes, sizes)):
         p = Probabilities.of(geometry.unmap(m.float(), tuple(hw)), c)
-        preds.append(Prediction(semantic_inference(p), instance_inference(p, is_thing),
-                                *panoptic_inference(p, is_thing, object_mask_threshold)))
+        semantic = semantic_inference(p) if maps is None else \
+            semantic_of_maps(geometry.unmap(maps[i].detach().float(), tuple(hw)))
+        if outputs.own_scores:
+            preds.append(Prediction(semantic,
+                                    own_score_instances(p, is_thing, object_mask_threshold),
+                                    *own_score_panoptic(p, is_thing, object_mask_threshold)))
+        else:
+            preds.append(Prediction(semantic, instance_inference(p, is_thing),
+                                    *panoptic_inference(p, is_thing, object_mask_threshold)))
     return preds
 
 
@@ -142,6 +155,40 @@ def panoptic_inference(p: Probabilities, is_thing: list[bool],
     ``overlap_threshold`` of its mask. Stuff queries of one class merge into one segment."""
     scores, labels = p.classes.max(-1)
     keep = labels.ne(p.classes.shape[-1] - 1) & (scores > object_mask_threshold)
+    return _panoptic_of_kept(p.masks[keep], scores[keep], labels[keep], is_thing,
+                             overlap_threshold)
+
+
+# ------------------------------------------------------- a model's own scores and semantic map
+def semantic_of_maps(logits: Tensor) -> Tensor:
+    """(H, W) class map from a model's own per-class semantic maps (C, H, W) (``Outputs.
+    semantic_logits``, at the image's size): the most probable class at every pixel (no void, as
+    Mask2Former's semantic inference)."""
+    return _argmax0(logits)
+
+
+def own_score_instances(p: Probabilities, is_thing: list[bool], threshold: float,
+                        topk: int = TOPK_INSTANCES) -> Instances:
+    """Instances of ``Outputs.own_scores`` queries (one class each, its probability the model's
+    own score; SAM 3's (concept, query) pairs): every query of a thing class whose score
+    exceeds ``threshold``, best first (at most ``topk``), mask = logit > 0, score = that
+    probability (SAM 3's ``post_process_instance_segmentation``); empty masks dropped."""
+    scores, labels = p.classes[:, :-1].max(-1)
+    thing = torch.tensor(is_thing, dtype=torch.bool, device=scores.device)
+    keep = (scores > threshold) & thing[labels]
+    scores, idx = scores.masked_fill(~keep, -1.0).topk(min(topk, int(keep.sum())))
+    binary = p.mask_logits[idx] > 0
+    nonempty = binary.flatten(1).any(1)
+    return Instances(binary[nonempty], labels[idx][nonempty], scores[nonempty])
+
+
+def own_score_panoptic(p: Probabilities, is_thing: list[bool], threshold: float,
+                       overlap_threshold: float = OVERLAP_THRESHOLD) -> tuple[Tensor, list[dict]]:
+    """``panoptic_inference`` of ``Outputs.own_scores`` queries: a query is kept when its own
+    score exceeds ``threshold`` (not when it beats "no object": its class and no object are
+    the model's p and 1 - p), then Mask2Former's pixel competition and overlap rule."""
+    scores, labels = p.classes[:, :-1].max(-1)
+    keep = scores > threshold
     return _panoptic_of_kept(p.masks[keep], scores[keep], labels[keep], is_thing,
                              overlap_threshold)
 

@@ -41,11 +41,27 @@ class Features:
 class Outputs:
     """Per-query predictions: mask logits (B, N, h, w) and class logits (B, N, C + 1), the last
     column being "no object". ``aux`` holds earlier decoder layers' predictions (deep
-    supervision); it is empty for backends without them."""
+    supervision); it is empty for backends without them.
+
+    Two optional fields let a backend whose own post-processing is not Mask2Former's say so
+    (SAM 3; ``evaluation.postprocess`` reads them, the defaults keep Mask2Former's rules):
+    ``semantic_logits`` (B, C, h, w), the model's own per-class semantic map (semantic
+    segmentation is its per-pixel argmax); ``own_scores``: each query has one class and its
+    probability of that class is the model's own instance score (instances and panoptic segments
+    keep a query whose score exceeds the threshold, scored by it alone)."""
 
     mask_logits: Tensor
     class_logits: Tensor
     aux: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    semantic_logits: Tensor | None = None
+    own_scores: bool = False
+
+    def images(self, start: int, end: int) -> Outputs:
+        """Images ``start:end`` of the batch, every field kept (``aux`` sliced likewise)."""
+        return Outputs(self.mask_logits[start:end], self.class_logits[start:end],
+                       [(m[start:end], c[start:end]) for m, c in self.aux],
+                       None if self.semantic_logits is None else self.semantic_logits[start:end],
+                       self.own_scores)
 
 
 @runtime_checkable

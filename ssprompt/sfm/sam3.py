@@ -35,16 +35,41 @@ backend seam (``base.PromptableSFM``) onto them:
   Prompt engineering goes through the same encoder: ``semantic.engineered_semantic`` averages
   the unit-normalised flattened template sequences, i.e. slot by slot (a crude baseline for a
   per-token encoder: the templates' tokens do not line up).
-* **Outputs.** SAM 3 answers one concept per forward: the C concepts run along the batch
-  dimension with the cached image features (``concept_chunk`` (image, concept) pairs per forward,
-  each chunk checkpointed while training, so C = 150 and N = 200 fit in memory). SAM 3's score
-  of query n for concept c is ``p(c, n) = sigmoid(logit(c, n)) * sigmoid(presence(c))`` (what its
-  processor thresholds). The class logits are ``[log p(1, n), ..., log p(C, n), log prod_c
-  (1 - p(c, n))]``: for one concept their softmax is exactly SAM 3's score and its complement,
-  for several it normalises SAM 3's independent per-concept probabilities against "none of
-  them". Query n's mask is its mask for its best concept (argmax_c p(c, n)), the class that
-  Mask2Former-style post-processing gives it. With ``semantic=None`` the one concept "object" is
-  used (class logits (B, N, 2)).
+* **Outputs: SAM 3 as its users run it, one forward per class.** SAM 3 answers one concept
+  per forward, so ``decode`` runs one forward per class prompt (the C concepts along the batch
+  dimension with the cached image features repeated, ``concept_chunk`` (image, concept) pairs
+  per forward, each chunk checkpointed while training): concept c gives each query n its own
+  mask and SAM 3's own score ``p(c, n) = sigmoid(logit(c, n)) * sigmoid(presence(c))`` (what
+  its processor thresholds), and its semantic head a map. The merge rule, one for all C:
+
+  - **Pairs are the queries.** ``Outputs`` holds every (concept, query) pair as one query,
+    concept-major (pair c * N + n): C * N masks, each its own forward's; class logits one-hot
+    on the pair's concept, ``[-30, .., log p(c, n), .., -30, log(1 - p(c, n))]``, whose
+    softmax is exactly [0, .., p, .., 0, 1 - p]: SAM 3's score and its complement, never
+    renormalised against the other classes (-30, not -inf, keeps the set loss finite when a
+    pair is matched to another class: its cross-entropy is then ~30 with no gradient).
+    ``own_scores`` tells ``evaluation.postprocess`` to use SAM 3's rules below. When not
+    training, an image keeps only its ``max_pairs`` best pairs (by p; all C * N when fewer).
+  - **Instances** (``postprocess.own_score_instances``): every pair of a thing class with
+    p > ``object_mask_threshold`` (0.3, the processor's default), mask = probability > 0.5 at
+    the image's size, score = p: ``post_process_instance_segmentation`` of each class's forward,
+    concatenated; best first, at most 100 (COCO), empty masks dropped.
+  - **Panoptic** (``postprocess.own_score_panoptic``): the pairs with p > 0.3 compete for each
+    pixel by p x mask probability and keep a segment by Mask2Former's overlap rule (stuff pairs
+    of one class merge).
+  - **Semantic**: SAM 3's own semantic head (``semantic_seg``, the map its
+    ``post_process_semantic_segmentation`` binarises for one concept), one map per class
+    (``Outputs.semantic_logits`` (B, C, h, w)); each pixel takes the class whose map is most
+    probable (resized as probabilities, like the masks). The processor's 0.5 cut is a one-concept
+    yes / no; with C classes covering the image a pixel is never void (as Mask2Former's rule).
+
+  Learned class prompts go through the same path: they replace the text features of their
+  class's forward, and training sees the same C * N pairs (the set loss matches each
+  ground-truth segment to a pair; gradients reach each class's prompt through its own
+  forward's masks and scores). That holds C * N masks per image while training (no pruning):
+  for many classes, use fewer queries. A batch of these outputs is split with
+  ``Outputs.images``, which keeps ``semantic_logits`` and ``own_scores``. With ``semantic=None`` the one concept "object" is used (class logits
+  (B, N, 2); class-agnostic evaluation reads objects off the panoptic map, so p > 0.3 decides).
 * Images are preprocessed as ``Sam3ImageProcessor`` does (``sam_common.StretchProcessor``:
   resized to ``image_size`` x ``image_size`` whatever their aspect ratio, no padding, normalised
   with its mean/std, 0.5 / 0.5 unless ``preprocessor_config.json`` says otherwise), and the three
@@ -82,6 +107,8 @@ HOW_TO_GET = ("download one on a machine with network (the gated `facebook/sam3`
               "--checkpoint DIR")
 SAM3_SCORE_THRESHOLD = 0.3  # Sam3Processor.post_process_instance_segmentation's default
 CONCEPT_CHUNK = 8           # (image, concept) pairs per SAM 3 forward
+MAX_PAIRS = 1000            # (concept, query) pairs an image keeps when not training
+OTHER_CLASS_LOGIT = -30.0   # a pair's class logit for every class but its own
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
@@ -115,6 +142,7 @@ class Sam3SFM(TransformersSFM):
         self.levels = len(cfg.vision_config.scale_factors) - 1  # the detector drops the last
         self.object_mask_threshold = SAM3_SCORE_THRESHOLD
         self.concept_chunk = CONCEPT_CHUNK
+        self.max_pairs = MAX_PAIRS
         self._pos: dict = {}
         self._object_text: Tensor | None = None
 
@@ -173,8 +201,9 @@ class Sam3SFM(TransformersSFM):
 
     def _decode(self, feats: Features, spatial: Tensor, semantic: Tensor | None) -> Outputs:
         """Spatial (N, D + 4) or (B, N, D + 4) object queries and semantic (C, T * D) or
-        (B, C, T * D) class prompts -> mask logits (B, N, h, w) over the padded square and
-        class logits (B, N, C + 1) (see the module docstring)."""
+        (B, C, T * D) class prompts -> one query per (concept, query) pair: mask logits
+        (B, P, h, w) over the square input, class logits (B, P, C + 1), SAM 3's semantic maps
+        (B, C, h, w); P = C * N (see the module docstring)."""
         ref = self._ref
         b = len(feats)
         vision = [feats.tensors[f"fpn{i}"].to(device=ref.device, dtype=ref.dtype)
@@ -188,18 +217,19 @@ class Sam3SFM(TransformersSFM):
         if semantic.dim() != 3 or semantic.shape[0] != b or semantic.shape[-1] != self.text_dim:
             raise ValueError(f"semantic must be (C, {self.text_dim}) or ({b}, C, "
                              f"{self.text_dim}); got {tuple(semantic.shape)}")
+        c = semantic.shape[1]
         text = semantic.to(device=ref.device, dtype=ref.dtype).reshape(
-            b, semantic.shape[1], self.text_len, self.text_hidden)
+            b, c, self.text_len, self.text_hidden)
         valid = (text != 0).any(-1)                                   # (B, C, T)
         if not valid.any(-1).all():
             raise ValueError("a class prompt is all zeros (no token to attend to)")
-        masks, logits = [], []
-        for s, e in self._groups(spatial):
-            m, lg = self._decode_group([v[s:e] for v in vision], spatial[s], text[s:e],
-                                       valid[s:e])
-            masks.append(m)
-            logits.append(lg)
-        return Outputs(torch.cat(masks), torch.cat(logits))
+        groups = [self._decode_group([v[s:e] for v in vision], spatial[s], text[s:e],
+                                     valid[s:e]) for s, e in self._groups(spatial)]
+        masks, log_p, log_q, concept, maps = (torch.cat(x) for x in zip(*groups))
+        own = F.one_hot(concept, c).bool()                            # (B, P, C)
+        class_logits = torch.cat([torch.where(own, log_p[..., None], OTHER_CLASS_LOGIT),
+                                  log_q[..., None]], -1)
+        return Outputs(masks, class_logits, semantic_logits=maps, own_scores=True)
 
     # -- internals -------------------------------------------------------------------------
     def _object(self) -> Tensor:
@@ -228,9 +258,10 @@ class Sam3SFM(TransformersSFM):
         return self._pos[key]
 
     def _forward(self, queries: Tensor, text: Tensor, valid: Tensor, repeat: int,
-                 *vision: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                 *vision: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One ``Sam3Model.forward`` on cached features (each image repeated ``repeat`` times,
-        one per concept) with ``queries`` swapped in for SAM 3's object queries."""
+        one per concept) with ``queries`` swapped in for SAM 3's object queries: its masks,
+        logits, presence logits and semantic map."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
         from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
@@ -245,39 +276,45 @@ class Sam3SFM(TransformersSFM):
             kwargs={"vision_embeds": embeds,
                     "text_embeds": BaseModelOutputWithPooling(pooler_output=text),
                     "attention_mask": valid.long()})
-        return out.pred_masks, out.pred_logits, out.presence_logits
+        return out.pred_masks, out.pred_logits, out.presence_logits, out.semantic_seg
 
     def _decode_group(self, vision: list[Tensor], queries: Tensor, text: Tensor, valid: Tensor
-                      ) -> tuple[Tensor, Tensor]:
-        """g images sharing ``queries`` (N, D + 4), C concepts each -> (g, N, h, w) masks of
-        each query's best concept, (g, N, C + 1) class logits."""
+                      ) -> tuple[Tensor, ...]:
+        """g images sharing ``queries`` (N, D + 4), C concepts each -> their (concept, query)
+        pairs, concept-major: masks (g, P, h, w), log p and log (1 - p) (g, P), concept (g, P),
+        and the semantic maps (g, C, h, w); P = C * N, or the ``max_pairs`` best pairs (in
+        pair order) when not training."""
         g, c = text.shape[:2]
         n = queries.shape[0]
         k = max(1, self.concept_chunk // g)                 # concepts per forward
         grad = torch.is_grad_enabled() and (queries.requires_grad or text.requires_grad)
-        log_p, no_object, best, best_mask = [], 0.0, None, None
+        pairs: list[list[Tensor]] = [[], [], [], []]
+        maps = []
         for c0 in range(0, c, k):
             t = text[:, c0:c0 + k]
             kk = t.shape[1]
             args = (queries, t.flatten(0, 1), valid[:, c0:c0 + k].flatten(0, 1), kk, *vision)
-            masks, logit, presence = (checkpoint(self._forward, *args, use_reentrant=False)
-                                      if grad else self._forward(*args))
+            masks, logit, presence, semantic = (
+                checkpoint(self._forward, *args, use_reentrant=False) if grad
+                else self._forward(*args))
             h, w = masks.shape[-2:]
-            masks = masks.view(g, kk, n, h, w)
-            logit, presence = logit.view(g, kk, n), presence.view(g, kk, 1)
-            lp = F.logsigmoid(logit) + F.logsigmoid(presence)          # log p(c, n)
-            log_p.append(lp)
-            no_object = no_object + log1m_product_sigmoid(logit, presence).sum(1)
-            top, arg = lp.max(1)                                       # (g, N)
-            pick = masks.gather(1, arg[:, None, :, None, None].expand(g, 1, n, h, w))[:, 0]
-            if best is None:
-                best, best_mask = top, pick
-            else:
-                better = top > best
-                best_mask = torch.where(better[..., None, None], pick, best_mask)
-                best = torch.where(better, top, best)
-        class_logits = torch.cat([torch.cat(log_p, 1).transpose(1, 2), no_object[..., None]], -1)
-        return best_mask, class_logits
+            logit, presence = logit.reshape(g, kk * n), presence.repeat_interleave(n, 1)
+            presence = presence.reshape(g, kk * n)
+            concept = torch.arange(c0, c0 + kk, device=logit.device).repeat_interleave(n)
+            chunk = (masks.reshape(g, kk * n, h, w), F.logsigmoid(logit) + F.logsigmoid(presence),
+                     log1m_product_sigmoid(logit, presence), concept.expand(g, -1))
+            for part, x in zip(pairs, chunk):
+                part.append(x)
+            maps.append(semantic.reshape(g, kk, *semantic.shape[-2:]))
+            if not grad and sum(x.shape[1] for x in pairs[1]) > self.max_pairs:
+                pairs = [[x] for x in self._best_pairs([torch.cat(p, 1) for p in pairs])]
+        return (*(torch.cat(p, 1) for p in pairs), torch.cat(maps, 1))
+
+    def _best_pairs(self, pairs: list[Tensor]) -> list[Tensor]:
+        """The ``max_pairs`` pairs of each image with the highest p, in pair order."""
+        best = pairs[1].topk(self.max_pairs, dim=1).indices.sort(1).values
+        return [torch.take_along_dim(x, best.view(*best.shape, *[1] * (x.dim() - 2)), dim=1)
+                for x in pairs]
 
 
 def load_sam3(checkpoint: str | Path, device: str | torch.device = "cpu") -> Sam3SFM:
