@@ -119,5 +119,4 @@ def _decode_sets(sfm: PromptableSFM, feats: Features,
         semantic = None if prompt_list[0][1] is None else \
             torch.cat([se.expand(b, -1, -1) for _, se in prompt_list])
         out = sfm.decode(Features.cat([feats] * k), spatial, semantic)
-    return [Outputs(out.mask_logits[j * b:(j + 1) * b], out.class_logits[j * b:(j + 1) * b])
-            for j in range(k)]
+    return [out.images(j * b, (j + 1) * b) for j in range(k)]
