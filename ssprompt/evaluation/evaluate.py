@@ -19,7 +19,7 @@ from ..distributed import rank_world
 from ..sfm.base import Features, Outputs, PromptableSFM, autocast
 from ..sfm.features import FeatureCache
 from .metrics import SegmentationEvaluator
-from .postprocess import MASK2FORMER_OBJECT_THRESHOLD, postprocess, with_background
+from .postprocess import postprocess, with_background
 
 EVAL_BATCH = 50  # images per decoder pass (the CLI's --eval-batch)
 
@@ -60,7 +60,7 @@ def evaluate_many(sfm: PromptableSFM, prompt_list: list[tuple[Tensor, Tensor | N
     names = AGNOSTIC_NAMES if agnostic else dataset.class_names
     is_thing = AGNOSTIC_IS_THING if agnostic else dataset.is_thing
     threshold = object_mask_threshold if object_mask_threshold is not None else \
-        getattr(sfm, "object_mask_threshold", MASK2FORMER_OBJECT_THRESHOLD)
+        sfm.object_mask_threshold
     evs = evaluators or [SegmentationEvaluator(names, is_thing, sync=rank_world()[1] > 1,
                                                per_image=per_image) for _ in prompt_list]
     indices = list(range(len(dataset))) if indices is None else indices
