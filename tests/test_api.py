@@ -436,3 +436,8 @@ def test_has_text_encoder_is_a_property_of_every_packaged_backend():
         assert isinstance(cls.__dict__.get("has_text_encoder"), property) or \
             any(isinstance(c.__dict__.get("has_text_encoder"), property) for c in cls.__mro__)
         assert cls.has_text_encoder.fget(None) is has
+
+
+def test_readme_holds_the_docs_snippet():
+    text = (ROOT / "README.md").read_text()
+    assert "```python\n" + DOCS_SNIPPET.read_text() + "```" in text
