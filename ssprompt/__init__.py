@@ -2,7 +2,7 @@
 
 The Python API (see README, "Python API")::
 
-    from ssprompt import Predictor, load_prompts, load_sfm
+    from ssprompt import Predictor, evaluate, learn_prompts, load_prompts, load_sfm, open_dataset
 
 Importing ``ssprompt`` loads nothing heavy and changes no global state (environment, RNG,
 threads, matplotlib backend, progress bars): the names below are imported on first use.
@@ -10,12 +10,15 @@ threads, matplotlib backend, progress bars): the names below are imported on fir
 
 from __future__ import annotations
 
-__all__ = ["Instances", "LearnedPrompts", "Prediction", "Predictor", "check_prompts",
-           "load_prompts", "load_sfm"]
+__all__ = ["Instances", "LearnConfig", "LearnedPrompts", "Prediction", "Predictor",
+           "TrainedPrompts", "check_prompts", "evaluate", "learn_prompts", "load_prompts",
+           "load_sfm", "open_dataset", "register_backend"]
 
-_WHERE = {"Predictor": "predictor", "load_sfm": "sfm", "load_prompts": "prompts.promptset",
-          "check_prompts": "prompts.promptset", "LearnedPrompts": "prompts.promptset",
-          "Prediction": "evaluation.postprocess", "Instances": "evaluation.postprocess"}
+_WHERE = {"Predictor": "predictor", "load_sfm": "sfm", "register_backend": "sfm",
+          "load_prompts": "prompts.promptset", "check_prompts": "prompts.promptset",
+          "LearnedPrompts": "prompts.promptset", "Prediction": "evaluation.postprocess",
+          "Instances": "evaluation.postprocess", "open_dataset": "api", "learn_prompts": "api",
+          "evaluate": "api", "LearnConfig": "api", "TrainedPrompts": "api"}
 
 
 def __getattr__(name: str):

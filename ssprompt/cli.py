@@ -7,9 +7,6 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import sys
 from pathlib import Path
 
@@ -51,19 +48,16 @@ def _add_split_args(s: argparse.ArgumentParser) -> None:
 
 
 def _workspace(a: argparse.Namespace):
+    from .api import workspace
     from .distributed import init_from_env
-    from .engine.cell import Workspace
     from .sfm import load_sfm
-    from .sfm.features import FeatureCache
 
     init_from_env()
     if a.eval_batch <= 0:
         raise UserError(f"--eval-batch {a.eval_batch}: must be a positive integer")
     sfm = load_sfm(a.sfm, a.checkpoint, a.device, getattr(a, "precision", "fp32"))
-    splits = {role: name for role, name in (("train", getattr(a, "train_split", None)),
-                                            ("test", getattr(a, "test_split", None))) if name}
-    return Workspace(sfm, FeatureCache(a.cache_dir), eval_batch=a.eval_batch,
-                     split_names=splits)
+    return workspace(sfm, a.eval_batch, a.cache_dir, getattr(a, "train_split", None),
+                     getattr(a, "test_split", None))
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> None:
@@ -77,12 +71,10 @@ def _cmd_pretrain(a: argparse.Namespace) -> None:
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
-    from .distributed import rank_world, shard
-    from .evaluation.evaluate import evaluate
+    from .api import evaluate
+    from .distributed import rank_world
     from .io import write_json
-    from .prompts.promptset import check_prompts, load_prompts
-    from .prompts.semantic import default_semantic
-    from .prompts.spatial import default_spatial
+    from .prompts.promptset import load_prompts
 
     ws = _workspace(a)
     test = ws.dataset(a.data or a.task, "test", n_test=a.n_test)
@@ -95,20 +87,13 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     else:
         sfm_hash = ws.sfm.weights_hash()
         if a.prompts:
-            learned = load_prompts(a.prompts)
-            check_prompts(learned, ws.sfm, test.class_names, a.prompts)
-            spatial, semantic, meta = learned
-            name = Path(a.prompts).parent.name or "prompts"
+            meta, name = load_prompts(a.prompts).meta, Path(a.prompts).parent.name or "prompts"
         else:
-            spatial = default_spatial(ws.sfm, a.n_prompts)
-            has_text = ws.sfm.encode_texts(test.class_names[:1]) is not None
-            semantic = default_semantic(ws.sfm, test.class_names) if has_text else None
-            meta, name = {"n_prompts": int(spatial.shape[0])}, "zero-shot"
-        dev = next(ws.sfm.parameters()).device
+            from .sfm.base import default_n_prompts
+            meta = {"n_prompts": a.n_prompts or default_n_prompts(ws.sfm)}
+            name = "zero-shot"
         # under torchrun each rank scores its shard; the metrics sync their states across ranks
-        metrics = evaluate(ws.sfm, spatial.to(dev),
-                           None if semantic is None else semantic.to(dev), test, ws.cache,
-                           batch=ws.eval_batch, indices=shard(len(test)))
+        metrics = evaluate(ws.sfm, a.prompts, test, n_prompts=a.n_prompts, ws=ws)
     if rank_world()[0] != 0:
         return
     print(f"task {a.data or a.task}, {len(test)} test images, SFM {sfm_hash}")
@@ -160,76 +145,31 @@ def _cmd_predict(a: argparse.Namespace) -> None:
           "instances_results.json, panoptic.json + panoptic/, semantic/, overlays/")
 
 
-class _LiveLog:
-    """``ssprompt train``'s loss log, one JSON row a line, flushed as training goes (for
-    ``tail -f`` or a plotting tool); the file is created with the first row."""
+def learn_config(a: argparse.Namespace):
+    """``ssprompt train``'s flags as a ``LearnConfig`` (one field a flag)."""
+    from .api import LearnConfig
+    from .study.config import check_train_values, parse_sets
 
-    def __init__(self, path: Path):
-        self.path, self.f = path, None
-
-    def __call__(self, row: dict) -> None:
-        if self.f is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.f = open(self.path, "w")
-        self.f.write(json.dumps(row) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-
-    def discard(self) -> None:
-        self.close()
-        self.path.unlink(missing_ok=True)
+    return LearnConfig(mode=a.mode, learners=a.learners, n_prompts=a.n_prompts, init=a.init,
+                       weight=a.weight, weight_init=a.weight_init, anchored=a.anchored,
+                       shots=a.shots, seed=a.seed, steps=a.steps, lr=a.lr, batch=a.batch,
+                       spatial_lr_mult=a.spatial_lr_mult,
+                       train=check_train_values("--set", parse_sets(a.set)),
+                       select=not a.no_select, holdout=a.holdout, select_every=a.select_every,
+                       refit=a.refit, n_test=a.n_test, train_split=a.train_split,
+                       test_split=a.test_split, eval_batch=a.eval_batch, cache_dir=a.cache_dir)
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
-    from .distributed import rank_world
-    from .engine.cell import CellSpec, run_cell
-    from .engine.selection import SelectionConfig
-    from .engine.train import TrainConfig
-    from .io import write_json, write_text
-    from .prompts.promptset import PromptConfig, save_prompts
-    from .study.config import check_train_values, parse_sets
+    from .api import learn_prompts
 
+    cfg = learn_config(a)
     ws = _workspace(a)
-    spec = CellSpec(task=a.data or a.task,
-                    prompt=PromptConfig(a.mode, a.learners, a.n_prompts, a.init, a.weight),
-                    train=TrainConfig(seed=a.seed, **{**{k: v for k, v in (
-                        ("steps", a.steps), ("lr", a.lr), ("batch", a.batch),
-                        ("spatial_lr_mult", a.spatial_lr_mult)) if v is not None},
-                        **check_train_values("--set", parse_sets(a.set))}),
-                    shots=a.shots, seed=a.seed, n_test=a.n_test,
-                    selection=SelectionConfig(enabled=not a.no_select, holdout=a.holdout,
-                                              every=a.select_every, refit=a.refit))
     out = Path(a.out)
-    live = _LiveLog(out / "loss.jsonl") if rank_world()[0] == 0 else None
-    try:
-        result, prompts, log = run_cell(ws, spec, progress=rank_world()[0] == 0, on_log=live)
-    except BaseException:
-        if live is not None:
-            live.discard()   # a failed run leaves no log behind
-        raise
-    finally:
-        if live is not None:
-            live.close()
-    if rank_world()[0] != 0:
+    run = learn_prompts(ws.sfm, a.data or a.task, cfg, out=out, progress=True, ws=ws)
+    if run is None:      # torchrun: not rank 0
         return
-    test = ws.dataset(spec.task, "test", n_test=spec.n_test)
-    meta = {"config": spec.as_dict(), "seed": a.seed, "sfm": ws.sfm.weights_hash(),
-            "class_names": test.class_names, "is_thing": test.is_thing,
-            "metrics": {k: result[k] for k in ("mIoU", "AP50", "PQ")}}
-    save_prompts(out / "prompts.safetensors", prompts, meta)
-    if log:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(log[0]))
-        w.writeheader()
-        w.writerows(log)
-        write_text(out / "loss.csv", buf.getvalue())
-    write_json(out / "config.json", meta)
-    write_json(out / "metrics.json", result)
-    from .study.plots import plot_train_curves
-    plot_train_curves(out / "curves.png", log, result["selection"])
+    result = run.metrics
     print(_table([(a.mode, result)]))
     sel = result["selection"]
     if sel is not None:
@@ -318,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", default=None, help="random | default: how z_learned starts "
                    "(default: random for learned_only, a copy of z_default otherwise)")
     s.add_argument("--weight", default="prompt", help="prompt | dim (fusion weight shape)")
+    s.add_argument("--weight-init", type=float, default=0.5,
+                   help="weighted: the learned fusion weight's start (default 0.5)")
+    s.add_argument("--anchored", action=argparse.BooleanOptionalAction, default=None,
+                   help="pull z_learned towards z_default (TrainConfig.anchor); default: the "
+                        "fused modes yes, learned_only no")
     s.add_argument("--shots", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=None, help="(default: TrainConfig's, 100)")
@@ -366,12 +311,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# library argument -> the flag that sets it, where it is not simply --the-name
+_FLAGS = {"train": "--set", "select": "--no-select"}
+
+
+def flag_message(e: UserError) -> str:
+    """A library error in the CLI's words: the argument at fault (``e.field``) named as its
+    flag (``shots 100: ...`` -> ``--shots 100: ...``; ``nowhere: not a folder`` with field
+    ``images`` -> ``--images nowhere: not a folder``)."""
+    msg, name = " ".join(str(e).split()), getattr(e, "field", None)
+    if not name:
+        return msg
+    flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+    if msg.startswith((name + " ", name + ":")):
+        return flag + msg[len(name):]
+    return f"{flag} {msg}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
     except UserError as e:
-        print(f"ssprompt: error: {e}", file=sys.stderr)
+        print(f"ssprompt: error: {flag_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ssprompt: interrupted", file=sys.stderr)

@@ -55,10 +55,10 @@ def folder_items(folder: str | Path) -> list[Item]:
     written."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise fail(f"--images {folder}", "not a folder")
+        raise fail(folder, "not a folder", "images")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise fail(f"--images {folder}", f"no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise fail(folder, f"no image files ({', '.join(IMAGE_SUFFIXES)})", "images")
     stems = [p.stem for p in files]
     items = []
     for i, p in enumerate(files):
@@ -223,8 +223,8 @@ def read_predictions(folder: str | Path) -> tuple[dict, list[Prediction]]:
         try:
             docs.append(json.loads(p.read_text()))
         except FileNotFoundError:
-            raise fail(f"--predictions {folder}", f"no {p.name} (write it with "
-                                                  "`ssprompt predict`)") from None
+            raise fail(folder, f"no {p.name} (write it with `ssprompt predict`)",
+                       "predictions") from None
         except (OSError, ValueError) as e:
             raise fail(p, f"unreadable ({' '.join(str(e).split())[:120]})") from None
     manifest, results, pan = docs
@@ -286,17 +286,17 @@ def score_predictions(folder: str | Path, data) -> tuple[dict, dict]:
 
     manifest, preds = read_predictions(folder)
     if len(preds) != len(data):
-        raise fail(f"--predictions {folder}", f"holds {len(preds)} images, the split has "
-                                              f"{len(data)} (same --task/--data, --n-test?)")
+        raise fail(folder, f"holds {len(preds)} images, the split has {len(data)} (the same "
+                           "task and n_test as predicted?)", "predictions")
     agnostic = manifest.get("class_agnostic", False)
     if not agnostic and manifest["class_names"] != list(data.class_names):
-        raise fail(f"--predictions {folder}", "predicted with another class list than "
-                                              "this split's")
+        raise fail(folder, "predicted with another class list than this split's",
+                   "predictions")
     ev = SegmentationEvaluator(manifest["class_names"], manifest["is_thing"], sync=False)
     for i, pred in enumerate(preds):
         scene = data[i]
         if tuple(scene.semantic.shape) != tuple(pred.semantic.shape):
-            raise fail(f"--predictions {folder}", f"image {i} is {tuple(pred.semantic.shape)}"
-                                                  f" there but {scene.semantic.shape} here")
+            raise fail(folder, f"image {i} is {tuple(pred.semantic.shape)} there but "
+                               f"{scene.semantic.shape} here", "predictions")
         ev.update([pred], [object_vs_background(scene) if agnostic else scene])
     return ev.compute(), manifest

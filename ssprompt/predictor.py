@@ -24,12 +24,7 @@ import torch
 
 from .data.views import AGNOSTIC_IS_THING, AGNOSTIC_NAMES
 from .errors import UserError
-from .evaluation.postprocess import (
-    MASK2FORMER_OBJECT_THRESHOLD,
-    Prediction,
-    postprocess,
-    with_background,
-)
+from .evaluation.postprocess import Prediction, postprocess, with_background
 from .geometry import geometry_of
 from .prompts.promptset import LearnedPrompts, check_prompts, load_prompts
 from .sfm.base import Features, PromptableSFM, encode_images, sfm_device
@@ -74,7 +69,7 @@ class Predictor:
 
             names = class_names
             spatial = default_spatial(sfm, n_prompts)
-            has_text = sfm.encode_texts(["object"]) is not None
+            has_text = sfm.has_text_encoder
             if has_text and not names:
                 raise UserError("zero-shot prediction needs class_names (the classes to prompt)")
             semantic = default_semantic(sfm, names) if has_text else None
@@ -90,7 +85,7 @@ class Predictor:
         self.spatial = spatial.to(self.device)
         self.semantic = None if semantic is None else semantic.to(self.device)
         self.object_mask_threshold = object_mask_threshold if object_mask_threshold is not None \
-            else getattr(sfm, "object_mask_threshold", MASK2FORMER_OBJECT_THRESHOLD)
+            else sfm.object_mask_threshold
         self._image: tuple[Features, tuple[int, int]] | None = None
 
     # -- SamPredictor style: encode once, decode on demand -----------------------------------

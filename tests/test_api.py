@@ -238,3 +238,208 @@ def test_import_changes_no_global_state():
                        text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+
+
+# ------------------------------------------------------- the whole path: learn, evaluate, save
+DOCS_SNIPPET = ROOT / "docs" / "snippet.py"
+
+
+def test_docs_snippet_trains_evaluates_and_predicts(tmp_path, monkeypatch):
+    """docs/snippet.py (the README's "train, evaluate, predict" snippet), run verbatim in an
+    empty folder: packaged SFM and data only, nothing the reader must make first."""
+    code = DOCS_SNIPPET.read_text()
+    assert len([ln for ln in code.splitlines() if ln.strip()]) <= 15
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, str(DOCS_SNIPPET), "exec"), scope)
+    run, test, learned = scope["run"], scope["test"], scope["learned"]
+    for name in ("prompts.safetensors", "metrics.json", "config.json", "loss.csv", "curves.png"):
+        assert (tmp_path / "runs/shift" / name).is_file()
+    # the saved prompts score on the test split exactly as learn_prompts reported
+    for k in ("mIoU", "AP50", "PQ"):
+        assert learned[k] == run.metrics[k]
+    assert run.metrics["selection"] is not None and len(test) == 20
+    assert scope["pred"].semantic.shape == test[0].semantic.shape
+    assert run.class_names == test.class_names
+
+
+def test_cli_train_is_learn_prompts(tmp_path):
+    """``ssprompt train`` maps its flags onto ``LearnConfig`` and calls ``learn_prompts``: the
+    same prompts, metrics and run folder as the API with those settings."""
+    from cli_helpers import ssprompt
+    from safetensors.torch import load_file
+
+    flags = ("--task", "novel", "--shots", "4", "--steps", "4", "--batch", "2", "--n-test", "3",
+             "--n-prompts", "16", "--weight-init", "0.3", "--anchored", "--seed", "1",
+             "--set", "log_every=1", "--select-every", "2")
+    r = ssprompt("train", *flags, "--out", tmp_path / "cli", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the API in a fresh process as the CLI ran (OMP_NUM_THREADS=1): the same float sums, and
+    # no text or feature computed earlier in this process at another thread count
+    code = ("import json, sys; from ssprompt import LearnConfig, learn_prompts, load_sfm\n"
+            "cfg = LearnConfig(shots=4, steps=4, batch=2, n_test=3, n_prompts=16, "
+            "weight_init=0.3, anchored=True, seed=1, train={'log_every': 1}, select_every=2)\n"
+            "run = learn_prompts(load_sfm(device='cpu'), 'novel', cfg, out=sys.argv[1])\n"
+            "print(json.dumps({k: run.metrics[k] for k in ('mIoU', 'AP50', 'PQ')}))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "api")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    cli = json.loads((tmp_path / "cli/config.json").read_text())
+    api = json.loads((tmp_path / "api/config.json").read_text())
+    assert cli == api and api["config"]["prompt"]["weight_init"] == 0.3
+    assert api["config"]["prompt"]["anchored"] is True
+    a, b = (load_file(str(tmp_path / d / "prompts.safetensors")) for d in ("cli", "api"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    m = json.loads((tmp_path / "cli/metrics.json").read_text())
+    assert {k: m[k] for k in ("mIoU", "AP50", "PQ")} == got
+    assert m == {**json.loads((tmp_path / "api/metrics.json").read_text()), "wall_s": m["wall_s"]}
+    for d in ("cli", "api"):
+        assert (tmp_path / d / "loss.jsonl").read_text() == (tmp_path / "cli/loss.jsonl").read_text()
+
+
+def test_every_train_flag_is_one_config_field():
+    from ssprompt.api import LearnConfig
+    from ssprompt.cli import build_parser, learn_config
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest for a in train._actions if a.dest != "help"}
+    own = {"task", "data", "out", "sfm", "checkpoint", "device"}   # learn_prompts' / load_sfm's
+    to_field = {"no_select": "select", "set": "train"}
+    fields = {f for f in LearnConfig.__dataclass_fields__}
+    assert {to_field.get(d, d) for d in dests - own} == fields
+    a = parser.parse_args(["train", "--out", "x", "--weight-init", "0.25", "--no-anchored",
+                           "--no-select", "--set", "lr=0.5", "--steps", "7"])
+    cfg = learn_config(a)
+    assert cfg.weight_init == 0.25 and cfg.anchored is False and cfg.select is False
+    spec = cfg.cell_spec("shift")
+    assert spec.prompt.weight_init == 0.25 and spec.prompt.anchored is False
+    assert spec.train.lr == 0.5 and spec.train.steps == 7 and not spec.selection.enabled
+    assert learn_config(parser.parse_args(["train", "--out", "x"])) == LearnConfig()
+
+
+def test_learn_prompts_refuses_unknown_settings():
+    from ssprompt import learn_prompts
+    from ssprompt.errors import UserError
+
+    with pytest.raises(UserError, match="unknown setting stepz"):
+        learn_prompts(None, "shift", stepz=3)
+
+
+# ------------------------------------------------------------------ a backend from outside
+class ToySFM(torch.nn.Module):
+    """A backend that lives in this test module: no text encoder, so it is prompted with
+    points only and scored class-agnostically. Its ``encode_texts`` must never be probed."""
+
+    embed_dim, image_size, object_mask_threshold = 3, 32, 0.5
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale), requires_grad=False)
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return False
+
+    def encode_image(self, images):
+        from ssprompt.sfm import Features
+
+        return Features({"x": torch.nn.functional.avg_pool2d(images, 4)})
+
+    def encode_points(self, points):
+        return torch.cat([points, torch.ones(len(points), 1)], -1) * self.scale
+
+    def encode_texts(self, names):
+        raise AssertionError("a text encoder was probed by encoding text")
+
+    def decode(self, feats, spatial, semantic):
+        from ssprompt.sfm import Outputs
+
+        assert semantic is None
+        x = feats.tensors["x"]
+        masks = torch.einsum("bchw,nc->bnhw", x - 0.5, spatial)
+        cls = torch.stack([masks.mean((2, 3)), torch.zeros(masks.shape[:2])], -1)
+        return Outputs(masks, cls)
+
+    def weights_hash(self) -> str:
+        return f"toy-{float(self.scale)}"
+
+
+def load_toy(checkpoint, device):
+    from ssprompt.sfm import freeze
+
+    return freeze(ToySFM(1.0 if checkpoint is None else float(checkpoint)).to(device))
+
+
+def test_a_backend_registered_from_outside_loads_and_runs(monkeypatch):
+    from ssprompt import Predictor, evaluate, load_sfm, register_backend
+    from ssprompt.cli import main
+    from ssprompt.prompts.promptset import PromptConfig, PromptSet
+    from ssprompt.sfm import REGISTRY, PromptableSFM, backends_help
+
+    monkeypatch.setitem(REGISTRY, "toy", REGISTRY["embedded"])   # restored after the test
+    register_backend("toy", load_toy, "a toy backend from tests/test_api.py")
+    assert "toy: a toy backend from tests/test_api.py" in backends_help()
+    sfm = load_sfm("toy", device="cpu")
+    assert isinstance(sfm, PromptableSFM) and sfm.weights_hash() == "toy-1.0"
+    assert load_sfm("toy", "2", device="cpu").weights_hash() == "toy-2.0"
+    m = evaluate(sfm, None, "shift", n_test=2, n_prompts=4)    # class-agnostic, no text probe
+    assert {"mIoU", "AP50", "PQ"} <= set(m)
+    pred = Predictor(sfm, n_prompts=4).predict(np.zeros((20, 30, 3), np.uint8))
+    assert pred.semantic.shape == (20, 30)
+    ps = PromptSet(sfm, ["a", "b"], PromptConfig("weighted", learners="spatial", n_prompts=4))
+    assert ps.semantic is None and ps.num_trainable() > 0
+    assert main(["eval", "--sfm", "toy", "--task", "shift", "--n-test", "2", "--n-prompts",
+                 "4", "--device", "cpu"]) == 0
+    # a "module:function" loader is imported on first use
+    register_backend("toy", "test_api:load_toy", "the same, by name", checkpoint="a number")
+    with pytest.raises(Exception, match="needs a checkpoint, a number"):
+        load_sfm("toy", device="cpu")
+    assert load_sfm("toy", "3", device="cpu").weights_hash() == "toy-3.0"
+
+
+def test_library_errors_name_arguments_and_the_cli_names_flags(capsys):
+    from ssprompt import load_sfm, open_dataset
+    from ssprompt.cli import flag_message, main
+    from ssprompt.errors import UserError
+    from ssprompt.prompts.promptset import PromptConfig
+
+    for call, field in ((lambda: load_sfm("nope"), "sfm"),
+                        (lambda: load_sfm("embedded", "/nowhere.safetensors"), "checkpoint"),
+                        (lambda: load_sfm(device="tpu"), "device"),
+                        (lambda: open_dataset("nope", "test"), "task"),
+                        (lambda: open_dataset("shift", "train", shots=0), "shots"),
+                        (lambda: open_dataset("shift", "test", n_test=0), "n_test"),
+                        (lambda: PromptConfig(mode="nope"), "mode"),
+                        (lambda: PromptConfig(n_prompts=0), "n_prompts")):
+        with pytest.raises(UserError) as e:
+            call()
+        msg = str(e.value)
+        assert e.value.field == field and "--" not in msg and "\n" not in msg
+        assert flag_message(e.value).startswith("--" + field.replace("_", "-") + " ")
+    assert main(["eval", "--sfm", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ssprompt: error: --sfm nope: unknown backend") and "\n" not in err
+    assert flag_message(UserError("nowhere: not a folder", "images")) == \
+        "--images nowhere: not a folder"
+
+
+def test_has_text_encoder_is_a_property_of_every_packaged_backend():
+    from ssprompt import load_sfm
+    from ssprompt.sfm.embedded import EmbeddedSFM
+    from ssprompt.sfm.sam3 import Sam3SFM
+    from ssprompt.sfm.sam_common import PointPromptSFM
+
+    assert load_sfm(device="cpu").has_text_encoder is True
+    assert load_sfm(device="cpu").object_mask_threshold == 0.4
+    for cls, has in ((EmbeddedSFM, True), (PointPromptSFM, False), (Sam3SFM, True)):
+        assert isinstance(cls.__dict__.get("has_text_encoder"), property) or \
+            any(isinstance(c.__dict__.get("has_text_encoder"), property) for c in cls.__mro__)
+        assert cls.has_text_encoder.fget(None) is has
+
+
+def test_readme_holds_the_docs_snippet():
+    text = (ROOT / "README.md").read_text()
+    assert "```python\n" + DOCS_SNIPPET.read_text() + "```" in text

@@ -3,7 +3,8 @@ configs as package data, and ``ssprompt eval`` runs from a folder that is not th
 
 Builds the wheel from a copy of the package (the working tree is never written to), installs it
 into a fresh venv that borrows the already installed dependencies (``--system-site-packages``,
-so nothing is downloaded), and runs the installed console script elsewhere.
+or, when the tests run inside a venv, a .pth file naming its site-packages; so nothing is
+downloaded), and runs the installed console script elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +29,29 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return r
 
 
+def _venv_borrowing_our_packages(venv: Path) -> Path:
+    """A fresh venv that sees the packages this interpreter sees. From the system Python:
+    ``--system-site-packages``. From inside a venv (``scripts/setup.sh``'s .venv) that flag
+    would borrow the *base* interpreter's packages, not this venv's: a .pth file lists this
+    interpreter's site-packages instead (after the new venv's own, so the wheel wins)."""
+    import site
+    import sysconfig
+
+    if sys.prefix == sys.base_prefix:
+        _run([sys.executable, "-m", "venv", "--system-site-packages", venv])
+        return venv / "bin" / "python"
+    _run([sys.executable, "-m", "venv", "--without-pip", venv])
+    py = venv / "bin" / "python"
+    ours = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))
+            and Path(p).is_dir()]
+    ours += [p for p in site.getsitepackages() if p not in ours and Path(p).is_dir()]
+    inner = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+                      ).stdout.strip())
+    assert inner != Path(sysconfig.get_paths()["purelib"])
+    (inner / "_outer_site_packages.pth").write_text("".join(p + "\n" for p in ours))
+    return py
+
+
 def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -41,8 +65,7 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     wheel = next(wheels.glob("ssprompt-*.whl"))
 
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", venv])
-    py = venv / "bin" / "python"
+    py = _venv_borrowing_our_packages(venv)
     _run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel])
 
     elsewhere = tmp_path / "elsewhere"

@@ -67,7 +67,8 @@ def images():
 def test_protocol_and_sizes(sam):
     assert isinstance(sam, PromptableSFM)
     assert sam.embed_dim == D and sam.image_size == SIZE
-    assert sam.encode_texts(["cat", "dog"]) is None
+    assert sam.encode_texts(["cat", "dog"]) is None and sam.has_text_encoder is False
+    assert sam.object_mask_threshold == 0.8
     assert all(not p.requires_grad for p in sam.parameters())
     assert not sam.training
 
@@ -181,7 +182,7 @@ def test_missing_or_wrong_checkpoint_is_a_one_line_user_error(tmp_path):
     with pytest.raises(UserError) as e:
         load_sam(tmp_path / "nope")
     msg = str(e.value)
-    assert "\n" not in msg and "not found" in msg and "--checkpoint" in msg
+    assert "\n" not in msg and "not found" in msg and "as the checkpoint" in msg
     with pytest.raises(UserError, match="no config.json") as e:
         load_sam(tmp_path)                              # an empty directory
     assert "\n" not in str(e.value)

@@ -68,7 +68,7 @@ def images():
 def test_protocol_sizes_and_frozen(sam2):
     assert isinstance(sam2, Sam2SFM) and isinstance(sam2, PromptableSFM)
     assert sam2.embed_dim == D and sam2.image_size == SIZE
-    assert sam2.encode_texts(["cat"]) is None
+    assert sam2.encode_texts(["cat"]) is None and sam2.has_text_encoder is False
     assert all(not p.requires_grad for p in sam2.parameters()) and not sam2.training
 
 
@@ -155,7 +155,7 @@ def test_semantic_prompts_and_bad_checkpoints_are_one_line_errors(sam2, images, 
         sam2.decode(sam2.encode_image(images[:1]), torch.randn(2, D), torch.randn(3, D))
     with pytest.raises(UserError, match="no text encoder"):
         PromptSet(sam2, ["a", "b"], PromptConfig(mode="weighted", learners="semantic"))
-    with pytest.raises(UserError, match="needs --checkpoint"):
+    with pytest.raises(UserError, match="needs a checkpoint"):
         load_sfm("sam2", None, device="cpu")
     with pytest.raises(UserError) as e:
         load_sfm("sam2", str(tmp_path / "nope"), device="cpu")

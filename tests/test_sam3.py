@@ -124,6 +124,7 @@ def _ref_forward(ref_model, images, names, queries=None):
 
 def test_protocol_sizes_and_frozen(sam3):
     assert isinstance(sam3, Sam3SFM) and isinstance(sam3, PromptableSFM)
+    assert sam3.has_text_encoder is True
     assert sam3.embed_dim == H + 4 and sam3.text_dim == T * H and sam3.image_size == SIZE
     assert all(not p.requires_grad for p in sam3.parameters()) and not sam3.training
 
@@ -427,7 +428,7 @@ def test_vanilla_2d_and_bad_input_are_one_line_errors(sam3, feats, ckpt, tmp_pat
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="all zeros"):
         sam3.decode(feats, sam3.encode_points(grid_layout(4)), torch.zeros(1, T * H))
-    with pytest.raises(UserError, match="needs --checkpoint"):
+    with pytest.raises(UserError, match="needs a checkpoint"):
         load_sfm("sam3", None, device="cpu")
     with pytest.raises(UserError, match="not found") as e:
         load_sfm("sam3", str(tmp_path / "nope"), device="cpu")

@@ -24,8 +24,8 @@ def open_dataset(spec: str, split: str, shots: int = 16, seed: int = 0,
                            shots=shots if split == "train" else None, seed=seed,
                            n=n_test if split == "test" else None)
     if spec not in TASKS:
-        raise UserError(f"--task {spec}: unknown task; choose one of {', '.join(TASKS)} "
-                        "or coco:PATH")
+        raise UserError(f"task {spec}: unknown task; choose one of {', '.join(TASKS)} "
+                        "or coco:PATH", field="task")
     return SceneSplit(spec, split, n=n_test, shots=shots, seed=seed)
 
 

@@ -11,9 +11,10 @@ from ..errors import UserError
 
 def _check(num_images: int, k: int) -> None:
     if num_images <= 0:
-        raise UserError(f"--shots {k}: the dataset has no images to draw from")
+        raise UserError(f"shots {k}: the dataset has no images to draw from", field="shots")
     if not 0 < k <= num_images:
-        raise UserError(f"--shots {k}: must be in 1..{num_images} (the images available)")
+        raise UserError(f"shots {k}: must be in 1..{num_images} (the images available)",
+                        field="shots")
 
 
 def kshot_indices(num_images: int, k: int, seed: int) -> list[int]:

@@ -76,7 +76,8 @@ TRAIN_POOL = 1000  # k-shot training images are drawn from the first TRAIN_POOL 
 
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
-        raise UserError(f"--task {name}: unknown task; choose one of {', '.join(TASKS)}")
+        raise UserError(f"task {name}: unknown task; choose one of {', '.join(TASKS)}",
+                        field="task")
     return TASKS[name]
 
 
@@ -278,14 +279,15 @@ class SceneSplit:
         if split == "test":
             n = 200 if n is None else n
             if n <= 0:
-                raise UserError(f"--n-test {n}: must be positive")
+                raise UserError(f"n_test {n}: must be positive", field="n_test")
             self.indices = list(range(n))
         elif split == "val":  # train-distribution scenes never drawn as shots: for tuning
             n = 100 if n is None else n
             self.indices = list(range(TRAIN_POOL, TRAIN_POOL + n))
         elif split == "train":
             if not 0 < shots <= TRAIN_POOL:
-                raise UserError(f"--shots {shots}: must be in 1..{TRAIN_POOL} (the train pool)")
+                raise UserError(f"shots {shots}: must be in 1..{TRAIN_POOL} (the train pool)",
+                                field="shots")
             rng = np.random.default_rng([self.spec.seed, 7, seed])
             self.indices = sorted(rng.choice(TRAIN_POOL, size=shots, replace=False).tolist())
         else:

@@ -108,14 +108,14 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
         if train is None:
             continue
         if len(train) >= getattr(train, "pool_size", len(train) + 1):
-            cell.notes.append(f"--shots {spec.shots} uses every image of the train split: seeds "
+            cell.notes.append(f"shots {spec.shots} uses every image of the train split: seeds "
                               "change only the batch order, not the shots")
         sel = spec.selection
         fl = folds(len(train), spec.seed, sel.holdout) if sel.enabled else [(range(len(train)), [])]
         if not fl:
-            cell.notes.append(f"--shots {len(train)}: no shot can be held out to check the "
-                              "learned prompts, so the default prompts are kept (use --no-select "
-                              "to train anyway)")
+            cell.notes.append(f"shots {len(train)}: no shot can be held out to check the "
+                              "learned prompts, so the default prompts are kept (switch held-out "
+                              "selection off to train anyway)")
             continue
         for i, (fit, held) in enumerate(fl):
             p = prompts if i == 0 else make()

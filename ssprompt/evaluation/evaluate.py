@@ -22,7 +22,7 @@ from ..geometry import geometry_of
 from ..sfm.base import Features, Outputs, PromptableSFM, autocast
 from ..sfm.features import FeatureCache
 from .metrics import SegmentationEvaluator
-from .postprocess import MASK2FORMER_OBJECT_THRESHOLD, postprocess, with_background
+from .postprocess import postprocess, with_background
 
 EVAL_BATCH = 50  # samples (image x prompt set) per decoder pass (the CLI's --eval-batch)
 
@@ -73,7 +73,7 @@ def evaluate_many(sfm: PromptableSFM, prompt_list: list[tuple[Tensor, Tensor | N
     names = AGNOSTIC_NAMES if agnostic else dataset.class_names
     is_thing = AGNOSTIC_IS_THING if agnostic else dataset.is_thing
     threshold = object_mask_threshold if object_mask_threshold is not None else \
-        getattr(sfm, "object_mask_threshold", MASK2FORMER_OBJECT_THRESHOLD)
+        sfm.object_mask_threshold
     evs = evaluators or [SegmentationEvaluator(names, is_thing, sync=rank_world()[1] > 1,
                                                per_image=per_image) for _ in prompt_list]
     indices = list(range(len(dataset))) if indices is None else indices

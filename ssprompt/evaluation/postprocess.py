@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from ..geometry import geometry_of
+from ..sfm.base import MASK2FORMER_OBJECT_THRESHOLD  # noqa: F401 (re-exported)
 
-MASK2FORMER_OBJECT_THRESHOLD = 0.8  # Mask2Former's panoptic class-confidence cut (COCO)
 OVERLAP_THRESHOLD = 0.8   # Mask2Former: a query keeps its segment if it won >= 80% of its mask
 TOPK_INSTANCES = 100      # Mask2Former / COCO: at most 100 instances per image
 

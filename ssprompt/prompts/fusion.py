@@ -32,7 +32,8 @@ class FusedPrompt(nn.Module):
                  generator: torch.Generator | None = None):
         super().__init__()
         if mode not in MODES:
-            raise UserError(f"--mode {mode}: unknown fusion mode; choose one of {', '.join(MODES)}")
+            raise UserError(f"mode {mode}: unknown fusion mode; choose one of {', '.join(MODES)}",
+                            field="mode")
         if init not in INITS:
             raise UserError(f"init {init}: unknown; choose one of {', '.join(INITS)}")
         if weight not in WEIGHTS:

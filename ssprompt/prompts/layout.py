@@ -18,7 +18,8 @@ from ..errors import UserError
 
 def grid_layout(n: int) -> Tensor:
     if not isinstance(n, int) or n <= 0:
-        raise UserError(f"--n-prompts {n}: the number of spatial prompts must be a positive integer")
+        raise UserError(f"n_prompts {n}: the number of spatial prompts must be a positive integer",
+                        field="n_prompts")
     rows = max(1, round(math.sqrt(n)))
     counts = [n // rows + (1 if r < n % rows else 0) for r in range(rows)]
     pts = []

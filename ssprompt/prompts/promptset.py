@@ -46,17 +46,19 @@ class PromptConfig:
             # modes start from a copy of the default, which did better on the val split
             self.init = "random" if self.mode == "learned_only" else "default"
         if self.mode not in VARIANT_MODES:
-            raise UserError(f"--mode {self.mode}: unknown; choose one of "
-                            f"{', '.join(VARIANT_MODES)}")
+            raise UserError(f"mode {self.mode}: unknown; choose one of "
+                            f"{', '.join(VARIANT_MODES)}", field="mode")
         if isinstance(self.learners, str):
             self.learners = tuple(x for x in self.learners.split(",") if x)
         self.learners = tuple(self.learners)
         bad = [x for x in self.learners if x not in LEARNERS]
         if bad or not self.learners:
-            raise UserError(f"--learners {','.join(self.learners)}: choose from spatial,semantic")
+            raise UserError(f"learners {','.join(self.learners)}: choose from spatial,semantic",
+                            field="learners")
         if self.n_prompts is not None and (not isinstance(self.n_prompts, int)
                                            or self.n_prompts <= 0):
-            raise UserError(f"--n-prompts {self.n_prompts}: must be a positive integer")
+            raise UserError(f"n_prompts {self.n_prompts}: must be a positive integer",
+                            field="n_prompts")
 
 
 class PromptSet(nn.Module):
@@ -73,11 +75,11 @@ class PromptSet(nn.Module):
         self.is_thing = None if is_thing is None else [bool(x) for x in is_thing]
         kw = {"init": cfg.init, "weight": cfg.weight, "weight_init": cfg.weight_init,
               "generator": generator}
-        has_text = class_names is not None and sfm.encode_texts(class_names[:1]) is not None
+        has_text = class_names is not None and sfm.has_text_encoder
         if "semantic" in cfg.learners and cfg.mode not in ("default", "vanilla_2d",
                                                            "prompt_engineering") and not has_text:
-            raise UserError("--learners semantic: this SFM has no text encoder (SAM has none); "
-                            "use --learners spatial")
+            raise UserError("learners semantic: this SFM has no text encoder (SAM has none); "
+                            "learn spatial prompts only", field="learners")
         # spatial
         if cfg.mode == "vanilla_2d":
             self.spatial = Vanilla2DPrompt(sfm, cfg.n_prompts)

@@ -24,12 +24,11 @@ TEMPLATES = (
 
 def default_semantic(sfm: PromptableSFM, class_names: list[str]) -> Tensor:
     """The frozen text encoder's embeddings (C, D) of the bare class names."""
+    if not sfm.has_text_encoder:
+        raise UserError("learners semantic: this SFM has no text encoder (SAM has none); "
+                        "learn spatial prompts only", field="learners")
     with torch.no_grad():
-        emb = sfm.encode_texts(class_names)
-    if emb is None:
-        raise UserError("semantic prompts: this SFM has no text encoder (SAM has none); "
-                        "use --learners spatial")
-    return emb.float()
+        return sfm.encode_texts(class_names).float()
 
 
 def engineered_semantic(sfm: PromptableSFM, class_names: list[str],

@@ -64,13 +64,22 @@ class Outputs:
                        self.own_scores)
 
 
+MASK2FORMER_OBJECT_THRESHOLD = 0.8  # Mask2Former's panoptic class-confidence cut (COCO)
+
+
 @runtime_checkable
 class PromptableSFM(Protocol):
-    """What every backend offers. Optionally an ``object_mask_threshold`` attribute: the class
-    confidence panoptic post-processing keeps a query at (Mask2Former's 0.8 if absent)."""
+    """What every backend offers. ``has_text_encoder``: whether ``encode_texts`` embeds class
+    names (False: it returns None, and the SFM is prompted spatially, class-agnostically).
+    ``object_mask_threshold``: the class confidence panoptic post-processing keeps a query at
+    (``MASK2FORMER_OBJECT_THRESHOLD`` unless the backend knows better)."""
 
     embed_dim: int
     image_size: int
+    object_mask_threshold: float
+
+    @property
+    def has_text_encoder(self) -> bool: ...
 
     def encode_image(self, images: Tensor) -> Features: ...
     def encode_points(self, points: Tensor) -> Tensor: ...

@@ -49,6 +49,10 @@ class EmbeddedSFM(nn.Module):
         self._hash = "untrained"
 
     # -- the backend seam ------------------------------------------------------------------
+    @property
+    def has_text_encoder(self) -> bool:
+        return True
+
     def encode_image(self, images: Tensor) -> Features:
         return Features(self.image_encoder(images))
 
@@ -95,9 +99,9 @@ def load_embedded(path: str | Path | None = None, device: str = "cpu") -> Embedd
 
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.exists():
-        raise UserError(f"--checkpoint {path}: SFM weights file not found (give a weights "
-                        ".safetensors from `ssprompt pretrain`, or leave --checkpoint out for the "
-                        "packaged weights)")
+        raise UserError(f"checkpoint {path}: SFM weights file not found (give a weights "
+                        ".safetensors from `ssprompt pretrain`, or none for the packaged weights)",
+                        field="checkpoint")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -40,7 +40,7 @@ from .sam_common import (
 
 HOW_TO_GET = ("download one on a machine with network (e.g. `huggingface-cli download "
               "facebook/sam-vit-base --local-dir sam-vit-base`), copy it here, then pass "
-              "--checkpoint DIR")
+              "the directory as the checkpoint")
 __all__ = ["HOW_TO_GET", "IOU_EPS", "SamSFM", "load_sam", "weights_file_hash"]
 
 

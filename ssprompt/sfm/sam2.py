@@ -42,7 +42,7 @@ from .sam_common import (
 
 HOW_TO_GET = ("download one in transformers' format on a machine with network (e.g. "
               "`huggingface-cli download facebook/sam2-hiera-base-plus-hf --local-dir "
-              "sam2-base-plus`), copy it here, then pass --checkpoint DIR")
+              "sam2-base-plus`), copy it here, then give the directory as the checkpoint")
 LEVELS = ("feat_s0", "feat_s1", "image_embeddings")  # high-res to low-res
 
 

@@ -104,7 +104,7 @@ from .sam_common import (
 HOW_TO_GET = ("download one on a machine with network (the gated `facebook/sam3`: accept its "
               "licence, then `huggingface-cli download facebook/sam3 --local-dir sam3`), copy "
               "the directory (weights, config.json and tokenizer files) here, then pass "
-              "--checkpoint DIR")
+              "the directory as the checkpoint")
 SAM3_SCORE_THRESHOLD = 0.3  # Sam3Processor.post_process_instance_segmentation's default
 CONCEPT_CHUNK = 8           # (image, concept) pairs per SAM 3 forward
 MAX_PAIRS = 1000            # (concept, query) pairs an image keeps when not training
@@ -150,6 +150,10 @@ class Sam3SFM(TransformersSFM):
     def _ref(self) -> Tensor:
         return self.model.detr_decoder.query_embed.weight
 
+    @property
+    def has_text_encoder(self) -> bool:
+        return True
+
     # -- the backend seam ------------------------------------------------------------------
     @torch.no_grad()
     def encode_pixels(self, pixels: Tensor) -> Features:
@@ -172,9 +176,9 @@ class Sam3SFM(TransformersSFM):
         """(N, 2) [0, 1] (x, y) -> (N, D + 4): the learned queries whose reference-box centres
         are closest to the points, one each (Hungarian; rounds of Q when N > Q)."""
         if points.requires_grad:
-            raise UserError("--mode vanilla_2d: SAM 3's spatial prompts are its learned object "
-                            "queries, which 2-D coordinates cannot move; use --mode average, "
-                            "weighted or learned_only")
+            raise UserError("mode vanilla_2d: SAM 3's spatial prompts are its learned object "
+                            "queries, which 2-D coordinates cannot move; use mode average, "
+                            "weighted or learned_only", field="mode")
         from scipy.optimize import linear_sum_assignment
 
         q = self.queries()

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from ..geometry import Stretch, letterbox_shape
-from .base import Features, Outputs, autocast
+from .base import MASK2FORMER_OBJECT_THRESHOLD, Features, Outputs, autocast
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -265,6 +265,11 @@ class PointPromptSFM(TransformersSFM):
     mask decoder reads more than the image embedding, ``_decoder_extras(tensors) -> dict``."""
 
     what = "SAM"            # for messages
+    object_mask_threshold = MASK2FORMER_OBJECT_THRESHOLD   # panoptic cut on its IoU scores
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return False
 
     def __init__(self, model, weights_hash: str = "untrained",
                  pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
@@ -316,7 +321,7 @@ class PointPromptSFM(TransformersSFM):
         ``prompt_chunk`` at a time (the decoder copies the image embedding per prompt)."""
         if semantic is not None:
             raise UserError(f"SemPrompt needs a text encoder and {self.what} has none; "
-                            "use --learners spatial")
+                            "learn spatial prompts only")
         ref = self._ref
         tensors = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in feats.tensors.items()}
         b = len(feats)

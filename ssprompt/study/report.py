@@ -138,7 +138,6 @@ def _worse_table(cfg: StudyConfig, worse: list[dict]) -> list[str]:
 
 def _table(cfg: StudyConfig, stats) -> list[str]:
     """A markdown table, one row a variant; ``stats(variant, task)`` -> {metric: (mean, std)}."""
-    zs = cfg.baseline
     head = "| variant | params |" + "".join(f" {t} {m} |" for t in cfg.tasks for m in METRICS)
     lines = [head, "|---|---:|" + "---:|" * (len(cfg.tasks) * len(METRICS))]
     best = {(t, m): max((stats(v.name, t)[m][0] for v in cfg.variants
