@@ -21,9 +21,9 @@ With n images and m candidate steps, candidate j passes when
 
     mean_i d_ij > 0   and   mean_i d_ij - c * SE_j > 0,   c = Phi^-1(1 - alpha / m),
 
-SE_j = max(sd_j, min_sd) / sqrt(n) (sd_j the images' standard deviation of d_ij). The passing candidate
-with the largest mean difference is selected (ties: the earlier step); if none passes, the
-defaults are kept. Why each part:
+SE_j = max(sd_j, min_sd) / sqrt(n) (sd_j the images' standard deviation of d_ij). The passing
+candidate with the largest mean difference is selected (ties: the earlier step); if none passes,
+the defaults are kept. Why each part:
 
 * paired, per image: the mean over 1-4 held-out images hides a collapse that loses on most
   images and wins big on one; its per-image differences have a large spread and fail;
