@@ -3,6 +3,7 @@ many classes, bounded caches and bad input of real data."""
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ from ssprompt.sfm.features import FeatureCache
 from ssprompt.geometry import letterbox_labels, letterbox_shape, unletterbox
 from ssprompt.lru import LRUCache
 from ssprompt.prompts.promptset import PromptConfig
-from ssprompt.engine.selection import SelectionConfig, decide, folds
+from ssprompt.engine.selection import SelectionConfig, critical_value, decide, folds
 from ssprompt.engine.train import TrainConfig
 
 METRICS = ("mIoU", "AP50", "PQ", "SQ", "RQ", "PQ_th", "PQ_st")
@@ -61,17 +62,153 @@ def test_folds_hold_out_disjoint_shots():
 
 
 class _FakeTracker:
-    def __init__(self, default, scores):
-        self.default = {"score": default}
-        self.curve = [{"step": 10 * (i + 1), "score": s} for i, s in enumerate(scores)]
+    """A fold's held-out record: per image, the defaults' score and each candidate step's
+    (one column per metric: the same value in mIoU, AP50 and PQ)."""
+
+    def __init__(self, default, candidates):
+        def per(xs):
+            return np.repeat(np.asarray(xs, float)[:, None], 3, 1)
+
+        self.default_images = per(default)
+        self.default = {"score": float(np.mean(default))}
+        self.curve, self.images = [], {}
+        for i, xs in enumerate(candidates):
+            self.curve.append({"step": 10 * (i + 1), "score": float(np.mean(xs))})
+            self.images[10 * (i + 1)] = per(xs)
 
 
-def test_decide_needs_a_strict_gain_over_the_defaults():
-    assert decide([_FakeTracker(50.0, [40, 50.0, 45])])[0] is None        # a tie is no gain
-    assert decide([_FakeTracker(50.0, [40, 52, 52, 30])])[0] == 20        # earliest best step
-    # folds: the mean curve decides (fold 2 loses at step 10 what fold 1 gains)
-    step, curve, default = decide([_FakeTracker(50, [60, 51]), _FakeTracker(40, [20, 41])])
-    assert default == 45 and [c["score"] for c in curve] == [40, 46] and step == 20
+HELD = [50.0, 40.0, 60.0, 45.0]       # the defaults' score on four held-out images
+
+
+def _plus(d):
+    return [h + x for h, x in zip(HELD, d)]
+
+
+def test_decide_rejects_a_collapse_that_wins_on_average():
+    """Worse on three of four held-out images, far better on one: the mean held-out score
+    beats the defaults (the old rule kept it), the paired per-image test does not."""
+    collapse = _plus([-15, -10, +60, -5])
+    t = _FakeTracker(HELD, [collapse])
+    assert t.curve[0]["score"] > t.default["score"] + 7
+    step, _, _, test = decide([t])
+    assert step is None and test["mean"] == 7.5 and not test["passed"]
+    assert test["mean"] - test["threshold"] < 0 and test["n_images"] == 4
+
+
+def test_decide_rejects_the_best_of_many_noisy_checkpoints():
+    """Ten checkpoints that differ from the defaults by noise only (per-image sd 2): the best
+    one's held-out mean beats the defaults (the old rule kept it); the corrected test keeps
+    the defaults."""
+    rng = np.random.default_rng(0)
+    cands = [_plus(rng.normal(0, 2, 4)) for _ in range(10)]
+    t = _FakeTracker(HELD, cands)
+    assert max(c["score"] for c in t.curve) > t.default["score"] + 1
+    step, _, _, test = decide([t])
+    assert step is None and test["mean"] > 1 and test["n_candidates"] == 10
+
+
+def test_decide_keeps_a_consistent_gain():
+    """Every held-out image improves by 6-9 points: accepted. Of two passing steps the larger
+    mean gain wins; a step that is better on average but not per image is passed over."""
+    t = _FakeTracker(HELD, [_plus([6, 8, 7, 9]), _plus([7, 9, 8, 10]), _plus([-20, -20, 90, 0])])
+    step, _, _, test = decide([t])
+    assert step == 20 and test["passed"] and test["step"] == 20 and test["mean"] == 8.5
+    assert test["mean"] - test["threshold"] > 0
+    # leave-one-out folds: one image each, pooled into one paired test
+    folds_ = [_FakeTracker([h], [[h + x]]) for h, x in zip(HELD, [6, 8, 7, 9])]
+    assert decide(folds_)[0] == 10 and decide(folds_)[3]["n_images"] == 4
+    # a tie is no gain (and the old strict-gain rule still holds)
+    assert decide([_FakeTracker(HELD, [HELD])])[0] is None
+
+
+def test_threshold_grows_with_the_number_of_candidates():
+    """The same per-image gains pass when they are the only candidate and fail when they are
+    the best of many: the critical value is corrected for the checkpoints looked at."""
+    good = _plus([2, 4, 3, 5])
+    thresholds, picks = [], []
+    for m in (1, 10, 1000):
+        t = _FakeTracker(HELD, [good] + [HELD] * (m - 1))
+        step, _, _, test = decide([t])
+        thresholds.append(test["threshold"])
+        picks.append(step)
+    assert thresholds[0] < thresholds[1] < thresholds[2]
+    assert picks == [10, 10, None]
+    assert critical_value(0.05, 10) > critical_value(0.05, 1) > 1
+
+
+def test_two_images_both_must_improve():
+    """With two held-out images (k = 8), a big gain on one cannot carry a loss on the other."""
+    held = [50.0, 40.0]
+    assert decide([_FakeTracker(held, [[80.0, 39.0]])])[0] is None
+    assert decide([_FakeTracker(held, [[58.0, 47.0]])])[0] == 10
+
+
+def test_image_scores_equal_each_image_evaluated_alone(committed_ws):
+    """The per-image scores the test uses are each held-out image's own metrics."""
+    from ssprompt.engine.selection import Subset, default_embeddings, image_scores
+    from ssprompt.evaluation.evaluate import evaluate, evaluate_many
+
+    train = committed_ws.dataset("novel", "train", shots=8, seed=0)
+    sp, se = default_embeddings(
+        run_cell(committed_ws, CellSpec("novel", PromptConfig("default"), n_test=1))[1],
+        committed_ws.sfm)
+    held = Subset(train, [1, 4, 6])
+    per = image_scores(evaluate_many(committed_ws.sfm, [(sp, se)], held, committed_ws.cache,
+                                     per_image=True)[0]["per_image"])
+    for i in range(3):
+        alone = evaluate(committed_ws.sfm, sp, se, Subset(train, [held.positions[i]]),
+                         committed_ws.cache)
+        for j, m in enumerate(("mIoU", "AP50", "PQ")):
+            if alone[m] is None:
+                assert np.isnan(per[i, j])
+            else:
+                assert per[i, j] == pytest.approx(alone[m], abs=0.006)   # metrics: 2 decimals
+
+
+def test_stop_at_is_the_first_steps_of_the_full_schedule(tiny_sfm, coins_root, monkeypatch):
+    """Refit: stopping at step s gives bit-identically the prompts of the full run after s
+    steps, at the full run's learning rate (training ``steps = s`` would squeeze the cosine
+    schedule: its learning rate at s differs)."""
+    import ssprompt.engine.train as train_mod
+    from ssprompt.engine.train import train_prompts
+    from ssprompt.prompts.promptset import PromptSet
+
+    lrs: list[list[float]] = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, *a, **kw):
+            lrs[-1].append(self.param_groups[0]["lr"])
+            return super().step(*a, **kw)
+
+    monkeypatch.setattr(train_mod.torch.optim, "AdamW", Recording)
+    data = CocoDataset(coins_root, "train")
+    cfg = TrainConfig(steps=12, warmup=3, batch=2, seed=0)
+
+    def run(stop_at=None, steps=None, keep_at=None):
+        torch.manual_seed(0)
+        p = PromptSet(tiny_sfm, data.class_names, PromptConfig("weighted"),
+                      generator=torch.Generator().manual_seed(0))
+        kept = {}
+        hook = (lambda s: kept.update(s=copy.deepcopy(p.state_dict())) if s + 1 == keep_at
+                else None)
+        lrs.append([])
+        c = cfg if steps is None else TrainConfig(**{**cfg.__dict__, "steps": steps})
+        train_prompts(tiny_sfm, p, data, c, on_step=hook, stop_at=stop_at)
+        return kept.get("s", p.state_dict())
+
+    s = 5
+    full_at_s = run(keep_at=s)
+    stopped = run(stop_at=s)
+    squeezed = run(steps=s)
+    assert full_at_s.keys() == stopped.keys()
+    assert all(torch.equal(full_at_s[k], stopped[k]) for k in full_at_s)
+    full, stop, squeeze = lrs
+    assert len(full) == 12 and stop == full[:s] and len(squeeze) == s
+    assert squeeze[-1] != full[s - 1]
+    assert not all(torch.equal(full_at_s[k], squeezed[k]) for k in full_at_s)
+    with pytest.raises(ValueError, match="stop_at"):
+        train_prompts(tiny_sfm, PromptSet(tiny_sfm, data.class_names, PromptConfig("weighted")),
+                      data, cfg, stop_at=13)
 
 
 def test_harmful_lr_falls_back_to_exactly_zero_shot(committed_ws):

@@ -185,12 +185,13 @@ def _select(ws: Workspace, cell: _Cell, progress: bool):
         return {"selected": "default", "reason": "no held-out shot"}, None
     if not cell.trackers:    # selection switched off
         return None, None
-    step, curve, default = decide(cell.trackers)
     sel = cell.spec.selection
-    info = {"rule": f"held-out mean of mIoU/AP50/PQ every {sel.every} steps; "
+    step, curve, default, test = decide(cell.trackers, sel)
+    info = {"rule": f"paired per-image held-out test of mIoU/AP50/PQ every {sel.every} steps, "
+                    f"alpha {sel.alpha} over {test.get('n_candidates', 0)} candidates; "
                     f"{len(cell.trackers)} fold(s)", "default_score": round(default, 4),
             "curve": curve, "folds": [t.curve for t in cell.trackers],
-            "default_folds": [t.default for t in cell.trackers],
+            "default_folds": [t.default for t in cell.trackers], "test": test,
             "selected": "default" if step is None else step, "refit": False}
     single = len(cell.trackers) == 1
     raw = None
@@ -203,8 +204,8 @@ def _select(ws: Workspace, cell: _Cell, progress: bool):
         cell.prompts.load_state_dict(cell.trackers[0].states[step])
     else:                    # several folds (or refit): train again on all k shots
         fresh = cell.make()
-        train_prompts(ws.sfm, fresh, cell.train, TrainConfig(**{**asdict(cell.cfg), "steps": step}),
-                      ws.cache, progress=progress)
+        train_prompts(ws.sfm, fresh, cell.train, cell.cfg, ws.cache, progress=progress,
+                      stop_at=step)   # the validated schedule, stopped at the selected step
         cell.prompts.load_state_dict(fresh.state_dict())
         info["refit"] = True
     return info, raw

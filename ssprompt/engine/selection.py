@@ -10,12 +10,39 @@ Without validation, a few-shot run can end far below zero-shot and nothing notic
 * k = 1: nothing can be held out: the default prompts are kept (with a warning).
 
 During training every ``every`` steps (and at the last step) each fold's prompts are scored on
-its held-out shots with the task metrics: the mean of mIoU, AP50 and PQ, over those defined.
-The best step wins only if it beats the default prompts' score on the same held-out shots;
-otherwise the result *is* the default prompts (exactly the zero-shot output). With one fold the
-prompts of the selected step are used as they are (what was validated is what ships); with
-several folds, or with ``refit``, the prompts are trained again on all k shots for the
-selected number of steps.
+each of its held-out shots *on its own*: an image's score is the mean of that image's mIoU, AP50
+and PQ (over those defined for it), from the per-image records of one evaluation
+(``evaluation.records.PerImage``, the bootstrap's input). The defaults are scored the same way.
+
+The rule (``decide``): the held-out images of every fold are pooled (leave-one-out: the k
+shots, one per fold). For each candidate step j and image i, d_ij = cand_ij - default_i (over
+the metrics defined for both), a *paired* difference: what the image itself contributes cancels.
+With n images and m candidate steps, candidate j passes when
+
+    mean_i d_ij > 0   and   mean_i d_ij - c * SE_j > 0,   c = Phi^-1(1 - alpha / m),
+
+SE_j = max(sd_j, min_sd) / sqrt(n) (sd_j the images' standard deviation of d_ij). The passing
+candidate with the largest mean difference is selected (ties: the earlier step); if none passes,
+the defaults are kept. Why each part:
+
+* paired, per image: the mean over 1-4 held-out images hides a collapse that loses on most
+  images and wins big on one; its per-image differences have a large spread and fail;
+* m candidates: the best of m noisy checkpoints beats a fixed default on noise alone, so each
+  is tested at level alpha / m (Bonferroni, which holds however correlated the checkpoints
+  are); the threshold grows with m;
+* the normal quantile, not Student's t: with the 2-4 held-out images this library has (k = 8
+  holds out 2, k = 16 and leave-one-out at k = 4 give 4), t with n - 1 degrees of freedom
+  (c = 64 at n = 2) could never accept anything. Instead the sd is never taken below
+  ``min_sd`` points, a floor on the per-image noise fixed in advance (a small n often shows a
+  spread far below the true one): a stated assumption, not tuned on test;
+* very few images: with c > 1 (any alpha / m < 0.16) the rule already implies that, with
+  n = 2, *both* images improve (mean - c * |d_1 - d_2| / 2 > 0 needs the smaller one > 0),
+  and with n = 1 that the one image improves by more than c * min_sd; no separate rule.
+
+With one fold the prompts of the selected step are used as they are (what was validated is
+what ships); with several folds, or with ``refit``, the prompts are trained again on all k
+shots with the same ``steps``-step schedule (warmup, cosine decay), stopped after the
+selected step (``train_many(stop_at=...)``), so the refit follows the validated trajectory.
 """
 
 from __future__ import annotations
@@ -27,6 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..evaluation.bootstrap import METRIC_FNS
 from ..evaluation.metrics import METRICS
 from ..prompts.fusion import FusedPrompt
 from ..prompts.spatial import default_spatial
@@ -41,7 +69,9 @@ class SelectionConfig:
     enabled: bool = True
     holdout: float = 0.25   # fraction of the k shots held out when k >= 8
     every: int = 10         # score the candidates every this many steps
-    refit: bool = False     # one fold: train again on all k shots for the selected steps
+    refit: bool = False     # one fold: train again on all k shots up to the selected step
+    alpha: float = 0.05     # one-sided level of the paired test, shared by the m candidates
+    min_sd: float = 2.0     # floor (points) on the sd of the per-image differences
     report_raw: bool = True  # also score the unselected last-step prompts on test (the cost
     #                          of one more test evaluation where selection changed something)
 
@@ -93,24 +123,43 @@ def restore_defaults(prompts, sfm) -> None:
         prompts.semantic = FusedPrompt(semantic, "default")
 
 
+def image_scores(stats) -> np.ndarray:
+    """(n, len(METRICS)): each image's own mIoU, AP50 and PQ (percent; NaN where undefined for
+    that image), recomputed from per-image records exactly as for that image evaluated alone."""
+    one_each = np.eye(len(stats))
+    return np.stack([METRIC_FNS[m](stats, one_each) for m in METRICS], 1)
+
+
+def paired_deltas(cand: np.ndarray, default: np.ndarray) -> np.ndarray:
+    """Per image, the mean over the metrics defined for both of cand - default (NaN where
+    none is); ``cand`` and ``default`` are ``image_scores`` of the same images."""
+    diff = cand - default
+    ok = np.isfinite(diff)
+    with np.errstate(invalid="ignore"):
+        return np.where(ok.any(1), np.where(ok, diff, 0).sum(1) / ok.sum(1), np.nan)
+
+
 class Tracker:
-    """Scores one fold's prompts on its held-out shots as training goes and keeps the state of
-    every scored step."""
+    """Scores one fold's prompts on its held-out shots as training goes (the mean score, and
+    each image's own ``image_scores``) and keeps the state of every scored step."""
 
     def __init__(self, sfm, prompts, held_out: Subset, cache, every: int, steps: int,
                  eval_batch: int = 50):
-        from ..evaluation.evaluate import evaluate
+        from ..evaluation.evaluate import evaluate_many
 
         self.prompts, self.every, self.steps = prompts, every, steps
-        self._evaluate = lambda sp, se: evaluate(sfm, sp, se, held_out, cache, batch=eval_batch)
-        self.default = self._score(*default_embeddings(prompts, sfm))
+        self._evaluate = lambda sp, se: evaluate_many(sfm, [(sp, se)], held_out, cache,
+                                                      batch=eval_batch, per_image=True)[0]
+        self.images: dict[int, np.ndarray] = {}   # step -> image_scores
+        self.default, self.default_images = self._score(*default_embeddings(prompts, sfm))
         self.curve: list[dict] = []
         self.states: dict[int, dict] = {}
 
     @torch.no_grad()
-    def _score(self, spatial, semantic) -> dict:
+    def _score(self, spatial, semantic) -> tuple[dict, np.ndarray]:
         m = self._evaluate(spatial, semantic)
-        return {"score": round(score(m), 4), **{k: m.get(k) for k in METRICS}}
+        per = image_scores(m.pop("per_image"))
+        return {"score": round(score(m), 4), **{k: m.get(k) for k in METRICS}}, per
 
     def __call__(self, step: int) -> None:
         """After optimiser step ``step`` (0-based): score if it is a candidate step."""
@@ -118,19 +167,50 @@ class Tracker:
         if done % self.every and done != self.steps:
             return
         with torch.no_grad():
-            self.curve.append({"step": done, **self._score(*self.prompts())})
+            scored, self.images[done] = self._score(*self.prompts())
+        self.curve.append({"step": done, **scored})
         self.states[done] = copy.deepcopy(self.prompts.state_dict())
 
 
-def decide(trackers: list[Tracker]) -> tuple[int | None, list[dict], float]:
+def critical_value(alpha: float, m: int) -> float:
+    """One-sided normal critical value at level ``alpha / m`` (Bonferroni over m candidates)."""
+    from scipy.stats import norm
+
+    return float(norm.ppf(1 - alpha / m))
+
+
+def paired_test(d: np.ndarray, m: int, cfg: SelectionConfig) -> dict:
+    """The paired test of one candidate (module docstring): ``d`` its per-image differences
+    (NaN: left out), ``m`` the number of candidates looked at."""
+    d = d[np.isfinite(d)]
+    n = len(d)
+    if n == 0:
+        return {"n_images": 0, "n_candidates": m, "passed": False}
+    mean = float(d.mean())
+    sd = float(d.std(ddof=1)) if n > 1 else 0.0
+    se = max(sd, cfg.min_sd) / math.sqrt(n)
+    c = critical_value(cfg.alpha, m)
+    passed = mean > 0 and mean - c * se > 0
+    return {"n_images": n, "n_candidates": m, "mean": round(mean, 4), "sd": round(sd, 4),
+            "se": round(se, 4), "c": round(c, 4), "threshold": round(c * se, 4),
+            "min_delta": round(float(d.min()), 4), "passed": bool(passed)}
+
+
+def decide(trackers: list[Tracker], cfg: SelectionConfig | None = None
+           ) -> tuple[int | None, list[dict], float, dict]:
     """(selected step or None for the defaults, the mean held-out curve, the defaults' mean
-    score) over the folds' trackers. Ties go to the earlier step; a step must beat the defaults
-    strictly."""
+    score, the paired test of the selected candidate, else of the one with the largest mean
+    difference) over the folds' trackers: the rule of the module docstring."""
+    cfg = cfg or SelectionConfig()
     default = float(np.mean([t.default["score"] for t in trackers]))
     steps = [c["step"] for c in trackers[0].curve]
     curve = [{"step": s, "score": round(float(np.mean([t.curve[i]["score"] for t in trackers])), 4)}
              for i, s in enumerate(steps)]
-    best = max(curve, key=lambda c: (c["score"], -c["step"]), default=None)
-    if best is None or not best["score"] > default:
-        return None, curve, default
-    return best["step"], curve, default
+    tests = []
+    for s in steps:
+        d = np.concatenate([paired_deltas(t.images[s], t.default_images) for t in trackers])
+        tests.append({"step": s, **paired_test(d, len(steps), cfg)})
+    ranked = sorted(tests, key=lambda t: (-t.get("mean", -math.inf), t["step"]))
+    passing = [t for t in ranked if t["passed"]]
+    pick = passing[0] if passing else (ranked[0] if ranked else {})
+    return (pick["step"] if passing else None), curve, default, pick

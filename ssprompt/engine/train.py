@@ -92,21 +92,34 @@ class _Run:
         return idx[rank::world] or idx[:1]  # torchrun: each rank takes its share of the batch
 
 
+def lr_scale(step: int, steps: int, warmup: int) -> float:
+    """The learning-rate factor at optimiser step ``step`` (0-based) of a ``steps``-step run:
+    linear warmup over ``warmup`` steps times a cosine decay over all ``steps``."""
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def train_prompts(sfm: PromptableSFM, prompts: PromptSet, dataset, cfg: TrainConfig,
                   cache: FeatureCache | None = None, progress: bool = False,
-                  on_step: Callable[[int], None] | None = None) -> list[dict]:
-    """Optimise ``prompts`` on every scene of ``dataset``; returns the loss log."""
-    return train_many(sfm, [(prompts, dataset, cfg)], cache, progress, [on_step])[0]
+                  on_step: Callable[[int], None] | None = None,
+                  stop_at: int | None = None) -> list[dict]:
+    """Optimise ``prompts`` on every scene of ``dataset``; returns the loss log. ``stop_at``:
+    see ``train_many``."""
+    return train_many(sfm, [(prompts, dataset, cfg)], cache, progress, [on_step],
+                      stop_at=stop_at)[0]
 
 
 def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConfig]],
                cache: FeatureCache | None = None, progress: bool = False,
                on_step: list[Callable[[int], None] | None] | None = None,
-               on_log: list[Callable[[dict], None] | None] | None = None) -> list[list[dict]]:
+               on_log: list[Callable[[dict], None] | None] | None = None,
+               stop_at: int | None = None) -> list[list[dict]]:
     """Train several prompt sets in shared decoder passes; jobs must agree on ``steps``.
     ``on_step[j](step)`` is called after each optimiser step of job ``j`` (0-based), e.g. to
     score the prompts on held-out shots (``ssprompt.engine.selection``); ``on_log[j](row)`` with each
-    loss-log row of job ``j`` as it is written (a live log file)."""
+    loss-log row of job ``j`` as it is written (a live log file). ``stop_at``: stop after that
+    many optimiser steps of the full ``steps``-step schedule (warmup and cosine decay as in the
+    full run), so the prompts are exactly those of the full run after ``stop_at`` steps: the
+    refit of a selected step keeps the schedule that was validated."""
     cache = cache if cache is not None else FeatureCache()
     hooks = on_step or [None] * len(jobs)
     loggers = on_log or [None] * len(jobs)
@@ -121,16 +134,19 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
     steps = runs[0].cfg.steps
     if any(r.cfg.steps != steps for r in runs):
         raise UserError("train_many: every job must use the same number of steps")
+    stop = steps if stop_at is None else stop_at
+    if not 1 <= stop <= steps:
+        raise ValueError(f"train_many: stop_at must be in 1..{steps}, got {stop_at}")
     # every run's features in one batch, so that a step's batch is one gather (one copy)
     all_feats = Features.cat([r.feats for r in runs]) if len(runs) > 1 else runs[0].feats
     offsets = [0]
     for r in runs[:-1]:
         offsets.append(offsets[-1] + len(r.feats))
-    for step in tqdm(range(steps), desc="prompt learning", disable=not progress, leave=False):
+    for step in tqdm(range(stop), desc="prompt learning", disable=not progress, leave=False):
         batches = [r.next_batch() for r in runs]
         spatial, semantic = [], []
         for r, idx in zip(runs, batches):
-            scale = min(1.0, (step + 1) / r.cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            scale = lr_scale(step, steps, r.cfg.warmup)
             for group in r.opt.param_groups:
                 group["lr"] = r.cfg.lr * scale * group["lr_mult"]
             sp, se = r.prompts()
@@ -156,7 +172,7 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
         for r, (loss, parts), logger in zip(runs, parts_all, run_loggers):
             all_reduce_mean_(r.params)
             r.opt.step()
-            if step % r.cfg.log_every == 0 or step == steps - 1:
+            if step % r.cfg.log_every == 0 or step in (steps - 1, stop - 1):
                 r.log.append({"step": step, "loss": round(float(loss.detach()), 5),
                               **{k: round(v, 5) for k, v in parts.items()}})
                 if logger is not None:
