@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cli_helpers import assert_one_line_error, save_tiny_embedded, ssprompt, tiny_embedded
+from cli_helpers import (assert_ok, assert_one_line_error, save_tiny_embedded, save_tiny_sam,
+                         ssprompt, tiny_embedded)
 from ssprompt.data.coco import CocoDataset, export_coco
 from ssprompt.data.scenes import SceneSplit
 
@@ -23,9 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("mIoU", "AP50", "PQ")
 
 
-def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-3000:])
-    return r
+ok = assert_ok
 
 
 # ------------------------------------------------------------------------------- fixtures
@@ -58,9 +56,7 @@ def instances_root(panoptic_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sam_ckpt(tmp_path_factory) -> Path:
     pytest.importorskip("transformers")
-    from test_sam import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("sam"), seed=0)
+    return save_tiny_sam(tmp_path_factory.mktemp("sam"), seed=0)
 
 
 def _metrics(path: Path) -> dict:
