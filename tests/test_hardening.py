@@ -201,6 +201,12 @@ def cli(coco, coco_unannotated, tiny, tiny_other, tmp_path_factory) -> dict:
         (base / name).mkdir()
         argv[name] = prep(fx, base / name)
     runs = {name: (ssprompt(*args), base / name) for name, args in argv.items()}
+    # the same bad input in a fresh `python -m ssprompt.cli`: nothing printed at import time
+    # adds a line to the one error line
+    (base / "corrupt_image_subprocess").mkdir()
+    runs["corrupt_image_subprocess"] = (
+        ssprompt(*corrupt_image(fx, base / "corrupt_image_subprocess"), subprocess=True),
+        base / "corrupt_image_subprocess")
     assert runs["train_a"][0].returncode == 0, runs["train_a"][0].stderr[-2000:]
     out = base / "other_sfm"  # prompts learned with one tiny SFM, evaluated with another
     runs["other_sfm"] = (ssprompt(*_eval(tiny_other, out, "--task", "shift", "--n-test", "3",
@@ -219,6 +225,10 @@ def _error(cli, name: str, *needles: str) -> str:
 # ------------------------------------------------------------------------ COCO bad input
 def test_coco_corrupt_image(cli):
     _error(cli, "corrupt_image", "000001.png", "cannot decode image")
+
+
+def test_coco_corrupt_image_in_a_fresh_process(cli):
+    _error(cli, "corrupt_image_subprocess", "000001.png", "cannot decode image")
 
 
 def test_coco_annotation_mask_size_differs_from_image(cli):
