@@ -7,44 +7,24 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from cli_helpers import assert_ok
+from cli_helpers import ssprompt as _ssprompt
 
-ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("mIoU", "AP50", "PQ")
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1", "SSPROMPT_BACKEND": "gloo", "HF_HUB_OFFLINE": "1",
-            "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
-
-
-def ssprompt(*args, ranks: int = 1) -> subprocess.CompletedProcess:
-    """The real command line, alone (ranks=1) or under torchrun with ``ranks`` processes."""
-    launch = [sys.executable, "-m", "ssprompt.cli"] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc-per-node", str(ranks), "-m", "ssprompt.cli"]
-    for attempt in range(3):
-        r = subprocess.run([*launch, *map(str, args)], cwd=ROOT, env=_env(),
-                           capture_output=True, text=True, timeout=300)
-        # Known flake, not ssprompt's: under load a gloo worker process occasionally dies at
-        # interpreter exit with "terminate called without an active exception" (SIGABRT),
-        # after its work is done. Retry that, and only that.
-        if not (r.returncode and "terminate called without an active exception" in r.stderr):
-            break
-    assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-4000:])
-    return r
+def ssprompt(*args, ranks: int = 1):
+    """The command line, alone (ranks=1, in process) or under torchrun with ``ranks`` processes
+    (gloo; the process boundary is what these tests are about)."""
+    return assert_ok(_ssprompt(*args, ranks=ranks))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from cli_helpers import assert_one_line_error, ssprompt
+from cli_helpers import assert_one_line_error, save_tiny_sam, ssprompt
 from PIL import Image
 
 from ssprompt.errors import UserError
@@ -207,10 +207,8 @@ def test_predict_a_coco_split_keeps_its_ids_and_scores_as_eval(tmp_path):
 def test_predict_class_agnostic_with_a_tiny_sam(tmp_path):
     """An SFM without a text encoder: classes object / background in every file, scored as
     eval scores it."""
-    from test_sam import save_tiny
-
     ckpt = tmp_path / "sam"
-    save_tiny(ckpt, seed=0)
+    save_tiny_sam(ckpt, seed=0)
     spec = ["--task", "novel", "--n-test", "3", "--sfm", "sam", "--checkpoint", ckpt,
             "--n-prompts", "16", "--device", "cpu"]
     r = ssprompt("predict", *spec, "--out", tmp_path / "pred")
@@ -233,7 +231,7 @@ def test_empty_results_file_scores_as_no_detections(tmp_path):
     """``instances_results.json`` = ``[]`` (pycocotools' ``loadRes([])`` fails on it) reads
     back as images without detections: AP50 0 where there is ground truth, mIoU / PQ as
     before; pycocotools given an empty result set agrees."""
-    from test_coco import _good_detections, _overlapping_coco, write_hand_predictions
+    from data.test_coco import _good_detections, _overlapping_coco, write_hand_predictions
 
     from ssprompt.data.coco import CocoDataset
     from ssprompt.evaluation.metrics import InstanceAP50, coco_ap50
@@ -264,7 +262,7 @@ def test_empty_results_file_scores_as_no_detections(tmp_path):
 def test_panoptic_id_without_segments_info_is_an_error(tmp_path):
     """A panoptic PNG segment id that ``segments_info`` does not list stops reading (as in
     panopticapi), in one line naming the PNG and the id; eval says the same."""
-    from test_coco import _good_detections, _overlapping_coco, write_hand_predictions
+    from data.test_coco import _good_detections, _overlapping_coco, write_hand_predictions
 
     from ssprompt.data.coco import id2rgb, rgb2id
     from ssprompt.predict import read_predictions

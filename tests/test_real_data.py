@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cli_helpers import assert_one_line_error, save_tiny_embedded, ssprompt, tiny_embedded
+from cli_helpers import (assert_ok, assert_one_line_error, save_tiny_embedded, save_tiny_sam,
+                         ssprompt, tiny_embedded)
 from ssprompt.data.coco import CocoDataset, export_coco
 from ssprompt.data.scenes import SceneSplit
 
@@ -23,9 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("mIoU", "AP50", "PQ")
 
 
-def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-3000:])
-    return r
+ok = assert_ok
 
 
 # ------------------------------------------------------------------------------- fixtures
@@ -58,9 +56,7 @@ def instances_root(panoptic_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sam_ckpt(tmp_path_factory) -> Path:
     pytest.importorskip("transformers")
-    from test_sam import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("sam"), seed=0)
+    return save_tiny_sam(tmp_path_factory.mktemp("sam"), seed=0)
 
 
 def _metrics(path: Path) -> dict:
@@ -137,9 +133,11 @@ def test_sam_spatial_train_and_eval_class_agnostic(instances_root, sam_ckpt, tmp
 
 @pytest.mark.parametrize("learners", ["semantic", "spatial,semantic"])
 def test_sam_semantic_learners_are_a_user_error(instances_root, sam_ckpt, tmp_path, learners):
+    # a fresh process: what importing the SAM backend prints (transformers warns once per
+    # process, at import) must not add a line to the one-line error
     r = ssprompt("train", "--data", f"coco:{instances_root}", "--sfm", "sam", "--checkpoint",
                  sam_ckpt, "--learners", learners, "--mode", "weighted", "--shots", 2,
-                 "--steps", 1, "--n-test", 2, "--out", tmp_path / "o")
+                 "--steps", 1, "--n-test", 2, "--out", tmp_path / "o", subprocess=True)
     assert_one_line_error(r, "--learners", "text encoder")
     assert not (tmp_path / "o" / "prompts.safetensors").exists()
 

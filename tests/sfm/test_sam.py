@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("transformers")
 from transformers import SamConfig, SamModel  # noqa: E402
 
+from cli_helpers import save_tiny_sam, tiny_sam_config  # noqa: E402
 from ssprompt.errors import UserError  # noqa: E402
 from ssprompt.sfm.base import Features, PromptableSFM  # noqa: E402
 from ssprompt.sfm.sam import SamSFM, load_sam  # noqa: E402
@@ -20,26 +21,10 @@ SIZE = 64     # SAM input size; image embeddings are SIZE / 16 = 4 x 4, masks 16
 
 
 def tiny_config() -> SamConfig:
-    return SamConfig(
-        vision_config=dict(hidden_size=32, output_channels=D, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=SIZE, patch_size=16, window_size=2,
-                           global_attn_indexes=[1], num_pos_feats=D // 2, mlp_dim=64),
-        prompt_encoder_config=dict(hidden_size=D, image_size=SIZE, patch_size=16,
-                                   mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=D, mlp_dim=32, num_hidden_layers=2,
-                                 num_attention_heads=2, iou_head_hidden_dim=16),
-    )
+    return tiny_sam_config()   # shared with other tests (cli_helpers)
 
 
-def save_tiny(path, seed: int):
-    torch.manual_seed(seed)
-    model = SamModel(tiny_config()).eval()
-    # A random init leaves SAM's IoU head near 0 (object logit pinned at the clamp): nudge its
-    # output bias so the object logit is an honest, unclamped function of the prompts.
-    with torch.no_grad():
-        model.mask_decoder.iou_prediction_head.proj_out.bias.fill_(0.5)
-    model.save_pretrained(path)
-    return path
+save_tiny = save_tiny_sam      # save_tiny(path, seed): a tiny random SamModel, save_pretrained
 
 
 @pytest.fixture(scope="module")

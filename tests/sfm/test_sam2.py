@@ -16,7 +16,7 @@ from ssprompt.prompts.promptset import PromptConfig, PromptSet  # noqa: E402
 from ssprompt.sfm import load_sfm  # noqa: E402
 from ssprompt.sfm.base import PromptableSFM  # noqa: E402
 from ssprompt.sfm.sam2 import Sam2SFM  # noqa: E402
-from test_sam import check_point_embeddings_are_the_prompt_encoders  # noqa: E402
+from sfm.test_sam import check_point_embeddings_are_the_prompt_encoders  # noqa: E402
 
 torch.set_num_threads(1)
 D = 32        # prompt encoder / mask decoder hidden size
