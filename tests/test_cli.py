@@ -103,7 +103,7 @@ def test_study_set_overrides_reach_the_config():
     from ssprompt.study import CONFIG_DIR, load_config, parse_sets
 
     sets = parse_sets(["train.steps=50", "seeds=[0, 1]", "variants.ssprompt.n_prompts=25",
-                       "variants.ssprompt.engine.train.lr=1", "n_test=7"])
+                       "variants.ssprompt.train.lr=1", "n_test=7"])
     cfg = load_config(CONFIG_DIR / "quick.yaml", sets)
     plain = load_config(CONFIG_DIR / "quick.yaml")
     assert cfg.train["steps"] == 50 and cfg.seeds == [0, 1] and cfg.n_test == 7

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from cli_helpers import assert_one_line_error, save_tiny_sam, ssprompt
 from PIL import Image
 

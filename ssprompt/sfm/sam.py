@@ -59,7 +59,6 @@ def sam_processor(path: Path, size: int):
     (Without torchvision transformers gives its PIL implementation of the same processor.)"""
     import warnings
 
-    from transformers import SamImageProcessor
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -67,6 +66,8 @@ def sam_processor(path: Path, size: int):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            from transformers import SamImageProcessor   # its import warns without torchvision
+
             if (path / "preprocessor_config.json").is_file():
                 proc = SamImageProcessor.from_pretrained(str(path), local_files_only=True)
             else:

@@ -197,7 +197,7 @@ def test_parity_with_sam_processor_model_and_post_process_masks(sam, ref_model, 
     ``SamImageProcessor -> SamModel -> post_process_masks`` on non-square images."""
     from transformers import SamImageProcessor
 
-    import conformance
+    from sfm import conformance
 
     image = conformance.images()[shape]
     assert sam.default_n_prompts == 1024

@@ -190,7 +190,7 @@ def test_parity_with_sam2_processor_model_and_post_process_masks(sam2, ref_model
     """Default prompts (SAM's 32 x 32 grid): ssprompt's masks and scores equal
     ``Sam2ImageProcessor -> Sam2Model -> post_process_masks``, and its preprocessing equals the
     processor's bit for bit."""
-    import conformance
+    from sfm import conformance
 
     conformance.torchvision_or_skip()
     from transformers import Sam2ImageProcessor

@@ -212,7 +212,7 @@ def _post_process_instance_segmentation(out, threshold: float, target_size) -> d
 def test_replicated_post_processing_is_the_processors(ref_model):
     """``_post_process_instance_segmentation`` (which the test above uses so that it runs
     without torchvision) equals ``Sam3ImageProcessor.post_process_instance_segmentation``."""
-    import conformance
+    from sfm import conformance
 
     conformance.torchvision_or_skip()
     from transformers import Sam3ImageProcessor
@@ -237,7 +237,7 @@ def test_zero_shot_instances_and_semantics_are_sam3s_per_class_outputs(sam3, ref
     instances (masks, scores, classes) are those of 3 separate Sam3Model forwards, one per
     class text, each post-processed as post_process_instance_segmentation does, concatenated;
     its semantic map is the per-pixel argmax of the 3 forwards' semantic heads."""
-    import conformance
+    from sfm import conformance
 
     from ssprompt.evaluation.postprocess import postprocess
     from ssprompt.geometry import geometry_of
@@ -483,7 +483,7 @@ def test_parity_with_sam3_processor_model_and_post_process(sam3, ref_model, shap
     """Default prompts (all of SAM 3's own queries) and one class name: ssprompt's per-query
     masks and scores equal ``Sam3ImageProcessor -> Sam3Model -> post_process_instance_
     segmentation`` (every query kept), and its preprocessing equals the processor's."""
-    import conformance
+    from sfm import conformance
 
     conformance.torchvision_or_skip()
     from transformers import Sam3ImageProcessor

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -406,7 +405,7 @@ def test_non_square_images_through_tiny_sam(coins_root, tmp_path):
     """The same mixed-size split through a tiny SAM (letterboxed, never stretched): train with
     selection, then evaluation class-agnostically at every image's own size."""
     pytest.importorskip("transformers")
-    from test_sam import save_tiny
+    from cli_helpers import save_tiny_sam as save_tiny
 
     from ssprompt.evaluation.postprocess import postprocess
     from ssprompt.sfm import load_sfm

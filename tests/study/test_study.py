@@ -13,7 +13,7 @@ import pytest
 from ssprompt.errors import UserError
 from ssprompt.study import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METRIC_COLS = ("variant", "task", "seed", "mIoU", "AP50", "PQ")
 
 
