@@ -69,7 +69,7 @@ class LearnConfig:
         from .engine.selection import SelectionConfig
         from .engine.train import TrainConfig
         from .prompts.promptset import PromptConfig
-        from .study.config import check_train_values
+        from .engine.train import check_train_values
 
         given = {k: v for k, v in (("steps", self.steps), ("lr", self.lr), ("batch", self.batch),
                                    ("spatial_lr_mult", self.spatial_lr_mult)) if v is not None}
@@ -152,7 +152,7 @@ class TrainedPrompts:
         ``--prompts``), metrics.json, config.json, loss.csv and curves.png."""
         from .io import write_json, write_text
         from .prompts.promptset import save_prompts
-        from .study.plots import plot_train_curves
+        from .engine.curves import plot_train_curves
 
         out = Path(out)
         save_prompts(out / "prompts.safetensors", self.prompt_set, self.meta)

@@ -148,7 +148,8 @@ def _cmd_predict(a: argparse.Namespace) -> None:
 def learn_config(a: argparse.Namespace):
     """``ssprompt train``'s flags as a ``LearnConfig`` (one field a flag)."""
     from .api import LearnConfig
-    from .study.config import check_train_values, parse_sets
+    from .engine.train import check_train_values
+    from .study.config import parse_sets
 
     return LearnConfig(mode=a.mode, learners=a.learners, n_prompts=a.n_prompts, init=a.init,
                        weight=a.weight, weight_init=a.weight_init, anchored=a.anchored,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from tqdm import tqdm
@@ -183,3 +183,23 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
     logs = iter(r.log for r in runs)
     return [next(logs) if p.trainable() else [] for p, _, _ in jobs]
 
+
+def check_train_values(where: str, values: dict) -> dict:
+    """``values`` as TrainConfig fields: unknown keys and values of the wrong type are refused
+    in one line; an int is accepted where a float is expected."""
+    allowed = {f.name for f in fields(TrainConfig)} - {"seed"}
+    bad = sorted(set(values) - allowed)
+    if bad:
+        raise UserError(f"{where}: unknown key(s) {', '.join(bad)}; allowed: "
+                        f"{', '.join(sorted(allowed))}")
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    out = {}
+    for k, v in values.items():
+        t = types[k]
+        if t is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+            kind = "a number" if t is float else "an integer"
+            raise UserError(f"{where}: {k}={v!r} must be {kind}")
+        out[k] = v
+    return out

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..engine.selection import SelectionConfig
-from ..engine.train import TrainConfig
+from ..engine.train import TrainConfig, check_train_values
 from ..errors import UserError
 from ..prompts.promptset import PromptConfig
 
@@ -150,23 +150,6 @@ def apply_sets(raw: dict, sets: dict) -> dict:
             raise UserError(f"--set {key}: {'.'.join(parts[:-1])} is not a mapping")
         node[parts[-1]] = value
     return raw
-
-
-def check_train_values(where: str, values: dict) -> dict:
-    """``values`` as TrainConfig fields: unknown keys and values of the wrong type are refused
-    in one line; an int is accepted where a float is expected."""
-    _check_keys(where, values, TRAIN_KEYS)
-    types = {f.name: type(f.default) for f in fields(TrainConfig)}
-    out = {}
-    for k, v in values.items():
-        t = types[k]
-        if t is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
-            kind = "a number" if t is float else "an integer"
-            raise UserError(f"{where}: {k}={v!r} must be {kind}")
-        out[k] = v
-    return out
 
 
 def load_config(path: str | Path, sets: dict | None = None) -> StudyConfig:

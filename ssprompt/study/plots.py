@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluation.metrics import METRICS
+from ..engine.curves import held_out_gain
 from .config import cell_id
 
 
@@ -96,41 +97,6 @@ def plot_study(run: Path, cfg, rows: list[dict], summary: dict) -> None:
     fig.tight_layout()
     fig.savefig(run / "loss_curves.png", dpi=100)
     plt.close(fig)
-
-
-def held_out_gain(selection: dict | None):
-    """(steps, held-out score minus the default prompts' score) of a selection record."""
-    if not selection or not selection.get("curve"):
-        return None
-    return ([c["step"] for c in selection["curve"]],
-            [c["score"] - selection["default_score"] for c in selection["curve"]])
-
-
-def plot_train_curves(path: Path, log: list[dict], selection: dict | None) -> None:
-    """``ssprompt train``: the loss curve beside the held-out selection curve."""
-    import matplotlib
-
-    from ..io import write_bytes
-
-    fig = matplotlib.figure.Figure(figsize=(8, 3.2))
-    ax1, ax2 = fig.subplots(1, 2)
-    if log:
-        ax1.plot([e["step"] for e in log], [e["loss"] for e in log])
-    ax1.set(xlabel="step", ylabel="training loss", yscale="log", title="loss (fit shots)")
-    gain = held_out_gain(selection)
-    if gain is not None:
-        ax2.plot(*gain, marker="o")
-        ax2.axhline(0, color="k", lw=0.8, label="default prompts")
-        picked = selection["selected"]
-        if picked != "default":
-            ax2.axvline(picked, color="g", ls="--", label=f"selected: step {picked}")
-        ax2.legend(fontsize=7)
-    ax2.set(xlabel="step", ylabel="score - defaults' score",
-            title="held-out shots: mean of mIoU, AP50, PQ")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    write_bytes(path, buf.getvalue())
 
 
 def _plot_weights(run: Path, plt, rows: list[dict], tasks, name: str) -> None:

@@ -169,7 +169,9 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
     sel = cfg.selection
     rule = (f"Every trained variant uses held-out-shot selection: {sel.holdout:.0%} of the "
             f"{cfg.shots} shots are held out, candidates are scored there every {sel.every} "
-            "steps, and a variant keeps its default prompts unless a step beats them."
+            f"steps, and a variant keeps its default prompts unless a step beats them in a paired "
+            f"per-image test on the held-out images (one-sided, level {sel.alpha:g} divided by the "
+            f"number of checkpoints looked at; per-image SD floored at {sel.min_sd:g} points)."
             if sel.enabled else "No held-out selection: the last training step is kept.")
     lines = [f"# Study `{cfg.name}`", "",
              f"{len(cfg.variants)} variants x {len(cfg.tasks)} tasks x {len(cfg.seeds)} seeds "
