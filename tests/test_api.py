@@ -306,7 +306,7 @@ def test_every_train_flag_is_one_config_field():
     parser = build_parser()
     train = parser._subparsers._group_actions[0].choices["train"]
     dests = {a.dest for a in train._actions if a.dest != "help"}
-    own = {"task", "data", "out", "sfm", "checkpoint", "device"}   # learn_prompts' / load_sfm's
+    own = {"task", "data", "out", "sfm", "checkpoint", "device", "precision"}  # load_sfm's
     to_field = {"no_select": "select", "set": "train"}
     fields = {f for f in LearnConfig.__dataclass_fields__}
     assert {to_field.get(d, d) for d in dests - own} == fields

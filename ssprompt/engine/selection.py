@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..distributed import local_only
 from ..evaluation.bootstrap import METRIC_FNS
 from ..evaluation.metrics import METRICS
 from ..prompts.fusion import FusedPrompt
@@ -157,7 +158,10 @@ class Tracker:
 
     @torch.no_grad()
     def _score(self, spatial, semantic) -> tuple[dict, np.ndarray]:
-        m = self._evaluate(spatial, semantic)
+        # every rank scores every held-out image itself (the prompts are the same on all
+        # ranks after the all-reduce), so the per-image test sees whole, unsynced records
+        with local_only():
+            m = self._evaluate(spatial, semantic)
         per = image_scores(m.pop("per_image"))
         return {"score": round(score(m), 4), **{k: m.get(k) for k in METRICS}}, per
 
