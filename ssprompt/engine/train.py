@@ -48,6 +48,10 @@ class TrainConfig:
     log_every: int = 10
 
 
+# what a config may set in TrainConfig (the seed comes from the cell)
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"seed"}
+
+
 class _Run:
     """One prompt set's data, optimiser and batch order."""
 
@@ -187,11 +191,10 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
 def check_train_values(where: str, values: dict) -> dict:
     """``values`` as TrainConfig fields: unknown keys and values of the wrong type are refused
     in one line; an int is accepted where a float is expected."""
-    allowed = {f.name for f in fields(TrainConfig)} - {"seed"}
-    bad = sorted(set(values) - allowed)
+    bad = sorted(set(values) - TRAIN_KEYS)
     if bad:
         raise UserError(f"{where}: unknown key(s) {', '.join(bad)}; allowed: "
-                        f"{', '.join(sorted(allowed))}")
+                        f"{', '.join(sorted(TRAIN_KEYS))}")
     types = {f.name: type(f.default) for f in fields(TrainConfig)}
     out = {}
     for k, v in values.items():

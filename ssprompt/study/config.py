@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..engine.selection import SelectionConfig
-from ..engine.train import TrainConfig, check_train_values
+from ..engine.train import check_train_values
 from ..errors import UserError
 from ..prompts.promptset import PromptConfig
 
@@ -20,7 +20,6 @@ TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "train", "selection", "
 SELECTION_KEYS = {f.name for f in fields(SelectionConfig)}
 VARIANT_KEYS = {"name", "kind", "role", "learners", "n_prompts", "init", "weight",
                 "weight_init", "anchored", "group", "train", "shots"}
-TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"seed"}
 # The variant kinds a study row can be: what is learned and how it is fused (see README,
 # Glossary). ``zero_shot`` is the encoder's own prompts, nothing learned.
 KINDS = {"zero_shot": "default", "prompt_engineering": "prompt_engineering",
