@@ -276,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no held-out-shot selection: train on all shots, keep the last step "
                         "(can end worse than zero-shot, unnoticed)")
     s.add_argument("--holdout", type=float, default=0.25,
-                   help="fraction of the shots held out to select prompts (k >= 4; k = 2, 3: "
-                        "leave-one-out)")
+                   help="fraction of the shots held out to select prompts (k >= 16; 2 <= k < 16: "
+                        "4-fold cross-validation, leave-one-out for k <= 4)")
     s.add_argument("--select-every", type=int, default=10,
                    help="score candidate prompts on the held-out shots every N steps")
     s.add_argument("--refit", action="store_true",

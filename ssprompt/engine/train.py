@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..distributed import all_reduce_mean_, rank_world
 from ..errors import UserError
 from ..geometry import geometry_of
+from ..prompts.fusion import FusedPrompt
 from ..prompts.promptset import PromptSet
 from ..sfm.base import Features, PromptableSFM, autocast
 from ..sfm.features import FeatureCache
@@ -68,6 +69,10 @@ class _Run:
             labels, masks = s.targets(geometry_of(sfm))  # in the frame the SFM sees
             self.targets.append((torch.from_numpy(labels).to(device),
                                  torch.from_numpy(masks).to(device)))
+        if isinstance(prompts.semantic, FusedPrompt):
+            # class prompts learn only the classes these shots show (``FusedPrompt.learn_only``)
+            prompts.semantic.learn_only(sorted({int(c) for lab, _ in self.targets
+                                                for c in lab.tolist()}))
         self.params = prompts.trainable()
         # fusion-weight logits move on a sigmoid scale: they get their own learning rate and
         # no weight decay (decay would pull every w towards 0.5)

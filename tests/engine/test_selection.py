@@ -52,11 +52,14 @@ def test_folds_hold_out_disjoint_shots():
     (fit, held), = folds(16, 0, 0.25)
     assert len(held) == 4 and len(fit) == 12 and sorted(fit + held) == list(range(16))
     assert folds(16, 0, 0.25) == [(fit, held)] and folds(16, 1, 0.25) != [(fit, held)]
-    loo = folds(5, 0, 0.25)                       # 2 <= k < 8: leave-one-out
-    assert len(loo) == 5 and sorted(h[0] for _, h in loo) == [0, 1, 2, 3, 4]
-    assert all(len(f) == 4 and h[0] not in f for f, h in loo)
-    (fit, held), = folds(8, 0, 0.25)
-    assert len(held) == 2
+    loo = folds(4, 0, 0.25)                       # k <= 4: leave-one-out
+    assert len(loo) == 4 and sorted(h[0] for _, h in loo) == [0, 1, 2, 3]
+    assert all(len(f) == 3 and h[0] not in f for f, h in loo)
+    for k in (5, 8, 15):                          # 4 < k < 16: 4 folds, each shot held out once
+        cv = folds(k, 0, 0.25)
+        assert len(cv) == 4 and sorted(i for _, h in cv for i in h) == list(range(k))
+        assert all(sorted(f + h) == list(range(k)) for f, h in cv)
+    assert sorted(len(h) for _, h in folds(8, 0, 0.25)) == [2, 2, 2, 2]
     assert folds(1, 0, 0.25) == []                # nothing to hold out
 
 
@@ -215,8 +218,8 @@ def test_harmful_lr_falls_back_to_exactly_zero_shot(committed_ws):
     default prompts, so every test metric equals zero-shot to the last digit."""
     zs = run_cell(committed_ws, CellSpec("novel", PromptConfig("default"), n_test=30))[0]
     harmful = TrainConfig(steps=10, lr=1.0, warmup=1, anchor=0.0)
-    spec = CellSpec("novel", PromptConfig("weighted"), harmful, shots=8, n_test=30,
-                    selection=SelectionConfig(every=5))
+    spec = CellSpec("novel", PromptConfig("weighted"), harmful, shots=16, n_test=30,
+                    selection=SelectionConfig(every=5, report_raw=True))
     r, prompts, _ = run_cell(committed_ws, spec)
     assert r["selection"]["selected"] == "default"
     assert all(c["score"] < r["selection"]["default_score"] for c in r["selection"]["curve"])

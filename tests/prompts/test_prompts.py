@@ -103,7 +103,27 @@ def test_weighted_mode_moves_w_and_average_does_not(tiny_sfm, train_split):
     avg = PromptSet(tiny_sfm, train_split.class_names, PromptConfig("average", n_prompts=25),
                     generator=torch.Generator().manual_seed(0))
     train_prompts(tiny_sfm, avg, train_split, TrainConfig(steps=3, batch=2, lr=0.05))
-    assert all(torch.all(w == 0.5) for w in avg.fusion_weights().values())
+    w = avg.fusion_weights()
+    shown = avg.semantic.learned_rows[:, 0]
+    assert torch.all(w["spatial"] == 0.5) and torch.all(w["semantic"][shown] == 0.5)
+    assert torch.all(w["semantic"][~shown] == 0)     # classes no shot shows: not learned
+
+
+@pytest.mark.parametrize("mode", ["learned_only", "weighted"])
+def test_classes_no_shot_shows_keep_their_default_embedding(tiny_sfm, train_split, mode):
+    shown = sorted({s["category"] for i in range(len(train_split))
+                    for s in train_split[i].segments})
+    names = train_split.class_names
+    assert 0 < len(shown) < len(names)
+    ps = PromptSet(tiny_sfm, names, PromptConfig(mode, n_prompts=25, init="random"),
+                   generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(ps.semantic(), ps.semantic.default)   # random start: all rows moved
+    train_prompts(tiny_sfm, ps, train_split, TrainConfig(steps=3, batch=2, lr=0.05))
+    z, d = ps.semantic().detach(), ps.semantic.default
+    unseen = [c for c in range(len(names)) if c not in shown]
+    assert torch.equal(z[unseen], d[unseen])
+    assert all(not torch.equal(z[c], d[c]) for c in shown)
+    assert ps.semantic.learned_rows[:, 0].nonzero().flatten().tolist() == shown
 
 
 def test_vanilla_2d_points_stay_inside_image(tiny_sfm, train_split):
@@ -223,7 +243,7 @@ def test_frozen_weight_stays_at_its_start_while_embeddings_move(tiny_sfm, train_
     start = ps.semantic.learned.detach().clone()
     train_prompts(tiny_sfm, ps, train_split,
                   TrainConfig(steps=4, batch=2, lr=0.05, weight_lr_mult=0.0))
-    w = ps.fusion_weights()["semantic"]
+    w = torch.sigmoid(ps.semantic.weight_logit)
     assert torch.allclose(w, torch.full_like(w, 0.74))
     assert not torch.allclose(ps.semantic.learned, start)
 
