@@ -127,7 +127,7 @@ def bench_params() -> dict:
                       ("sem-weighted", PromptConfig("weighted", ("semantic",))),
                       ("ssprompt (N=100)", PromptConfig("weighted")),
                       ("ssprompt N=200", PromptConfig("weighted", n_prompts=200)),
-                      ("ssprompt dim-weights", PromptConfig("weighted", weight="dim"))]:
+                      ("ssprompt dim-weights", PromptConfig("weighted", weight_shape="dim"))]:
         n = PromptSet(sfm, names, cfg, generator=torch.Generator().manual_seed(0)).num_trainable()
         rows[name] = {"params": n, "ratio_to_decoder": n / decoder}
     return {"decoder_params": decoder, "variants": rows}

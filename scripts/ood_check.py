@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         export_coins(tmp)
         ws = Workspace(load_sfm("embedded", None, "cpu"))
         task = f"coco:{tmp}"
-        zs = run_cell(ws, CellSpec(task, PromptConfig("default"), shots=a.shots))[0]
+        zs = run_cell(ws, CellSpec(task, PromptConfig("zero_shot"), shots=a.shots))[0]
         rows.append({"variant": "zero-shot", "seed": None, **_m(zs)})
         for mode in a.modes:
             for select in (True, False):

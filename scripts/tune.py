@@ -67,7 +67,7 @@ def main() -> None:
     rows = []
     for task in TASKS:
         val = ws.dataset(task, "val", n_test=100)
-        zs = PromptSet(ws.sfm, val.class_names, PromptConfig("default"))
+        zs = PromptSet(ws.sfm, val.class_names, PromptConfig("zero_shot"))
         m = evaluate(ws.sfm, *zs(), val, ws.cache)
         zero = {k: m[k] for k in KEYS}
         rows.append({"task": task, "candidate": "zero-shot", **zero})

@@ -36,11 +36,11 @@ class LearnConfig:
     are ``learn_prompts``' own arguments."""
 
     # the prompts (``PromptConfig``)
-    mode: str = "weighted"
+    kind: str = "weighted"           # the variant kind (prompts.promptset.KINDS)
     learners: str | tuple[str, ...] = "spatial,semantic"
     n_prompts: int | None = None   # None: the backend's own number (default_n_prompts)
     init: str | None = None         # None: random for learned_only, a copy of z_default else
-    weight: str = "prompt"
+    weight_shape: str = "prompt"
     weight_init: float = 0.5
     anchored: bool | None = None    # None: fused modes anchored, learned_only not
     # the shots and the training (``TrainConfig``; None: its default)
@@ -75,7 +75,7 @@ class LearnConfig:
                                    ("spatial_lr_mult", self.spatial_lr_mult)) if v is not None}
         return CellSpec(
             task=task,
-            prompt=PromptConfig(self.mode, self.learners, self.n_prompts, self.init, self.weight,
+            prompt=PromptConfig(self.kind, self.learners, self.n_prompts, self.init, self.weight_shape,
                                 self.weight_init, self.anchored),
             train=TrainConfig(seed=self.seed, **{**given,
                                                  **check_train_values("train", dict(self.train))}),
@@ -215,12 +215,12 @@ def learn_prompts(sfm, data="shift", config: LearnConfig | None = None, *,
     spec = cfg.cell_spec(task)
     main = rank_world()[0] == 0
     live = _LiveLog(Path(out) / "loss.jsonl") if out is not None and main else None
-    hook = on_log
-    if live is not None:
-        def hook(row, _user=on_log):
-            live(row)
-            if _user is not None:
-                _user(row)
+    def both(row, _user=on_log):
+        live(row)
+        if _user is not None:
+            _user(row)
+
+    hook = both if live is not None else on_log
     try:
         result, prompts, log = run_cell(ws, spec, progress=progress and main, on_log=hook)
     except BaseException:
@@ -253,17 +253,14 @@ def evaluate(sfm, prompts=None, dataset="shift", *, n_test: int | None = None,
     refused. Under torchrun each rank scores its shard; every rank gets the synced metrics."""
     from .distributed import shard
     from .evaluation.evaluate import evaluate as _evaluate
-    from .prompts.promptset import check_prompts, load_prompts
-    from .prompts.semantic import default_semantic
-    from .prompts.spatial import default_spatial
+    from .prompts.promptset import check_prompts, default_prompts, load_prompts
     from .sfm.base import sfm_device
 
     if ws is None:
         ws = workspace(sfm, eval_batch, cache_dir, test_split=test_split)
     test = ws.dataset(dataset, "test", n_test=n_test) if isinstance(dataset, str) else dataset
     if prompts is None:
-        spatial = default_spatial(sfm, n_prompts)
-        semantic = default_semantic(sfm, test.class_names) if sfm.has_text_encoder else None
+        spatial, semantic = default_prompts(sfm, test.class_names, n_prompts)
     else:
         where = prompts if isinstance(prompts, (str, Path)) else "prompts"
         if isinstance(prompts, (str, Path)):

@@ -151,8 +151,12 @@ def learn_config(a: argparse.Namespace):
     from .engine.train import check_train_values
     from .study.config import parse_sets
 
-    return LearnConfig(mode=a.mode, learners=a.learners, n_prompts=a.n_prompts, init=a.init,
-                       weight=a.weight, weight_init=a.weight_init, anchored=a.anchored,
+    for old, new in (("mode", "--kind"), ("weight", "--weight-shape")):
+        if getattr(a, old, None) is not None:
+            raise UserError(f"--{old} is now {new}"
+                            + (" ('default' is now 'zero_shot')" if old == "mode" else ""))
+    return LearnConfig(kind=a.kind, learners=a.learners, n_prompts=a.n_prompts, init=a.init,
+                       weight_shape=a.weight_shape, weight_init=a.weight_init, anchored=a.anchored,
                        shots=a.shots, seed=a.seed, steps=a.steps, lr=a.lr, batch=a.batch,
                        spatial_lr_mult=a.spatial_lr_mult,
                        train=check_train_values("--set", parse_sets(a.set)),
@@ -171,7 +175,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
     if run is None:      # torchrun: not rank 0
         return
     result = run.metrics
-    print(_table([(a.mode, result)]))
+    print(_table([(a.kind, result)]))
     sel = result["selection"]
     if sel is not None:
         picked = sel["selected"]
@@ -251,14 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="learn prompts few-shot on a task, then evaluate")
     s.add_argument("--task", default="shift")
     s.add_argument("--data", default=None, help="coco:PATH instead of a named task")
-    s.add_argument("--mode", default="weighted", help="default | average | weighted | "
-                   "learned_only | prompt_engineering | vanilla_2d")
+    s.add_argument("--kind", default="weighted", help="the variant: zero_shot | "
+                   "prompt_engineering | vanilla_2d | average | weighted | learned_only")
     s.add_argument("--learners", default="spatial,semantic")
     s.add_argument("--n-prompts", type=int, default=None,
                    help="spatial prompts (default: the backend's own)")
     s.add_argument("--init", default=None, help="random | default: how z_learned starts "
                    "(default: random for learned_only, a copy of z_default otherwise)")
-    s.add_argument("--weight", default="prompt", help="prompt | dim (fusion weight shape)")
+    s.add_argument("--weight-shape", default="prompt",
+                   help="prompt | dim: one fusion weight per prompt, or per prompt and dim")
+    for old in ("--mode", "--weight"):      # renamed in round 3: refused with the new name
+        s.add_argument(old, default=None, help=argparse.SUPPRESS)
     s.add_argument("--weight-init", type=float, default=0.5,
                    help="weighted: the learned fusion weight's start (default 0.5)")
     s.add_argument("--anchored", action=argparse.BooleanOptionalAction, default=None,

@@ -64,15 +64,12 @@ class Predictor:
                 raise UserError(f"{path}: records no class names (an older prompts file); "
                                 "pass class_names")
         else:
-            from .prompts.semantic import default_semantic
-            from .prompts.spatial import default_spatial
+            from .prompts.promptset import default_prompts
 
             names = class_names
-            spatial = default_spatial(sfm, n_prompts)
-            has_text = sfm.has_text_encoder
-            if has_text and not names:
+            if sfm.has_text_encoder and not names:
                 raise UserError("zero-shot prediction needs class_names (the classes to prompt)")
-            semantic = default_semantic(sfm, names) if has_text else None
+            spatial, semantic = default_prompts(sfm, names, n_prompts)
         self.agnostic = semantic is None
         if self.agnostic:
             names, is_thing = AGNOSTIC_NAMES, AGNOSTIC_IS_THING

@@ -4,6 +4,7 @@ process's global state alone."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -145,7 +146,7 @@ def test_prompts_file_describes_itself_and_is_refused_elsewhere(tmp_path):
     lp = load_prompts(path)
     assert lp.class_names == expect["class_names"] and lp.is_thing == expect["is_thing"]
     assert lp.meta["sfm"] == sfm.weights_hash() and lp.meta["n_prompts"] == 25
-    assert lp.meta["mode"] == "weighted" and lp.meta["learners"] == ["spatial", "semantic"]
+    assert lp.meta["kind"] == "weighted" and lp.meta["learners"] == ["spatial", "semantic"]
     assert lp.meta["config"] == {"task": "novel"}
     spatial, semantic, meta = lp                       # still unpacks as before
     assert spatial.shape[0] == 25 and semantic.shape[0] == len(expect["class_names"])
@@ -305,7 +306,8 @@ def test_every_train_flag_is_one_config_field():
 
     parser = build_parser()
     train = parser._subparsers._group_actions[0].choices["train"]
-    dests = {a.dest for a in train._actions if a.dest != "help"}
+    dests = {a.dest for a in train._actions
+             if a.dest != "help" and a.help != argparse.SUPPRESS}   # renamed flags: refused
     own = {"task", "data", "out", "sfm", "checkpoint", "device", "precision"}  # load_sfm's
     to_field = {"no_select": "select", "set": "train"}
     fields = {f for f in LearnConfig.__dataclass_fields__}
@@ -412,7 +414,7 @@ def test_library_errors_name_arguments_and_the_cli_names_flags(capsys):
                         (lambda: open_dataset("nope", "test"), "task"),
                         (lambda: open_dataset("shift", "train", shots=0), "shots"),
                         (lambda: open_dataset("shift", "test", n_test=0), "n_test"),
-                        (lambda: PromptConfig(mode="nope"), "mode"),
+                        (lambda: PromptConfig(kind="nope"), "kind"),
                         (lambda: PromptConfig(n_prompts=0), "n_prompts")):
         with pytest.raises(UserError) as e:
             call()

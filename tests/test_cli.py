@@ -56,7 +56,9 @@ def test_missing_and_corrupt_prompts_file(tmp_path):
     (["--n-prompts", "0"], "--n-prompts"),
     (["--n-prompts", "-5"], "--n-prompts"),
     (["--shots", "5000"], "--shots"),
-    (["--mode", "sometimes"], "--mode"),
+    (["--kind", "sometimes"], "--kind"),
+    (["--mode", "weighted"], "--mode is now --kind"),
+    (["--weight", "dim"], "--weight is now --weight-shape"),
 ])
 def test_bad_train_arguments(tmp_path, args, needle):
     out = tmp_path / "o"
@@ -70,7 +72,7 @@ def test_train_then_eval_reproduces_metrics(tmp_path):
     import json
 
     out = tmp_path / "run"
-    r = ssprompt("train", "--task", "novel", "--mode", "weighted", "--steps", "4", "--shots", "4",
+    r = ssprompt("train", "--task", "novel", "--kind", "weighted", "--steps", "4", "--shots", "4",
                  "--n-test", "6", "--n-prompts", "25", "--seed", "3", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("prompts.safetensors", "metrics.json", "config.json", "loss.csv"):

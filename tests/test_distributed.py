@@ -96,7 +96,7 @@ def test_two_rank_study_equals_one_rank(tiny_ckpt, tmp_path):
 
 
 def test_two_rank_train(tiny_ckpt, tmp_path):
-    args = ("train", "--task", "shift", "--mode", "weighted", "--n-prompts", 25, "--shots", 4,
+    args = ("train", "--task", "shift", "--kind", "weighted", "--n-prompts", 25, "--shots", 4,
             "--batch", 4, "--steps", 3, "--n-test", 4, "--seed", 0, "--checkpoint", tiny_ckpt)
     ssprompt(*args, "--out", tmp_path / "two", ranks=2)
     two = _metrics(tmp_path / "two")

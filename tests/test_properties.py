@@ -25,7 +25,7 @@ def test_layout_inside_image_with_n_distinct_points(n):
 def test_weighted_fusion_stays_between_its_inputs(p, d, weight, seed):
     g = torch.Generator().manual_seed(seed)
     default = torch.randn(p, d, generator=g)
-    f = FusedPrompt(default, "weighted", weight=weight, generator=g)
+    f = FusedPrompt(default, "weighted", weight_shape=weight, generator=g)
     with torch.no_grad():
         f.weight_logit.copy_(torch.randn(f.weight_logit.shape, generator=g) * 4)
     z, w = f(), f.weight()

@@ -69,7 +69,7 @@ def _assert_finite(m: dict, keys=METRICS) -> None:
 
 
 def _train_then_eval(root: Path, out: Path, *sfm_args: str, extra=()) -> tuple[dict, dict]:
-    ok(ssprompt("train", "--data", f"coco:{root}", "--mode", "weighted", "--shots", 3,
+    ok(ssprompt("train", "--data", f"coco:{root}", "--kind", "weighted", "--shots", 3,
                 "--steps", 3, "--batch", 2, "--n-test", 4, "--n-prompts", 25, *extra,
                 *sfm_args, "--out", out))
     assert (out / "prompts.safetensors").is_file() and (out / "loss.csv").is_file()
@@ -136,7 +136,7 @@ def test_sam_semantic_learners_are_a_user_error(instances_root, sam_ckpt, tmp_pa
     # a fresh process: what importing the SAM backend prints (transformers warns once per
     # process, at import) must not add a line to the one-line error
     r = ssprompt("train", "--data", f"coco:{instances_root}", "--sfm", "sam", "--checkpoint",
-                 sam_ckpt, "--learners", learners, "--mode", "weighted", "--shots", 2,
+                 sam_ckpt, "--learners", learners, "--kind", "weighted", "--shots", 2,
                  "--steps", 1, "--n-test", 2, "--out", tmp_path / "o", subprocess=True)
     assert_one_line_error(r, "--learners", "text encoder")
     assert not (tmp_path / "o" / "prompts.safetensors").exists()
@@ -144,7 +144,7 @@ def test_sam_semantic_learners_are_a_user_error(instances_root, sam_ckpt, tmp_pa
 
 def test_sam_vanilla_2d_trains(instances_root, sam_ckpt, tmp_path):
     ok(ssprompt("train", "--data", f"coco:{instances_root}", "--sfm", "sam", "--checkpoint",
-                sam_ckpt, "--mode", "vanilla_2d", "--learners", "spatial", "--shots", 2,
+                sam_ckpt, "--kind", "vanilla_2d", "--learners", "spatial", "--shots", 2,
                 "--steps", 2, "--batch", 2, "--n-test", 2, "--n-prompts", 16,
                 "--out", tmp_path / "v2d"))
     m = _metrics(tmp_path / "v2d" / "metrics.json")

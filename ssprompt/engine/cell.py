@@ -167,7 +167,7 @@ def _moved(prompts: PromptSet) -> dict[str, float] | None:
     out = {}
     for name in ("spatial", "semantic"):
         m = getattr(prompts, name)
-        if isinstance(m, FusedPrompt) and m.mode != "default":
+        if isinstance(m, FusedPrompt) and m.mode != "frozen":
             d = m.default
             out[name] = round(float(((m() - d) ** 2).mean().sqrt()
                                     / (d ** 2).mean().sqrt().clamp_min(1e-12)), 5)

@@ -60,7 +60,7 @@ from ..distributed import local_only
 from ..evaluation.bootstrap import METRIC_FNS
 from ..evaluation.metrics import METRICS
 from ..prompts.fusion import FusedPrompt
-from ..prompts.spatial import default_spatial
+from ..prompts.promptset import default_prompts
 
 CROSS_VALIDATE_BELOW = 16  # k shots: cross-validation folds below this, one held-out fold from it
 MAX_FOLDS = 4
@@ -114,19 +114,18 @@ class Subset:
 
 
 def default_embeddings(prompts, sfm):
-    """(spatial, semantic or None): the default (zero-shot) embeddings of a prompt set."""
-    sp, se = prompts.spatial, prompts.semantic
-    spatial = sp.default if isinstance(sp, FusedPrompt) else \
-        default_spatial(sfm, prompts.cfg.n_prompts)
-    return spatial, (None if se is None else se.default)
+    """(spatial, semantic or None): the zero-shot prompts of a prompt set's SFM, grid and
+    vocabulary (``default_prompts``)."""
+    return default_prompts(sfm, None if prompts.semantic is None else prompts.class_names,
+                           prompts.cfg.n_prompts)
 
 
 def restore_defaults(prompts, sfm) -> None:
     """Make ``prompts`` give exactly the default embeddings (the zero-shot prompts)."""
     spatial, semantic = default_embeddings(prompts, sfm)
-    prompts.spatial = FusedPrompt(spatial, "default")
+    prompts.spatial = FusedPrompt(spatial, "frozen")
     if semantic is not None:
-        prompts.semantic = FusedPrompt(semantic, "default")
+        prompts.semantic = FusedPrompt(semantic, "frozen")
 
 
 def image_scores(stats) -> np.ndarray:

@@ -18,11 +18,9 @@ def _zero_shot(ws, data, threshold: float | None = None) -> dict:
     """Metrics of the default prompts (N = 100 grid, bare class names) on ``data``; the
     panoptic threshold is the SFM's own unless ``threshold`` is given."""
     from ..evaluation.evaluate import evaluate
-    from ..prompts.semantic import default_semantic
-    from ..prompts.spatial import default_spatial
+    from ..prompts.promptset import default_prompts
 
-    return evaluate(ws.sfm, default_spatial(ws.sfm, 100),
-                    default_semantic(ws.sfm, data.class_names), data, ws.cache,
+    return evaluate(ws.sfm, *default_prompts(ws.sfm, data.class_names, 100), data, ws.cache,
                     object_mask_threshold=threshold)
 
 

@@ -3,14 +3,14 @@
 ``z = w * z_learned + (1 - w) * z_default``, one switch for both learners:
 
 ===============  ====================================================================
-``default``      zero-shot: ``z = z_default``, nothing learned
+``frozen``       ``z = z_default``, nothing learned (the zero-shot prompts)
 ``average``      learned embedding, fixed ``w = 0.5`` (the paper's "learnable embedding")
 ``weighted``     learned embedding and learned ``w = sigmoid(logit)`` in [0, 1] (SSPrompt)
 ``learned_only`` ``z = z_learned``; the default embedding is dropped (ablation 1)
 ===============  ====================================================================
 
-``w`` is one scalar per prompt (``weight="prompt"``) or one per prompt and dimension
-(``weight="dim"``). ``z_learned`` starts as Gaussian noise whose per-dimension mean and scale
+``w`` is one scalar per prompt (``weight_shape="prompt"``) or one per prompt and dimension
+(``weight_shape="dim"``); ``weight_init`` is its starting value. ``z_learned`` starts as Gaussian noise whose per-dimension mean and scale
 match ``z_default`` (``init="random"``) or as a copy of ``z_default`` (``init="default"``).
 
 Only prompts that the training data can inform are learned: ``learn_only(rows)`` makes every
@@ -28,14 +28,14 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 
-MODES = ("default", "average", "weighted", "learned_only")
+MODES = ("frozen", "average", "weighted", "learned_only")  # fusion modes
 INITS = ("random", "default")
-WEIGHTS = ("prompt", "dim")
+WEIGHT_SHAPES = ("prompt", "dim")
 
 
 class FusedPrompt(nn.Module):
     def __init__(self, default: Tensor, mode: str = "weighted", init: str = "random",
-                 weight: str = "prompt", weight_init: float = 0.5,
+                 weight_shape: str = "prompt", weight_init: float = 0.5,
                  generator: torch.Generator | None = None):
         super().__init__()
         if mode not in MODES:
@@ -43,13 +43,14 @@ class FusedPrompt(nn.Module):
                             field="mode")
         if init not in INITS:
             raise UserError(f"init {init}: unknown; choose one of {', '.join(INITS)}")
-        if weight not in WEIGHTS:
-            raise UserError(f"weight {weight}: unknown; choose one of {', '.join(WEIGHTS)}")
+        if weight_shape not in WEIGHT_SHAPES:
+            raise UserError(f"weight_shape {weight_shape}: unknown; choose one of "
+                            f"{', '.join(WEIGHT_SHAPES)}", field="weight_shape")
         if not 0.0 < weight_init < 1.0:
             raise UserError(f"weight_init {weight_init}: must lie strictly between 0 and 1")
-        self.mode, self.init, self.weight_kind = mode, init, weight
+        self.mode, self.init, self.weight_shape = mode, init, weight_shape
         self.register_buffer("default", default.detach().clone())
-        if mode != "default":
+        if mode != "frozen":
             if init == "default":
                 start = default.detach().clone()
             else:
@@ -64,7 +65,7 @@ class FusedPrompt(nn.Module):
             self.register_buffer("learned_rows", torch.ones(default.shape[0], 1, dtype=torch.bool,
                                                             device=default.device))
         if mode == "weighted":
-            shape = (default.shape[0], 1) if weight == "prompt" else tuple(default.shape)
+            shape = (default.shape[0], 1) if weight_shape == "prompt" else tuple(default.shape)
             logit = torch.logit(torch.tensor(weight_init))
             self.weight_logit = nn.Parameter(torch.full(shape, float(logit),
                                                         device=default.device))
@@ -72,24 +73,24 @@ class FusedPrompt(nn.Module):
     def learn_only(self, rows) -> None:
         """Learn the prompts ``rows`` only (indices); every other prompt gives its default
         embedding from now on (its effective weight is 0)."""
-        if self.mode == "default":
+        if self.mode == "frozen":
             return
         mask = torch.zeros_like(self.learned_rows)
         mask[torch.as_tensor(list(rows), dtype=torch.long)] = True
         self.learned_rows.copy_(mask)
 
     def weight(self) -> Tensor:
-        """The effective fusion weight ``w`` (shape (P, 1) or (P, D)); 0 for ``default`` and
+        """The effective fusion weight ``w`` (shape (P, 1) or (P, D)); 0 for ``frozen`` and
         for prompts not learned (``learn_only``), 1 for ``learned_only``."""
         p = self.default.shape[0]
         if self.mode == "weighted":
             return torch.sigmoid(self.weight_logit) * self.learned_rows
-        value = {"default": 0.0, "average": 0.5, "learned_only": 1.0}[self.mode]
+        value = {"frozen": 0.0, "average": 0.5, "learned_only": 1.0}[self.mode]
         w = torch.full((p, 1), value, device=self.default.device)
-        return w if self.mode == "default" else w * self.learned_rows
+        return w if self.mode == "frozen" else w * self.learned_rows
 
     def forward(self) -> Tensor:
-        if self.mode == "default":
+        if self.mode == "frozen":
             return self.default
         if self.mode == "learned_only":
             z = self.learned

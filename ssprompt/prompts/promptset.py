@@ -2,7 +2,7 @@
 reloaded as safetensors.
 
 A prompts file describes itself: its safetensors metadata holds the class names and their
-thing / stuff flags, the SFM weights hash, N, the mode and learners and the training config, so
+thing / stuff flags, the SFM weights hash, N, the variant kind and learners and the training config, so
 loading it for another SFM or another class list is refused (``check_prompts``). Files written
 before that (no class names inside) still load; only their class count is checked.
 """
@@ -19,21 +19,35 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..sfm.base import PromptableSFM, default_n_prompts
-from .fusion import MODES, FusedPrompt
+from .fusion import FusedPrompt
 from .semantic import SemPrompt, default_semantic, engineered_semantic
 from .spatial import SpaPrompt, Vanilla2DPrompt, default_spatial
 
-VARIANT_MODES = MODES + ("prompt_engineering", "vanilla_2d")
+# what a variant does with its prompts (the study YAML's ``kind``, ``ssprompt train --kind``):
+# zero_shot and prompt_engineering learn nothing; vanilla_2d learns the points' coordinates;
+# average, weighted and learned_only are the fusion modes of learned embeddings (fusion.py)
+KINDS = ("zero_shot", "prompt_engineering", "vanilla_2d", "average", "weighted", "learned_only")
+FUSED_KINDS = ("average", "weighted", "learned_only")   # kind = the learners' fusion mode
 LEARNERS = ("spatial", "semantic")
+
+
+def default_prompts(sfm: PromptableSFM, class_names: list[str] | None,
+                    n_prompts: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """The zero-shot prompts: the frozen encoders' own (default) embeddings of the N-point grid
+    (N, D) and of the bare class names (C, D), or None where there are no class names or the
+    SFM has no text encoder. ``n_prompts=None``: the backend's own N."""
+    spatial = default_spatial(sfm, n_prompts)
+    has_text = class_names is not None and sfm.has_text_encoder
+    return spatial, (default_semantic(sfm, class_names) if has_text else None)
 
 
 @dataclass
 class PromptConfig:
-    mode: str = "weighted"
+    kind: str = "weighted"         # one of KINDS
     learners: tuple[str, ...] = LEARNERS
     n_prompts: int | None = None   # None: the backend's own (base.default_n_prompts)
     init: str | None = None   # None: "random" for learned_only, "default" otherwise
-    weight: str = "prompt"
+    weight_shape: str = "prompt"   # the learned fusion weight per prompt, or per prompt and dim
     weight_init: float = 0.5  # the learned fusion weight's start (``weighted``)
     # the anchor (the pull of z_learned towards z_default, TrainConfig.anchor) applies to the
     # fused modes; None: fused modes yes, learned_only no (its default is gone). True also
@@ -44,10 +58,11 @@ class PromptConfig:
         if self.init is None:
             # learned_only starts from noise (the default embedding is really gone); the fused
             # modes start from a copy of the default, which did better on the val split
-            self.init = "random" if self.mode == "learned_only" else "default"
-        if self.mode not in VARIANT_MODES:
-            raise UserError(f"mode {self.mode}: unknown; choose one of "
-                            f"{', '.join(VARIANT_MODES)}", field="mode")
+            self.init = "random" if self.kind == "learned_only" else "default"
+        if self.kind not in KINDS:
+            hint = " ('default' is now 'zero_shot')" if self.kind == "default" else ""
+            raise UserError(f"kind {self.kind}: unknown{hint}; choose one of {', '.join(KINDS)}",
+                            field="kind")
         if isinstance(self.learners, str):
             self.learners = tuple(x for x in self.learners.split(",") if x)
         self.learners = tuple(self.learners)
@@ -73,29 +88,29 @@ class PromptSet(nn.Module):
         # what the prompts file records about the vocabulary (see save_prompts)
         self.class_names = None if class_names is None else list(class_names)
         self.is_thing = None if is_thing is None else [bool(x) for x in is_thing]
-        kw = {"init": cfg.init, "weight": cfg.weight, "weight_init": cfg.weight_init,
+        kw = {"init": cfg.init, "weight_shape": cfg.weight_shape, "weight_init": cfg.weight_init,
               "generator": generator}
         has_text = class_names is not None and sfm.has_text_encoder
-        if "semantic" in cfg.learners and cfg.mode not in ("default", "vanilla_2d",
-                                                           "prompt_engineering") and not has_text:
+        if "semantic" in cfg.learners and cfg.kind in FUSED_KINDS and not has_text:
             raise UserError("learners semantic: this SFM has no text encoder (SAM has none); "
                             "learn spatial prompts only", field="learners")
         # spatial
-        if cfg.mode == "vanilla_2d":
+        spatial, semantic = default_prompts(sfm, class_names, cfg.n_prompts)
+        if cfg.kind == "vanilla_2d":
             self.spatial = Vanilla2DPrompt(sfm, cfg.n_prompts)
-        elif cfg.mode in MODES and "spatial" in cfg.learners:
-            self.spatial = SpaPrompt(sfm, cfg.n_prompts, cfg.mode, **kw)
+        elif cfg.kind in FUSED_KINDS and "spatial" in cfg.learners:
+            self.spatial = SpaPrompt(sfm, cfg.n_prompts, cfg.kind, **kw)
         else:
-            self.spatial = FusedPrompt(default_spatial(sfm, cfg.n_prompts), "default")
+            self.spatial = FusedPrompt(spatial, "frozen")
         # semantic
-        if not has_text:
+        if semantic is None:
             self.semantic = None
-        elif cfg.mode == "prompt_engineering":
-            self.semantic = FusedPrompt(engineered_semantic(sfm, class_names), "default")
-        elif cfg.mode in MODES and "semantic" in cfg.learners:
-            self.semantic = SemPrompt(sfm, class_names, cfg.mode, **kw)
+        elif cfg.kind == "prompt_engineering":
+            self.semantic = FusedPrompt(engineered_semantic(sfm, class_names), "frozen")
+        elif cfg.kind in FUSED_KINDS and "semantic" in cfg.learners:
+            self.semantic = SemPrompt(sfm, class_names, cfg.kind, **kw)
         else:
-            self.semantic = FusedPrompt(default_semantic(sfm, class_names), "default")
+            self.semantic = FusedPrompt(semantic, "frozen")
 
     def forward(self) -> tuple[Tensor, Tensor | None]:
         return self.spatial(), (self.semantic() if self.semantic is not None else None)
@@ -135,7 +150,7 @@ def save_prompts(path: Path, prompts: PromptSet, meta: dict) -> None:
     """Fused embeddings (what the decoder reads) + every learner tensor, and JSON metadata:
     ``meta`` (the caller's: ``sfm`` weights hash, ``config``, ``metrics``, ...) plus what makes
     the file self-describing, taken from ``prompts`` unless ``meta`` gives it: ``class_names``,
-    ``is_thing``, ``n_prompts``, ``mode``, ``learners``."""
+    ``is_thing``, ``n_prompts``, ``kind``, ``learners``."""
     from safetensors.torch import save
 
     from ..io import write_bytes
@@ -150,7 +165,7 @@ def save_prompts(path: Path, prompts: PromptSet, meta: dict) -> None:
         tensors[f"weight.{k}"] = v.float().clone().contiguous()
     meta = {"format": PROMPTS_FORMAT, "class_names": prompts.class_names,
             "is_thing": prompts.is_thing, "n_prompts": int(spatial.shape[-2]),
-            "mode": prompts.cfg.mode, "learners": list(prompts.cfg.learners), **meta}
+            "kind": prompts.cfg.kind, "learners": list(prompts.cfg.learners), **meta}
     write_bytes(path, save(tensors, metadata={"ssprompt": json.dumps(meta)}))
 
 

@@ -176,9 +176,9 @@ class Sam3SFM(TransformersSFM):
         """(N, 2) [0, 1] (x, y) -> (N, D + 4): the learned queries whose reference-box centres
         are closest to the points, one each (Hungarian; rounds of Q when N > Q)."""
         if points.requires_grad:
-            raise UserError("mode vanilla_2d: SAM 3's spatial prompts are its learned object "
-                            "queries, which 2-D coordinates cannot move; use mode average, "
-                            "weighted or learned_only", field="mode")
+            raise UserError("kind vanilla_2d: SAM 3's spatial prompts are its learned object "
+                            "queries, which 2-D coordinates cannot move; use kind average, "
+                            "weighted or learned_only", field="kind")
         from scipy.optimize import linear_sum_assignment
 
         q = self.queries()

@@ -12,22 +12,19 @@ import yaml
 from ..engine.selection import SelectionConfig
 from ..engine.train import check_train_values
 from ..errors import UserError
-from ..prompts.promptset import PromptConfig
+from ..prompts.promptset import KINDS, PromptConfig
 
 CONFIG_DIR = Path(str(files("ssprompt").joinpath("configs")))  # package data
 TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "train", "selection", "variants",
             "comparisons"}
 SELECTION_KEYS = {f.name for f in fields(SelectionConfig)}
-VARIANT_KEYS = {"name", "kind", "role", "learners", "n_prompts", "init", "weight",
+VARIANT_KEYS = {"name", "kind", "role", "learners", "n_prompts", "init", "weight_shape",
                 "weight_init", "anchored", "group", "train", "shots"}
 # The variant kinds a study row can be: what is learned and how it is fused (see README,
 # Glossary). ``zero_shot`` is the encoder's own prompts, nothing learned.
-KINDS = {"zero_shot": "default", "prompt_engineering": "prompt_engineering",
-         "vanilla_2d": "vanilla_2d", "average": "average", "weighted": "weighted",
-         "learned_only": "learned_only"}    # kind -> the prompt set's construction mode
 FIXED_KINDS = ("zero_shot", "prompt_engineering")  # variants with nothing to learn
 ROLES = ("baseline", "full")  # the row every Δ is taken against; the full-SSPrompt row
-RENAMED = {"mode": "kind"}    # old variant keys -> their names since round 3
+RENAMED = {"mode": "kind", "weight": "weight_shape"}  # old variant keys -> names since round 3
 # A cell whose kept prompts score this many points below the baseline row (same task and seed)
 # on mIoU, AP50 or PQ is listed as a loss in summary.md and announced at the end of a study.
 LARGE_LOSS = 5.0
@@ -179,8 +176,9 @@ def load_config(path: str | Path, sets: dict | None = None) -> StudyConfig:
             raise UserError(f"{where}: each variant must be a mapping with a name and a kind")
         for old, new in RENAMED.items():
             if old in v:
-                raise UserError(f"{where}: '{old}' is now called '{new}' (one of "
-                                f"{', '.join(KINDS)}; 'default' is now 'zero_shot')")
+                hint = (f" (one of {', '.join(KINDS)}; 'default' is now 'zero_shot')"
+                        if old == "mode" else "")
+                raise UserError(f"{where}: '{old}' is now called '{new}'{hint}")
         if "name" not in v or "kind" not in v:
             raise UserError(f"{where}: each variant needs a name and a kind")
         _check_keys(where, v, VARIANT_KEYS)
@@ -195,10 +193,10 @@ def load_config(path: str | Path, sets: dict | None = None) -> StudyConfig:
             raise UserError(f"{where}: duplicate variant name {v['name']!r}")
         names.add(v["name"])
         try:
-            prompt = PromptConfig(mode=KINDS[v["kind"]],
+            prompt = PromptConfig(kind=v["kind"],
                                   learners=tuple(v.get("learners", ("spatial", "semantic"))),
                                   n_prompts=v.get("n_prompts", 100), init=v.get("init"),
-                                  weight=v.get("weight", "prompt"),
+                                  weight_shape=v.get("weight_shape", "prompt"),
                                   weight_init=v.get("weight_init", 0.5),
                                   anchored=v.get("anchored"))
         except UserError as e:

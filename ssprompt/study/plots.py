@@ -26,7 +26,7 @@ def plot_study(run: Path, cfg, rows: list[dict], summary: dict) -> None:
     n_rows = {v.prompt.n_prompts: v.name for v in cfg.variants
               if cfg.shots_of(v) == cfg.shots
               and v.kind == "weighted" and len(v.prompt.learners) == 2
-              and v.prompt.init == "default" and v.prompt.weight == "prompt"}
+              and v.prompt.init == "default" and v.prompt.weight_shape == "prompt"}
     if len(n_rows) > 1:
         ns = sorted(n_rows)
         fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)

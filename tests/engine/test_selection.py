@@ -152,7 +152,7 @@ def test_image_scores_equal_each_image_evaluated_alone(committed_ws):
 
     train = committed_ws.dataset("novel", "train", shots=8, seed=0)
     sp, se = default_embeddings(
-        run_cell(committed_ws, CellSpec("novel", PromptConfig("default"), n_test=1))[1],
+        run_cell(committed_ws, CellSpec("novel", PromptConfig("zero_shot"), n_test=1))[1],
         committed_ws.sfm)
     held = Subset(train, [1, 4, 6])
     per = image_scores(evaluate_many(committed_ws.sfm, [(sp, se)], held, committed_ws.cache,
@@ -216,7 +216,7 @@ def test_stop_at_is_the_first_steps_of_the_full_schedule(tiny_sfm, coins_root, m
 def test_harmful_lr_falls_back_to_exactly_zero_shot(committed_ws):
     """lr 1.0 wrecks the prompts; selection sees it on the held-out shots and returns the
     default prompts, so every test metric equals zero-shot to the last digit."""
-    zs = run_cell(committed_ws, CellSpec("novel", PromptConfig("default"), n_test=30))[0]
+    zs = run_cell(committed_ws, CellSpec("novel", PromptConfig("zero_shot"), n_test=30))[0]
     harmful = TrainConfig(steps=10, lr=1.0, warmup=1, anchor=0.0)
     spec = CellSpec("novel", PromptConfig("weighted"), harmful, shots=16, n_test=30,
                     selection=SelectionConfig(every=5, report_raw=True))
@@ -230,7 +230,7 @@ def test_harmful_lr_falls_back_to_exactly_zero_shot(committed_ws):
 
 def test_selection_keeps_a_real_gain(committed_ws):
     """On `novel` (held-out class names) learning helps: selection keeps a trained step."""
-    zs = run_cell(committed_ws, CellSpec("novel", PromptConfig("default"), n_test=60))[0]
+    zs = run_cell(committed_ws, CellSpec("novel", PromptConfig("zero_shot"), n_test=60))[0]
     spec = CellSpec("novel", PromptConfig("weighted"), TrainConfig(steps=60), seed=1,
                     n_test=60)
     r = run_cell(committed_ws, spec)[0]

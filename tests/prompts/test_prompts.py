@@ -24,7 +24,7 @@ def train_split():
 def test_default_mode_reproduces_frozen_sfm_bit_for_bit(tiny_sfm, train_split):
     scenes = [train_split[i] for i in range(2)]
     feats = FeatureCache().get(tiny_sfm, [s.image for s in scenes])
-    ps = PromptSet(tiny_sfm, train_split.class_names, PromptConfig("default", n_prompts=36))
+    ps = PromptSet(tiny_sfm, train_split.class_names, PromptConfig("zero_shot", n_prompts=36))
     spatial, semantic = ps()
     got = tiny_sfm.decode(feats, spatial, semantic)
     with torch.no_grad():
@@ -54,7 +54,7 @@ def test_average_weight_is_half_and_fixed():
 
 def test_fusion_stays_between_inputs_and_weight_in_unit_interval():
     d = torch.randn(4, 3)
-    f = FusedPrompt(d, "weighted", weight="dim", generator=torch.Generator().manual_seed(1))
+    f = FusedPrompt(d, "weighted", weight_shape="dim", generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         f.weight_logit.copy_(torch.randn(4, 3) * 5)
     w = f.weight()

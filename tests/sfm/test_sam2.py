@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import Sam2Config, Sam2Model  # noqa: E402
+from transformers import Sam2Model  # noqa: E402
 
 from ssprompt.errors import UserError  # noqa: E402
 from ssprompt.prompts.promptset import PromptConfig, PromptSet  # noqa: E402
@@ -18,31 +18,10 @@ from ssprompt.sfm.base import PromptableSFM  # noqa: E402
 from ssprompt.sfm.sam2 import Sam2SFM  # noqa: E402
 from sfm.test_sam import check_point_embeddings_are_the_prompt_encoders  # noqa: E402
 
+from sfm.tiny import SAM2_D as D, SAM2_SIZE as SIZE, save_tiny_sam2 as save_tiny  # noqa: E402
+from sfm.tiny import sam2_config as tiny_config  # noqa: E402
+
 torch.set_num_threads(1)
-D = 32        # prompt encoder / mask decoder hidden size
-SIZE = 64     # input; image embedding 4 x 4, masks 16 x 16
-
-
-def tiny_config() -> Sam2Config:
-    hiera = dict(model_type="sam2_hiera_det_model", hidden_size=8, image_size=[SIZE, SIZE],
-                 blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[8, 16, 32, 64],
-                 num_attention_heads_per_stage=[1, 1, 2, 2], window_size_per_stage=[4, 4, 2, 2],
-                 global_attention_blocks=[3], window_positional_embedding_background_size=[2, 2])
-    return Sam2Config(
-        vision_config=dict(model_type="sam2_vision_model", backbone_config=hiera,
-                           backbone_channel_list=[64, 32, 16, 8],
-                           backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]], fpn_hidden_size=D),
-        prompt_encoder_config=dict(hidden_size=D, image_size=SIZE, patch_size=16,
-                                   mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=D, mlp_dim=32, num_hidden_layers=2,
-                                 num_attention_heads=2, iou_head_hidden_dim=16),
-    )
-
-
-def save_tiny(path, seed: int = 0):
-    torch.manual_seed(seed)
-    Sam2Model(tiny_config()).eval().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +119,7 @@ def test_gradients_reach_only_the_prompts_through_chunks(sam2, images):
 @pytest.mark.parametrize("mode", ["weighted", "vanilla_2d"])
 def test_spaprompt_and_vanilla_run_for_any_n(sam2, images, n, mode):
     feats = sam2.encode_image(images)
-    ps = PromptSet(sam2, ["thing"], PromptConfig(mode=mode, learners="spatial", n_prompts=n))
+    ps = PromptSet(sam2, ["thing"], PromptConfig(kind=mode, learners="spatial", n_prompts=n))
     spatial, semantic = ps()
     assert semantic is None and spatial.shape == (n, D)
     out = sam2.decode(feats, spatial, None)
@@ -154,7 +133,7 @@ def test_semantic_prompts_and_bad_checkpoints_are_one_line_errors(sam2, images, 
     with pytest.raises(UserError, match="SAM 2 has none"):
         sam2.decode(sam2.encode_image(images[:1]), torch.randn(2, D), torch.randn(3, D))
     with pytest.raises(UserError, match="no text encoder"):
-        PromptSet(sam2, ["a", "b"], PromptConfig(mode="weighted", learners="semantic"))
+        PromptSet(sam2, ["a", "b"], PromptConfig(kind="weighted", learners="semantic"))
     with pytest.raises(UserError, match="needs a checkpoint"):
         load_sfm("sam2", None, device="cpu")
     with pytest.raises(UserError) as e:

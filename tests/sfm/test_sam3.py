@@ -9,10 +9,9 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import CLIPTokenizer, Sam3Config, Sam3Model  # noqa: E402
+from transformers import Sam3Model  # noqa: E402
 
 from ssprompt.errors import UserError  # noqa: E402
-from ssprompt.prompts.fusion import MODES  # noqa: E402
 from ssprompt.prompts.layout import grid_layout  # noqa: E402
 from ssprompt.prompts.promptset import (PromptConfig, PromptSet, load_prompts,  # noqa: E402
                                         save_prompts)
@@ -20,61 +19,12 @@ from ssprompt.sfm import load_sfm  # noqa: E402
 from ssprompt.sfm.base import PromptableSFM  # noqa: E402
 from ssprompt.sfm.sam3 import Sam3SFM, log1m_product_sigmoid  # noqa: E402
 
+from sfm.tiny import (SAM3_H as H, SAM3_Q as Q, SAM3_SIZE as SIZE, SAM3_T as T,  # noqa: E402
+                      sam3_tokenizer as tiny_tokenizer,
+                      save_tiny_sam3 as save_tiny)
+
 torch.set_num_threads(1)
-H = 64        # every hidden size
-SIZE = 224    # input; patch 14 -> 16 x 16 tokens; masks 64 x 64
-Q = 50        # object queries
-T = 32        # text tokens
 NAMES = ["cat", "traffic light", "sky"]
-
-
-def tiny_config() -> Sam3Config:
-    sub = dict(hidden_size=H, num_attention_heads=2, intermediate_size=128)
-    return Sam3Config(
-        vision_config=dict(
-            backbone_config=dict(model_type="sam3_vit_model", hidden_size=H,
-                                 intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=2, image_size=SIZE, patch_size=14,
-                                 window_size=8, global_attn_indexes=[1],
-                                 pretrain_image_size=SIZE),
-            fpn_hidden_size=H, backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]]),
-        text_config=dict(vocab_size=514, hidden_size=H, intermediate_size=128,
-                         projection_dim=H, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=T, bos_token_id=512, eos_token_id=513,
-                         pad_token_id=513),
-        geometry_encoder_config=dict(num_layers=1, **sub),
-        detr_encoder_config=dict(num_layers=1, **sub),
-        detr_decoder_config=dict(num_layers=2, num_queries=Q, **sub),
-        mask_decoder_config=dict(hidden_size=H, num_attention_heads=2),
-    )
-
-
-def tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP BPE tokenizer with the 256 byte symbols and no merges (one token a character)."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs, extra = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    chars = [chr(c) for c in cs]
-    vocab = {s: i for i, s in enumerate(chars + [c + "</w>" for c in chars]
-                                        + ["<|startoftext|>", "<|endoftext|>"])}
-    return CLIPTokenizer(vocab=vocab, merges=[])
-
-
-def save_tiny(path, seed: int = 0):
-    torch.manual_seed(seed)
-    model = Sam3Model(tiny_config()).eval()
-    with torch.no_grad():  # spread the reference boxes over the image, as trained ones are
-        ref = model.detr_decoder.reference_points.weight
-        ref.copy_(torch.randn(ref.shape) * torch.tensor([1.5, 1.5, 0.5, 0.5])
-                  - torch.tensor([0.0, 0.0, 1.5, 1.5]))
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -350,16 +300,16 @@ def test_gradients_reach_only_the_prompts(sam3, feats):
 
 
 @pytest.mark.parametrize("learners", ["spatial", "semantic", "spatial,semantic"])
-@pytest.mark.parametrize("mode", MODES)
-def test_every_learner_and_fusion_mode_trains(sam3, feats, mode, learners):
-    cfg = PromptConfig(mode=mode, learners=learners, n_prompts=25)
+@pytest.mark.parametrize("kind", ["zero_shot", "average", "weighted", "learned_only"])
+def test_every_learner_and_fusion_mode_trains(sam3, feats, kind, learners):
+    cfg = PromptConfig(kind=kind, learners=learners, n_prompts=25)
     ps = PromptSet(sam3, NAMES, cfg, generator=torch.Generator().manual_seed(0))
     spatial, semantic = ps()
     assert spatial.shape == (25, H + 4) and semantic.shape == (3, T * H)
     out = sam3.decode(feats, spatial, semantic)
     assert out.mask_logits.shape == (2, 75, 64, 64) and out.class_logits.shape == (2, 75, 4)
     assert torch.isfinite(out.mask_logits).all() and torch.isfinite(out.class_logits).all()
-    if mode == "default":
+    if kind == "zero_shot":
         assert ps.num_trainable() == 0
         return
     (out.mask_logits.mean() + out.class_logits.mean()).backward()
@@ -388,13 +338,13 @@ def test_class_agnostic_and_prompt_engineering(sam3, feats):
         obj = sam3.decode(feats, spatial, sam3.encode_texts(["object"]))
     assert agnostic.class_logits.shape == (2, 25, 2)
     torch.testing.assert_close(agnostic.class_logits, obj.class_logits)
-    pe = PromptSet(sam3, NAMES, PromptConfig(mode="prompt_engineering"))
+    pe = PromptSet(sam3, NAMES, PromptConfig(kind="prompt_engineering"))
     eng = pe()[1]
     assert eng.shape == (3, T * H) and not torch.allclose(eng, sam3.encode_texts(NAMES))
 
 
 def test_prompts_save_and_reload(sam3, feats, tmp_path):
-    ps = PromptSet(sam3, NAMES, PromptConfig(mode="weighted", n_prompts=25),
+    ps = PromptSet(sam3, NAMES, PromptConfig(kind="weighted", n_prompts=25),
                    generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ps.semantic.learned.add_(0.01 * torch.randn_like(ps.semantic.learned)
@@ -421,7 +371,7 @@ def test_log1m_product_sigmoid_is_stable():
 
 
 def test_vanilla_2d_and_bad_input_are_one_line_errors(sam3, feats, ckpt, tmp_path):
-    ps = PromptSet(sam3, NAMES, PromptConfig(mode="vanilla_2d", learners="spatial",
+    ps = PromptSet(sam3, NAMES, PromptConfig(kind="vanilla_2d", learners="spatial",
                                              n_prompts=25))
     with pytest.raises(UserError, match="object queries") as e:
         ps()
@@ -447,7 +397,7 @@ def test_vanilla_2d_and_bad_input_are_one_line_errors(sam3, feats, ckpt, tmp_pat
 
 
 def test_cli_full_ssprompt_train_and_eval_on_coco_panoptic(ckpt, tmp_path):
-    """`ssprompt train --sfm sam3 --learners spatial,semantic --mode weighted` on a COCO
+    """`ssprompt train --sfm sam3 --learners spatial,semantic --kind weighted` on a COCO
     panoptic fixture (96 x 96 scenes, letterboxed up to 224), then `ssprompt eval` of the saved
     prompts: all three metrics, finite."""
     import math
@@ -461,7 +411,7 @@ def test_cli_full_ssprompt_train_and_eval_on_coco_panoptic(ckpt, tmp_path):
     export_coco(SceneSplit("novel", "test", n=2), root, "test")
     out = tmp_path / "run"
     r = ssprompt("train", "--sfm", "sam3", "--checkpoint", ckpt, "--device", "cpu",
-                 "--data", f"coco:{root}", "--learners", "spatial,semantic", "--mode",
+                 "--data", f"coco:{root}", "--learners", "spatial,semantic", "--kind",
                  "weighted", "--n-prompts", 25, "--shots", 2, "--steps", 2, "--batch", 2,
                  "--no-select", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -524,6 +474,6 @@ def test_zero_shot_defaults_to_sam3s_own_number_of_queries(sam3, ckpt, tmp_path)
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["prompt_meta"]["n_prompts"] == Q
     assert Predictor(sam3, class_names=NAMES).spatial.shape[0] == Q
-    cfg = PromptConfig(mode="default")
+    cfg = PromptConfig(kind="zero_shot")
     PromptSet(sam3, NAMES, cfg)
     assert cfg.n_prompts == Q
