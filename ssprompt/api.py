@@ -75,8 +75,8 @@ class LearnConfig:
                                    ("spatial_lr_mult", self.spatial_lr_mult)) if v is not None}
         return CellSpec(
             task=task,
-            prompt=PromptConfig(self.kind, self.learners, self.n_prompts, self.init, self.weight_shape,
-                                self.weight_init, self.anchored),
+            prompt=PromptConfig(self.kind, self.learners, self.n_prompts, self.init,
+                                self.weight_shape, self.weight_init, self.anchored),
             train=TrainConfig(seed=self.seed, **{**given,
                                                  **check_train_values("train", dict(self.train))}),
             shots=self.shots, seed=self.seed, n_test=self.n_test,

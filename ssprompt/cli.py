@@ -178,10 +178,10 @@ def _cmd_train(a: argparse.Namespace) -> None:
     print(_table([(a.kind, result)]))
     sel = result["selection"]
     if sel is not None:
-        picked = sel["selected"]
+        selected = sel["selected"]
         print("held-out selection: " + ("no step beat the default prompts on the held-out "
-                                        "shots; kept the defaults (zero-shot)"
-                                        if picked == "default" else f"kept step {picked}")
+                                        "shots; selected the default prompts (zero-shot)"
+                                        if selected == "default" else f"selected step {selected}")
               + f" (see {out}/curves.png)")
     print(f"trained {result['trained_params']} prompt parameters in {result['wall_s']} s; "
           f"wrote {out}/prompts.safetensors, metrics.json")

@@ -29,9 +29,9 @@ def plot_train_curves(path: Path, log: list[dict], selection: dict | None) -> No
     if gain is not None:
         ax2.plot(*gain, marker="o")
         ax2.axhline(0, color="k", lw=0.8, label="default prompts")
-        picked = selection["selected"]
-        if picked != "default":
-            ax2.axvline(picked, color="g", ls="--", label=f"selected: step {picked}")
+        selected = selection["selected"]
+        if selected != "default":
+            ax2.axvline(selected, color="g", ls="--", label=f"selected: step {selected}")
         ax2.legend(fontsize=7)
     ax2.set(xlabel="step", ylabel="score - defaults' score",
             title="held-out shots: mean of mIoU, AP50, PQ")

@@ -240,3 +240,7 @@ def test_old_and_missing_config_keys_get_one_clear_error(tmp_path):
     cfg.write_text(text.replace("kind: vanilla_2d", "kind: vanilla"))
     with pytest.raises(UserError, match="kind 'vanilla' is unknown"):
         load_config(cfg)
+    cfg.write_text(text.replace("kind: zero_shot, role: baseline",
+                                "kind: zero_shot, role: baseline, weight: dim"))
+    with pytest.raises(UserError, match="'weight' is now called 'weight_shape'"):
+        load_config(cfg)
