@@ -123,6 +123,22 @@ def test_decide_keeps_a_consistent_gain():
     assert decide([_FakeTracker(HELD, [HELD])])[0] is None
 
 
+def test_decide_rejects_a_gain_that_is_a_loss_on_one_task():
+    """+20 mIoU and +15 PQ on every held-out image but -3 AP50 (the combined score passes the
+    paired test by far): not worse on any one task fails it; the same step without the AP50
+    loss passes."""
+    t = _FakeTracker(HELD, [_plus([0, 0, 0, 0])])
+    t.images[10] = t.default_images + np.array([20.0, -3.0, 15.0])
+    step, _, _, test = decide([t])
+    assert step is None and not test["passed"] and test["worse_on"] == ["AP50"]
+    assert test["mean"] - test["threshold"] > 0 and test["metric_means"]["AP50"] == -3.0
+    t.images[10] = t.default_images + np.array([20.0, 0.5, 15.0])
+    assert decide([t])[0] == 10
+    # a metric no held-out image defines (NaN) is left out, not counted as a loss
+    t.images[10][:, 1] = t.default_images[:, 1] = np.nan
+    assert decide([t])[0] == 10
+
+
 def test_threshold_grows_with_the_number_of_candidates():
     """The same per-image gains pass when they are the only candidate and fail when they are
     the best of many: the critical value is corrected for the checkpoints looked at."""
