@@ -35,7 +35,7 @@ where one of three seeds kept the default prompts (Δ = 0 there) could never exc
 resample of that seed alone has probability 1/27 > 2.5%). The t-interval has the right
 width for few clusters by construction; its coverage, simulated with per-image, per-seed data
 of known Δ through these very functions, is in ``SIMULATED_COVERAGE`` (measured by
-``tests/test_bootstrap.py``) and stated in ``summary.md``.
+``tests/evaluation/test_bootstrap.py``) and stated in ``summary.md``.
 
 The same estimator gives a row's own interval (``row_interval``: the mean over seeds of one
 row; image noise is mostly shared there), the things-vs-stuff comparison, and the gain
@@ -136,7 +136,7 @@ METRIC_FNS = {"mIoU": miou, "AP50": ap50, "PQ": pq}
 
 
 # ------------------------------------------------------------------------------ intervals
-# Coverage of the 95% intervals of a Δ, simulated (tests/test_bootstrap.py, ``simulate``):
+# Coverage of the 95% intervals of a Δ, simulated (tests/evaluation/test_bootstrap.py, ``simulate``):
 # two rows, 200 test images, per-image scores = image effect shared by both rows + a per-image
 # gain shared by every seed + per-seed-per-image noise, + a per-seed random effect on the Δ of
 # SD 0, 2 or 4 points; 1000 replications each. {seeds: (coverage at SD 0, 2, 4)}.

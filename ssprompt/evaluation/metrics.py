@@ -22,7 +22,7 @@
   category; PQ, SQ and RQ average over categories with TP + FP + FN > 0.
 
   torchmetrics' ``detection.PanopticQuality`` (1.9) is not used, because it deviates from
-  panopticapi in ways that cannot be undone from outside (tests/test_metrics.py shows each):
+  panopticapi in ways that cannot be undone from outside (tests/evaluation/test_metrics.py shows each):
 
   1. IoU: it also subtracts the part of the *ground-truth* segment predicted as void from the
      union (panopticapi subtracts only the predicted segment's overlap with ground-truth void);

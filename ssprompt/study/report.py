@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..evaluation.metrics import METRICS
+from ..engine.selection import CROSS_VALIDATE_BELOW, MAX_FOLDS
 from .config import LARGE_LOSS, StudyConfig
 
 
@@ -44,7 +45,8 @@ def _method_note(intervals: dict) -> str:
     sds = " / ".join(str(x) for x in bs.SIMULATED_SEED_SD)
     where = f"at this study's {s} seeds" if at == s else f"at {at} seeds (this study has {s})"
     return note + (f" Simulated coverage {where}: {cov} at a seed SD of the Δ of {sds} points "
-                   "(200 images, known Δ, 1000 replications; `tests/test_bootstrap.py`).")
+                   "(200 images, known Δ, 1000 replications; "
+                   "`tests/evaluation/test_bootstrap.py`).")
 
 
 def _moved_table(cfg: StudyConfig, rows: list[dict]) -> list[str]:
@@ -167,11 +169,16 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
                      worse: list[dict] | None = None) -> str:
     zs = cfg.baseline
     sel = cfg.selection
-    rule = (f"Every trained variant uses held-out-shot selection: {sel.holdout:.0%} of the "
-            f"{cfg.shots} shots are held out, candidates are scored there every {sel.every} "
-            f"steps, and a variant keeps its default prompts unless a step beats them in a paired "
-            f"per-image test on the held-out images (one-sided, level {sel.alpha:g} divided by the "
-            f"number of checkpoints looked at; per-image SD floored at {sel.min_sd:g} points)."
+    rule = (f"Every trained variant uses held-out-shot selection (`ssprompt/engine/selection.py`): "
+            f"with k >= {CROSS_VALIDATE_BELOW} shots {sel.holdout:.0%} of them are held out, with "
+            f"2 <= k < {CROSS_VALIDATE_BELOW} every shot is held out once (min(k, {MAX_FOLDS}) "
+            "folds, then a refit on all k up to the selected step), and k = 1 keeps the default "
+            f"prompts. Candidates are scored on each held-out image every {sel.every} steps; a "
+            "variant keeps its default prompts unless a step beats them in a paired per-image "
+            f"test (one-sided, level {sel.alpha:g} divided by the number of checkpoints looked "
+            f"at; per-image SD floored at {sel.min_sd:g} points) and is not worse on any one of "
+            "mIoU, AP50 and PQ there. Class prompts learn only the classes the fitted shots "
+            "show; every other class keeps the text encoder's embedding."
             if sel.enabled else "No held-out selection: the last training step is kept.")
     lines = [f"# Study `{cfg.name}`", "",
              f"{len(cfg.variants)} variants x {len(cfg.tasks)} tasks x {len(cfg.seeds)} seeds "
