@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="results/ood_coins")
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--modes", nargs="+", default=["weighted", "average", "learned_only"])
+    p.add_argument("--kinds", nargs="+", default=["weighted", "average", "learned_only"])
     a = p.parse_args(argv)
     out = Path(a.out)
     rows = []
@@ -38,14 +38,14 @@ def main(argv: list[str] | None = None) -> None:
         task = f"coco:{tmp}"
         zs = run_cell(ws, CellSpec(task, PromptConfig("zero_shot"), shots=a.shots))[0]
         rows.append({"variant": "zero-shot", "seed": None, **_m(zs)})
-        for mode in a.modes:
+        for kind in a.kinds:
             for select in (True, False):
                 for seed in a.seeds:
-                    spec = CellSpec(task, PromptConfig(mode), shots=a.shots, seed=seed,
+                    spec = CellSpec(task, PromptConfig(kind), shots=a.shots, seed=seed,
                                     selection=SelectionConfig(enabled=select))
                     r = run_cell(ws, spec)[0]
                     sel = r["selection"] or {}
-                    rows.append({"variant": f"{mode}{'' if select else ' (no selection)'}",
+                    rows.append({"variant": f"{kind}{'' if select else ' (no selection)'}",
                                  "seed": seed, **_m(r), "selected": sel.get("selected"),
                                  "held_out_default": sel.get("default_score"),
                                  "held_out_curve": sel.get("curve")})
