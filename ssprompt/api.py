@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .data import open_dataset
 from .errors import UserError
+from .prompts.promptset import LearnedPrompts
 
 __all__ = ["LearnConfig", "TrainedPrompts", "evaluate", "learn_prompts", "open_dataset",
            "workspace"]
@@ -139,13 +140,9 @@ class TrainedPrompts:
         s = self.prompt_set()[1]
         return None if s is None else s.detach()
 
-    @property
-    def class_names(self) -> list[str] | None:
-        return self.meta.get("class_names")
-
-    @property
-    def is_thing(self) -> list[bool] | None:
-        return self.meta.get("is_thing")
+    # the vocabulary, read from ``meta`` as a ``load_prompts`` result reads it
+    class_names = LearnedPrompts.class_names
+    is_thing = LearnedPrompts.is_thing
 
     def save(self, out: str | Path) -> Path:
         """``ssprompt train``'s run folder: prompts.safetensors (for ``load_prompts`` /

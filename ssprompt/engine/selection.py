@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,13 +140,13 @@ def image_scores(stats) -> np.ndarray:
     return np.stack([METRIC_FNS[m](stats, one_each) for m in METRICS], 1)
 
 
-def paired_deltas(cand: np.ndarray, default: np.ndarray) -> np.ndarray:
-    """Per image, the mean over the metrics defined for both of cand - default (NaN where
-    none is); ``cand`` and ``default`` are ``image_scores`` of the same images."""
-    diff = cand - default
+def finite_mean(diff: np.ndarray, axis: int) -> np.ndarray:
+    """The mean of ``diff`` (images x metrics: cand - default of their ``image_scores``) along
+    ``axis`` over its finite entries, NaN where there are none: axis 1 gives each image's
+    paired difference (over the metrics defined for both), axis 0 each metric's."""
     ok = np.isfinite(diff)
     with np.errstate(invalid="ignore"):
-        return np.where(ok.any(1), np.where(ok, diff, 0).sum(1) / ok.sum(1), np.nan)
+        return np.where(ok.any(axis), np.where(ok, diff, 0).sum(axis) / ok.sum(axis), np.nan)
 
 
 class Tracker:
@@ -222,18 +221,14 @@ def decide(trackers: list[Tracker], cfg: SelectionConfig | None = None
              for i, s in enumerate(steps)]
     tests = []
     for s in steps:
-        d = np.concatenate([paired_deltas(t.images[s], t.default_images) for t in trackers])
-        test = {"step": s, **paired_test(d, len(steps), cfg)}
+        diff = np.concatenate([t.images[s] - t.default_images for t in trackers])
+        test = {"step": s, **paired_test(finite_mean(diff, 1), len(steps), cfg)}
         # and not worse on any one task: each metric's mean paired difference >= 0
-        per_metric = np.concatenate([t.images[s] - t.default_images for t in trackers])
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)   # a metric no image defines
-            means = np.nanmean(per_metric, 0)
-        test["metric_means"] = {m: round(float(x), 4) for m, x in zip(METRICS, means)
-                                if np.isfinite(x)}
-        if test["passed"] and any(x < 0 for x in test["metric_means"].values()):
-            test["passed"], test["worse_on"] = False, [m for m, x in
-                                                       test["metric_means"].items() if x < 0]
+        test["metric_means"] = {m: round(float(x), 4)
+                                for m, x in zip(METRICS, finite_mean(diff, 0)) if np.isfinite(x)}
+        worse = [m for m, x in test["metric_means"].items() if x < 0]
+        if test["passed"] and worse:
+            test["passed"], test["worse_on"] = False, worse
         tests.append(test)
     ranked = sorted(tests, key=lambda t: (-t.get("mean", -math.inf), t["step"]))
     passing = [t for t in ranked if t["passed"]]

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..sfm.base import PromptableSFM, default_n_prompts
 from .fusion import FusedPrompt
-from .semantic import SemPrompt, default_semantic, engineered_semantic
-from .spatial import SpaPrompt, Vanilla2DPrompt, default_spatial
+from .semantic import default_semantic, engineered_semantic
+from .spatial import Vanilla2DPrompt, default_spatial
 
 # what a variant does with its prompts (the study YAML's ``kind``, ``ssprompt train --kind``):
 # zero_shot and prompt_engineering learn nothing; vanilla_2d learns the points' coordinates;
@@ -90,25 +90,24 @@ class PromptSet(nn.Module):
         self.is_thing = None if is_thing is None else [bool(x) for x in is_thing]
         kw = {"init": cfg.init, "weight_shape": cfg.weight_shape, "weight_init": cfg.weight_init,
               "generator": generator}
-        has_text = class_names is not None and sfm.has_text_encoder
-        if "semantic" in cfg.learners and cfg.kind in FUSED_KINDS and not has_text:
+        spatial, semantic = default_prompts(sfm, class_names, cfg.n_prompts)
+        if "semantic" in cfg.learners and cfg.kind in FUSED_KINDS and semantic is None:
             raise UserError("learners semantic: this SFM has no text encoder (SAM has none); "
                             "learn spatial prompts only", field="learners")
-        # spatial
-        spatial, semantic = default_prompts(sfm, class_names, cfg.n_prompts)
+        # spatial: SpaPrompt (a learned embedding fused with each default) or the defaults
         if cfg.kind == "vanilla_2d":
             self.spatial = Vanilla2DPrompt(sfm, cfg.n_prompts)
         elif cfg.kind in FUSED_KINDS and "spatial" in cfg.learners:
-            self.spatial = SpaPrompt(sfm, cfg.n_prompts, cfg.kind, **kw)
+            self.spatial = FusedPrompt(spatial, cfg.kind, **kw)
         else:
             self.spatial = FusedPrompt(spatial, "frozen")
-        # semantic
+        # semantic: SemPrompt, the template ensemble, or the defaults
         if semantic is None:
             self.semantic = None
         elif cfg.kind == "prompt_engineering":
             self.semantic = FusedPrompt(engineered_semantic(sfm, class_names), "frozen")
         elif cfg.kind in FUSED_KINDS and "semantic" in cfg.learners:
-            self.semantic = SemPrompt(sfm, class_names, cfg.kind, **kw)
+            self.semantic = FusedPrompt(semantic, cfg.kind, **kw)
         else:
             self.semantic = FusedPrompt(semantic, "frozen")
 

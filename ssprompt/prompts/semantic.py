@@ -1,5 +1,6 @@
-"""Semantic prompt learners: SemPrompt around the frozen text encoder's class-name embeddings,
-and the prompt-engineering baseline (an ensemble of hand-written templates, nothing learned)."""
+"""Semantic prompts: the frozen text encoder's class-name embeddings (SemPrompt is a
+``FusedPrompt`` over them, built by ``PromptSet``), and the prompt-engineering baseline (an
+ensemble of hand-written templates, nothing learned)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..sfm.base import PromptableSFM
-from .fusion import FusedPrompt
 
 TEMPLATES = (
     "a photo of a {}.",
@@ -42,9 +42,3 @@ def engineered_semantic(sfm: PromptableSFM, class_names: list[str],
     mean = torch.nn.functional.normalize(per_t, dim=-1).mean(0)
     return torch.nn.functional.normalize(mean, dim=-1) * base.norm(dim=-1, keepdim=True)
 
-
-class SemPrompt(FusedPrompt):
-    """C semantic (class) prompts in the text encoder's output space."""
-
-    def __init__(self, sfm: PromptableSFM, class_names: list[str], mode: str = "weighted", **kw):
-        super().__init__(default_semantic(sfm, class_names), mode, **kw)

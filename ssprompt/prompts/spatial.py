@@ -1,5 +1,6 @@
-"""Spatial prompt learners: SpaPrompt (learned embeddings fused with the defaults) and the
-vanilla baseline that learns the points' 2-D coordinates instead."""
+"""Spatial prompts: the frozen prompt encoder's default embeddings of the N-point grid (SpaPrompt
+is a ``FusedPrompt`` over them, built by ``PromptSet``) and the vanilla baseline that learns
+the points' 2-D coordinates instead."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import torch
 from torch import Tensor, nn
 
 from ..sfm.base import PromptableSFM, default_n_prompts, sfm_device
-from .fusion import FusedPrompt
 from .layout import grid_layout
 
 
@@ -17,13 +17,6 @@ def default_spatial(sfm: PromptableSFM, n: int | None = None) -> Tensor:
     n = default_n_prompts(sfm) if n is None else n
     with torch.no_grad():
         return sfm.encode_points(grid_layout(n).to(sfm_device(sfm))).float()
-
-
-class SpaPrompt(FusedPrompt):
-    """N spatial prompts in the encoder's embedding space."""
-
-    def __init__(self, sfm: PromptableSFM, n: int, mode: str = "weighted", **kw):
-        super().__init__(default_spatial(sfm, n), mode, **kw)
 
 
 class Vanilla2DPrompt(nn.Module):
