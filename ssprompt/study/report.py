@@ -177,7 +177,8 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
             "variant keeps its default prompts unless a step beats them in a paired per-image "
             f"test (one-sided, level {sel.alpha:g} divided by the number of checkpoints looked "
             f"at; per-image SD floored at {sel.min_sd:g} points) and is not worse on any one of "
-            "mIoU, AP50 and PQ there. Class prompts learn only the classes the fitted shots "
+            "mIoU, AP50 and PQ (with one fold computed over its held-out images together, with "
+            "several folds as each metric's mean per-image difference). Class prompts learn only the classes the fitted shots "
             "show; every other class keeps the text encoder's embedding."
             if sel.enabled else "No held-out selection: the last training step is kept.")
     lines = [f"# Study `{cfg.name}`", "",

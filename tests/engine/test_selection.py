@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from ssprompt.sfm.features import FeatureCache
 from ssprompt.geometry import letterbox_labels, letterbox_shape, unletterbox
 from ssprompt.lru import LRUCache
 from ssprompt.prompts.promptset import PromptConfig
-from ssprompt.engine.selection import SelectionConfig, critical_value, decide, folds
+from ssprompt.engine.selection import SelectionConfig, critical_value, folds
+from ssprompt.engine.selection import decide as decide_
 from ssprompt.engine.train import TrainConfig
 
 METRICS = ("mIoU", "AP50", "PQ", "SQ", "RQ", "PQ_th", "PQ_st")
@@ -65,18 +67,30 @@ def test_folds_hold_out_disjoint_shots():
 
 class _FakeTracker:
     """A fold's held-out record: per image, the defaults' score and each candidate step's
-    (one column per metric: the same value in mIoU, AP50 and PQ)."""
+    (one column per metric: the same value in mIoU, AP50 and PQ). Its records are those
+    per-image scores, pooled by their mean (``_mean_pool``), unless a test sets real ones."""
 
     def __init__(self, default, candidates):
         def per(xs):
             return np.repeat(np.asarray(xs, float)[:, None], 3, 1)
 
-        self.default_images = per(default)
+        self.default_images = self.default_records = per(default)
         self.default = {"score": float(np.mean(default))}
         self.curve, self.images = [], {}
         for i, xs in enumerate(candidates):
             self.curve.append({"step": 10 * (i + 1), "score": float(np.mean(xs))})
             self.images[10 * (i + 1)] = per(xs)
+        self.records = self.images
+
+
+def _mean_pool(records):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)    # a metric no image defines: NaN
+        return np.nanmean(np.concatenate(records), 0)
+
+
+def decide(trackers, cfg=None, pool=_mean_pool):
+    return decide_(trackers, cfg, pool)
 
 
 HELD = [50.0, 40.0, 60.0, 45.0]       # the defaults' score on four held-out images
@@ -131,12 +145,61 @@ def test_decide_rejects_a_gain_that_is_a_loss_on_one_task():
     t.images[10] = t.default_images + np.array([20.0, -3.0, 15.0])
     step, _, _, test = decide([t])
     assert step is None and not test["passed"] and test["worse_on"] == ["AP50"]
-    assert test["mean"] - test["threshold"] > 0 and test["metric_means"]["AP50"] == -3.0
+    assert test["mean"] - test["threshold"] > 0 and test["pooled_deltas"]["AP50"] == -3.0
     t.images[10] = t.default_images + np.array([20.0, 0.5, 15.0])
     assert decide([t])[0] == 10
     # a metric no held-out image defines (NaN) is left out, not counted as a loss
     t.images[10][:, 1] = t.default_images[:, 1] = np.nan
     assert decide([t])[0] == 10
+
+
+def _ap_records(dets: list[list[tuple[float, bool]]]):
+    """Per-image records of one class, one ground-truth instance per image, and the given
+    (score, true positive) detections in each image (no mIoU / PQ pixels: those are NaN)."""
+    from ssprompt.evaluation.records import APRecords, PerImage
+
+    n = len(dets)
+    flat = [(i, sc, tp) for i, ds in enumerate(dets) for sc, tp in ds]
+    ap = APRecords(np.array([i for i, _, _ in flat], np.int64), np.zeros(len(flat), np.int64),
+                   np.array([sc for _, sc, _ in flat]), np.array([tp for *_, tp in flat]),
+                   np.array([not tp for *_, tp in flat]), np.ones((n, 1), np.int64))
+    return PerImage(np.zeros((n, 1, 3), np.int64), np.zeros((n, 1, 4)), ap)
+
+
+def test_decide_judges_each_task_pooled_over_the_held_out_images():
+    """AP ranks the detections of all images together. A candidate that ranks each image's
+    own detections well (per-image AP50 100 everywhere, as the defaults) but whose scores are
+    not comparable across images (an image's false positive above another's true positive)
+    loses pooled AP50 (100 -> 83.5): with +10 mIoU per image it passes the paired test and
+    still fails, on AP50; the same gain with the defaults' detections passes. The pooled
+    metric is what one evaluation of the images together gives, also of several records.
+    With several folds the check is per image (their prompts differ)."""
+    from ssprompt.engine.selection import image_scores, pooled_scores
+
+    default = _ap_records([[(0.9, True)], [(0.8, True)]])
+    miscalibrated = _ap_records([[(0.3, True)], [(0.9, True), (0.5, False)]])
+    assert image_scores(miscalibrated)[:, 1] == pytest.approx([100.0, 100.0])
+    assert pooled_scores([default])[1] == pytest.approx(100.0)
+    assert pooled_scores([miscalibrated])[1] == pytest.approx(83.50, abs=0.01)
+    # two folds of one held-out image each pool to the same as one fold of both
+    halves = [_ap_records([[(0.3, True)]]), _ap_records([[(0.9, True), (0.5, False)]])]
+    assert pooled_scores(halves)[1] == pooled_scores([miscalibrated])[1]
+
+    t = _FakeTracker([50.0, 40.0, 60.0, 45.0], [_plus([10, 10, 10, 10])])
+    t.default_records, t.records = default, {10: miscalibrated}
+    step, _, _, test = decide_([t])
+    assert step is None and test["worse_on"] == ["AP50"]
+    assert test["mean"] - test["threshold"] > 0
+    assert test["pooled_deltas"]["AP50"] == pytest.approx(-16.50, abs=0.01)
+    t.records = {10: default}
+    assert decide_([t])[0] == 10
+    # several folds (different prompts each): each metric's mean per-image difference, which
+    # the miscalibrated detections do not lower (per image AP50 100 as the defaults')
+    two = [_FakeTracker([50.0, 40.0], [[60.0, 50.0]]), _FakeTracker([60.0, 45.0], [[70.0, 55.0]])]
+    for f, h in zip(two, halves):
+        f.default_records, f.records = default, {10: h}
+    step, _, _, test = decide_(two)
+    assert step == 10 and "pooled_deltas" not in test and test["metric_means"]["AP50"] == 10.0
 
 
 def test_threshold_grows_with_the_number_of_candidates():
@@ -162,7 +225,8 @@ def test_two_images_both_must_improve():
 
 
 def test_image_scores_equal_each_image_evaluated_alone(committed_ws):
-    """The per-image scores the test uses are each held-out image's own metrics."""
+    """The per-image scores the test uses are each held-out image's own metrics, and the
+    pooled ones those of the held-out images evaluated together."""
     from ssprompt.engine.selection import Subset, default_embeddings, image_scores
     from ssprompt.evaluation.evaluate import evaluate, evaluate_many
 
@@ -181,6 +245,16 @@ def test_image_scores_equal_each_image_evaluated_alone(committed_ws):
                 assert np.isnan(per[i, j])
             else:
                 assert per[i, j] == pytest.approx(alone[m], abs=0.006)   # metrics: 2 decimals
+    # pooled: the records of two evaluations (a 1-image and a 2-image fold) give the metrics
+    # of one evaluation of all three images
+    from ssprompt.engine.selection import pooled_scores
+
+    parts = [evaluate_many(committed_ws.sfm, [(sp, se)], Subset(train, pos), committed_ws.cache,
+                           per_image=True)[0]["per_image"] for pos in ([1], [4, 6])]
+    together = evaluate(committed_ws.sfm, sp, se, held, committed_ws.cache)
+    pooled = pooled_scores(parts)
+    for j, m in enumerate(("mIoU", "AP50", "PQ")):
+        assert pooled[j] == pytest.approx(together[m], abs=0.006)
 
 
 def test_stop_at_is_the_first_steps_of_the_full_schedule(tiny_sfm, coins_root, monkeypatch):
