@@ -164,6 +164,12 @@ def _table(cfg: StudyConfig, stats) -> list[str]:
     return lines
 
 
+def _shots(cfg: StudyConfig) -> str:
+    """"16-shot", or for a shots sweep "k = 1, 2, 4 shots"."""
+    ks = sorted({cfg.shots_of(v) for v in cfg.variants if not v.fixed})
+    return f"{cfg.shots}-shot" if len(ks) <= 1 else f"k = {', '.join(map(str, ks))} shots"
+
+
 def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
                      rows: list[dict] | None = None, intervals: dict | None = None,
                      worse: list[dict] | None = None) -> str:
@@ -183,7 +189,7 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
             if sel.enabled else "No held-out selection: the last training step is kept.")
     lines = [f"# Study `{cfg.name}`", "",
              f"{len(cfg.variants)} variants x {len(cfg.tasks)} tasks x {len(cfg.seeds)} seeds "
-             f"(seeds {cfg.seeds}), {cfg.shots}-shot, test images per task: "
+             f"(seeds {cfg.seeds}), {_shots(cfg)}, test images per task: "
              f"{cfg.n_test or 'all'}. Mean ± std over seeds, in percent; **bold** = best in "
              f"the column; (Δ) = difference to the row's zero-shot baseline: the zero-shot "
              f"row with the same number of spatial prompts N, else `{zs}`."

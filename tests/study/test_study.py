@@ -85,7 +85,8 @@ def test_shots_sweep(tmp_path):
     k1 = [c for c in res["cells"] if c["variant"] == "ssprompt-k1"][0]
     assert k1["selection"]["selected"] == "default"          # one shot: nothing to validate on
     assert (out / "shots.png").exists()
-    assert "ssprompt-k8 − ssprompt-k2" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "ssprompt-k8 − ssprompt-k2" in summary and "k = 1, 2, 8 shots" in summary
 
 
 def test_killed_study_resumes_to_identical_numbers(full_run, tmp_path):
