@@ -39,6 +39,21 @@ def sign(d: dict) -> str:
     return "+" if d["lo"] > 0 else "-" if d["hi"] < 0 else "0"
 
 
+def cell_changes(first: dict, second: dict) -> tuple[int, int, int]:
+    """(cells in both runs, cells whose mIoU, AP50 or PQ differ, cells whose selection chose
+    another step) between two results.json."""
+    def key(c):
+        return c["variant"], c["task"], c["seed"]
+
+    def selected(c):
+        return (c.get("selection") or {}).get("selected")
+
+    b = {key(c): c for c in second.get("cells", [])}
+    pairs = [(c, b[key(c)]) for c in first.get("cells", []) if key(c) in b]
+    moved = sum(any(x.get(m) != y.get(m) for m in ("mIoU", "AP50", "PQ")) for x, y in pairs)
+    return len(pairs), moved, sum(selected(x) != selected(y) for x, y in pairs)
+
+
 def fmt(d: dict) -> str:
     return f"{d['delta']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
 
@@ -79,6 +94,9 @@ def main(argv=None) -> int:
                   f"{fmt(r['second'])} {r['sign_second']} |" for r in flips]
     else:
         lines.append("none.")
+    n, moved, reselected = cell_changes(*runs)
+    lines += ["", f"Cells: {moved} of {n} differ in mIoU, AP50 or PQ; selection chose another "
+              f"step in {reselected}."]
     for r, w in zip(runs, (a.first, a.second)):
         wall = r.get("study_wall_s")
         lines.append("")
@@ -88,7 +106,10 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"n_verdicts": len(rows),
-                                                    "n_flips": len(flips), "verdicts": rows},
+                                                    "n_flips": len(flips), "n_cells": n,
+                                                    "n_cells_moved": moved,
+                                                    "n_cells_reselected": reselected,
+                                                    "verdicts": rows},
                                                    indent=1))
     print(f"{len(flips)} of {len(rows)} verdicts flip; {out}")
     return 0

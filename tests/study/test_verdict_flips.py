@@ -40,3 +40,14 @@ def test_different_studies_are_refused(tmp_path, capsys):
     assert vf.main([str(a), str(b), "--out", str(tmp_path / "r.md")]) == 2
     assert "not the same study" in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
+
+
+def test_cells_that_move_and_reselect_are_counted():
+    def cell(seed, miou, selected):
+        return {"variant": "ssprompt", "task": "novel", "seed": seed, "mIoU": miou,
+                "AP50": 50.0, "PQ": 40.0, "selection": {"selected": selected}}
+
+    first = {"cells": [cell(0, 30.0, 40), cell(1, 31.0, "default"), cell(2, 32.0, 60)]}
+    second = {"cells": [cell(0, 30.0, 40), cell(1, 31.5, "default"), cell(2, 33.0, 70)]}
+    assert vf.cell_changes(first, second) == (3, 2, 1)
+    assert vf.cell_changes(first, first) == (3, 0, 0)
