@@ -143,19 +143,22 @@ def restore_defaults(prompts, sfm) -> None:
         prompts.semantic = FusedPrompt(semantic, "frozen")
 
 
-def image_scores(stats) -> np.ndarray:
-    """(n, len(METRICS)): each image's own mIoU, AP50 and PQ (percent; NaN where undefined for
-    that image), recomputed from per-image records exactly as for that image evaluated alone."""
-    one_each = np.eye(len(stats))
-    return np.stack([METRIC_FNS[m](stats, one_each) for m in METRICS], 1)
+def _scores(stats: PerImage, weights: np.ndarray) -> np.ndarray:
+    """(rows of ``weights``, len(METRICS)): mIoU, AP50 and PQ (percent; NaN where undefined)
+    of each weighting of the images, recomputed from their per-image records."""
+    return np.stack([METRIC_FNS[m](stats, weights) for m in METRICS], 1)
 
 
-def pooled_scores(records: list[PerImage]) -> np.ndarray:
-    """(len(METRICS),): mIoU, AP50 and PQ (percent; NaN where undefined) of the images of all
-    ``records`` together, computed as one evaluation of them would be."""
-    stats = PerImage.concat(records)
-    ones = np.ones((1, len(stats)))
-    return np.array([METRIC_FNS[m](stats, ones)[0] for m in METRICS])
+def image_scores(stats: PerImage) -> np.ndarray:
+    """(n, len(METRICS)): each image's own mIoU, AP50 and PQ, exactly as for that image
+    evaluated alone."""
+    return _scores(stats, np.eye(len(stats)))
+
+
+def pooled_scores(stats: PerImage) -> np.ndarray:
+    """(len(METRICS),): mIoU, AP50 and PQ of all the images together, unrounded, as one
+    evaluation of them computes them."""
+    return _scores(stats, np.ones((1, len(stats))))[0]
 
 
 def finite_mean(diff: np.ndarray, axis: int) -> np.ndarray:
@@ -169,8 +172,8 @@ def finite_mean(diff: np.ndarray, axis: int) -> np.ndarray:
 
 class Tracker:
     """Scores one fold's prompts on its held-out shots as training goes (the mean score, each
-    image's own ``image_scores`` and the per-image records) and keeps the state of every
-    scored step."""
+    image's own ``image_scores`` and the images' ``pooled_scores``) and keeps the state of
+    every scored step."""
 
     def __init__(self, sfm, prompts, held_out: Subset, cache, every: int, steps: int,
                  eval_batch: int = 50):
@@ -180,21 +183,21 @@ class Tracker:
         self._evaluate = lambda sp, se: evaluate_many(sfm, [(sp, se)], held_out, cache,
                                                       batch=eval_batch, per_image=True)[0]
         self.images: dict[int, np.ndarray] = {}   # step -> image_scores
-        self.records: dict[int, PerImage] = {}    # step -> per-image records
-        self.default, self.default_images, self.default_records = \
+        self.pooled: dict[int, np.ndarray] = {}   # step -> pooled_scores
+        self.default, self.default_images, self.default_pooled = \
             self._score(*default_embeddings(prompts, sfm))
         self.curve: list[dict] = []
         self.states: dict[int, dict] = {}
 
     @torch.no_grad()
-    def _score(self, spatial, semantic) -> tuple[dict, np.ndarray, PerImage]:
+    def _score(self, spatial, semantic) -> tuple[dict, np.ndarray, np.ndarray]:
         # every rank scores every held-out image itself (the prompts are the same on all
         # ranks after the all-reduce), so the per-image test sees whole, unsynced records
         with local_only():
             m = self._evaluate(spatial, semantic)
         records = m.pop("per_image")
         return ({"score": round(score(m), 4), **{k: m.get(k) for k in METRICS}},
-                image_scores(records), records)
+                image_scores(records), pooled_scores(records))
 
     def __call__(self, step: int) -> None:
         """After optimiser step ``step`` (0-based): score if it is a candidate step."""
@@ -202,7 +205,7 @@ class Tracker:
         if done % self.every and done != self.steps:
             return
         with torch.no_grad():
-            scored, self.images[done], self.records[done] = self._score(*self.prompts())
+            scored, self.images[done], self.pooled[done] = self._score(*self.prompts())
         self.curve.append({"step": done, **scored})
         self.states[done] = copy.deepcopy(self.prompts.state_dict())
 
@@ -231,14 +234,12 @@ def paired_test(d: np.ndarray, m: int, cfg: SelectionConfig) -> dict:
             "min_delta": round(float(d.min()), 4), "passed": bool(passed)}
 
 
-def decide(trackers: list[Tracker], cfg: SelectionConfig | None = None, pool=pooled_scores
+def decide(trackers: list[Tracker], cfg: SelectionConfig | None = None
            ) -> tuple[int | None, list[dict], float, dict]:
     """(selected step or None for the defaults, the mean held-out curve, the defaults' mean
     score, the paired test of the selected candidate, else of the one with the largest mean
-    difference) over the folds' trackers: the rule of the module docstring. ``pool`` turns the
-    folds' records of one step into pooled metrics (``pooled_scores``)."""
+    difference) over the folds' trackers: the rule of the module docstring."""
     cfg = cfg or SelectionConfig()
-    pooled_default = pool([trackers[0].default_records]) if len(trackers) == 1 else None
     default = float(np.mean([t.default["score"] for t in trackers]))
     steps = [c["step"] for c in trackers[0].curve]
     curve = [{"step": s, "score": round(float(np.mean([t.curve[i]["score"] for t in trackers])), 4)}
@@ -250,7 +251,7 @@ def decide(trackers: list[Tracker], cfg: SelectionConfig | None = None, pool=poo
         # and not worse on any one task (>= 0 on each metric): with one fold over its held-out
         # images pooled, with several folds each metric's mean paired difference
         if len(trackers) == 1:
-            per_metric = pool([trackers[0].records[s]]) - pooled_default
+            per_metric = trackers[0].pooled[s] - trackers[0].default_pooled
             test["pooled_deltas"] = {m: round(float(x), 4)
                                      for m, x in zip(METRICS, per_metric) if np.isfinite(x)}
         else:

@@ -72,18 +72,6 @@ class PerImage:
     def __len__(self) -> int:
         return int(self.iou.shape[0])
 
-    @staticmethod
-    def concat(parts: list["PerImage"]) -> "PerImage":
-        """The records of several evaluations as one (images in the order given), e.g. the
-        held-out images of several folds, each scored by its own fold's prompts."""
-        offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
-        aps = [p.ap for p in parts]
-        ap = APRecords(np.concatenate([a.det_image + o for a, o in zip(aps, offsets)]),
-                       *(np.concatenate([getattr(a, f) for a in aps])
-                         for f in ("det_cat", "det_score", "det_tp", "det_fp", "gt_count")))
-        return PerImage(np.concatenate([p.iou for p in parts]),
-                        np.concatenate([p.pq for p in parts]), ap)
-
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         np.savez_compressed(buf, iou=self.iou, pq=self.pq,

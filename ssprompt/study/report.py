@@ -184,8 +184,9 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
             f"test (one-sided, level {sel.alpha:g} divided by the number of checkpoints looked "
             f"at; per-image SD floored at {sel.min_sd:g} points) and is not worse on any one of "
             "mIoU, AP50 and PQ (with one fold computed over its held-out images together, with "
-            "several folds as each metric's mean per-image difference). Class prompts learn only the classes the fitted shots "
-            "show; every other class keeps the text encoder's embedding."
+            "several folds as each metric's mean per-image difference). Class prompts learn "
+            "only the classes the fitted shots show; every other class keeps the text "
+            "encoder's embedding."
             if sel.enabled else "No held-out selection: the last training step is kept.")
     lines = [f"# Study `{cfg.name}`", "",
              f"{len(cfg.variants)} variants x {len(cfg.tasks)} tasks x {len(cfg.seeds)} seeds "

@@ -21,8 +21,7 @@ from ssprompt.sfm.features import FeatureCache
 from ssprompt.geometry import letterbox_labels, letterbox_shape, unletterbox
 from ssprompt.lru import LRUCache
 from ssprompt.prompts.promptset import PromptConfig
-from ssprompt.engine.selection import SelectionConfig, critical_value, folds
-from ssprompt.engine.selection import decide as decide_
+from ssprompt.engine.selection import SelectionConfig, critical_value, decide, folds
 from ssprompt.engine.train import TrainConfig
 
 METRICS = ("mIoU", "AP50", "PQ", "SQ", "RQ", "PQ_th", "PQ_st")
@@ -67,30 +66,27 @@ def test_folds_hold_out_disjoint_shots():
 
 class _FakeTracker:
     """A fold's held-out record: per image, the defaults' score and each candidate step's
-    (one column per metric: the same value in mIoU, AP50 and PQ). Its records are those
-    per-image scores, pooled by their mean (``_mean_pool``), unless a test sets real ones."""
+    (one column per metric: the same value in mIoU, AP50 and PQ). Its pooled scores are the
+    mean of those per-image scores, unless a test sets ones from real records."""
 
     def __init__(self, default, candidates):
         def per(xs):
             return np.repeat(np.asarray(xs, float)[:, None], 3, 1)
 
-        self.default_images = self.default_records = per(default)
+        self.default_images = per(default)
         self.default = {"score": float(np.mean(default))}
         self.curve, self.images = [], {}
         for i, xs in enumerate(candidates):
             self.curve.append({"step": 10 * (i + 1), "score": float(np.mean(xs))})
             self.images[10 * (i + 1)] = per(xs)
-        self.records = self.images
+        self.default_pooled = _mean(self.default_images)
+        self.pooled = {s: _mean(x) for s, x in self.images.items()}
 
 
-def _mean_pool(records):
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+def _mean(per_image):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)    # a metric no image defines: NaN
-        return np.nanmean(np.concatenate(records), 0)
-
-
-def decide(trackers, cfg=None, pool=_mean_pool):
-    return decide_(trackers, cfg, pool)
+        return np.nanmean(per_image, 0)
 
 
 HELD = [50.0, 40.0, 60.0, 45.0]       # the defaults' score on four held-out images
@@ -143,13 +139,16 @@ def test_decide_rejects_a_gain_that_is_a_loss_on_one_task():
     loss passes."""
     t = _FakeTracker(HELD, [_plus([0, 0, 0, 0])])
     t.images[10] = t.default_images + np.array([20.0, -3.0, 15.0])
+    t.pooled[10] = _mean(t.images[10])
     step, _, _, test = decide([t])
     assert step is None and not test["passed"] and test["worse_on"] == ["AP50"]
     assert test["mean"] - test["threshold"] > 0 and test["pooled_deltas"]["AP50"] == -3.0
     t.images[10] = t.default_images + np.array([20.0, 0.5, 15.0])
+    t.pooled[10] = _mean(t.images[10])
     assert decide([t])[0] == 10
     # a metric no held-out image defines (NaN) is left out, not counted as a loss
     t.images[10][:, 1] = t.default_images[:, 1] = np.nan
+    t.pooled[10], t.default_pooled = _mean(t.images[10]), _mean(t.default_images)
     assert decide([t])[0] == 10
 
 
@@ -171,34 +170,30 @@ def test_decide_judges_each_task_pooled_over_the_held_out_images():
     own detections well (per-image AP50 100 everywhere, as the defaults) but whose scores are
     not comparable across images (an image's false positive above another's true positive)
     loses pooled AP50 (100 -> 83.5): with +10 mIoU per image it passes the paired test and
-    still fails, on AP50; the same gain with the defaults' detections passes. The pooled
-    metric is what one evaluation of the images together gives, also of several records.
-    With several folds the check is per image (their prompts differ)."""
+    still fails, on AP50; the same gain with the defaults' detections passes. With several
+    folds the check is per image (their prompts differ)."""
     from ssprompt.engine.selection import image_scores, pooled_scores
 
     default = _ap_records([[(0.9, True)], [(0.8, True)]])
     miscalibrated = _ap_records([[(0.3, True)], [(0.9, True), (0.5, False)]])
     assert image_scores(miscalibrated)[:, 1] == pytest.approx([100.0, 100.0])
-    assert pooled_scores([default])[1] == pytest.approx(100.0)
-    assert pooled_scores([miscalibrated])[1] == pytest.approx(83.50, abs=0.01)
-    # two folds of one held-out image each pool to the same as one fold of both
-    halves = [_ap_records([[(0.3, True)]]), _ap_records([[(0.9, True), (0.5, False)]])]
-    assert pooled_scores(halves)[1] == pooled_scores([miscalibrated])[1]
+    assert pooled_scores(default)[1] == pytest.approx(100.0)
+    assert pooled_scores(miscalibrated)[1] == pytest.approx(83.50, abs=0.01)
 
     t = _FakeTracker([50.0, 40.0, 60.0, 45.0], [_plus([10, 10, 10, 10])])
-    t.default_records, t.records = default, {10: miscalibrated}
-    step, _, _, test = decide_([t])
+    t.default_pooled, t.pooled = pooled_scores(default), {10: pooled_scores(miscalibrated)}
+    step, _, _, test = decide([t])
     assert step is None and test["worse_on"] == ["AP50"]
     assert test["mean"] - test["threshold"] > 0
     assert test["pooled_deltas"]["AP50"] == pytest.approx(-16.50, abs=0.01)
-    t.records = {10: default}
-    assert decide_([t])[0] == 10
+    t.pooled = {10: pooled_scores(default)}
+    assert decide([t])[0] == 10
     # several folds (different prompts each): each metric's mean per-image difference, which
     # the miscalibrated detections do not lower (per image AP50 100 as the defaults')
     two = [_FakeTracker([50.0, 40.0], [[60.0, 50.0]]), _FakeTracker([60.0, 45.0], [[70.0, 55.0]])]
-    for f, h in zip(two, halves):
-        f.default_records, f.records = default, {10: h}
-    step, _, _, test = decide_(two)
+    for f in two:
+        f.default_pooled, f.pooled = pooled_scores(default), {10: pooled_scores(miscalibrated)}
+    step, _, _, test = decide(two)
     assert step == 10 and "pooled_deltas" not in test and test["metric_means"]["AP50"] == 10.0
 
 
@@ -245,14 +240,12 @@ def test_image_scores_equal_each_image_evaluated_alone(committed_ws):
                 assert np.isnan(per[i, j])
             else:
                 assert per[i, j] == pytest.approx(alone[m], abs=0.006)   # metrics: 2 decimals
-    # pooled: the records of two evaluations (a 1-image and a 2-image fold) give the metrics
-    # of one evaluation of all three images
+    # pooled: the same records give the metrics of one evaluation of all three images
     from ssprompt.engine.selection import pooled_scores
 
-    parts = [evaluate_many(committed_ws.sfm, [(sp, se)], Subset(train, pos), committed_ws.cache,
-                           per_image=True)[0]["per_image"] for pos in ([1], [4, 6])]
     together = evaluate(committed_ws.sfm, sp, se, held, committed_ws.cache)
-    pooled = pooled_scores(parts)
+    pooled = pooled_scores(evaluate_many(committed_ws.sfm, [(sp, se)], held, committed_ws.cache,
+                                         per_image=True)[0]["per_image"])
     for j, m in enumerate(("mIoU", "AP50", "PQ")):
         assert pooled[j] == pytest.approx(together[m], abs=0.006)
 
