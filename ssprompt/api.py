@@ -230,7 +230,7 @@ def learn_prompts(sfm, data="shift", config: LearnConfig | None = None, *,
     if not main:
         return None
     test = ws.dataset(spec.task, "test", n_test=spec.n_test)
-    meta = {"config": spec.as_dict(), "seed": cfg.seed, "sfm": ws.sfm.weights_hash(),
+    meta = {"config": spec.as_dict(), "seed": cfg.seed, "weights_hash": ws.sfm.weights_hash(),
             "class_names": test.class_names, "is_thing": test.is_thing,
             "metrics": {k: result[k] for k in ("mIoU", "AP50", "PQ")}}
     trained = TrainedPrompts(prompts, result, log, meta)

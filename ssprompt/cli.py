@@ -80,9 +80,10 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     test = ws.dataset(a.data or a.task, "test", n_test=a.n_test)
     if a.predictions:  # score saved prediction files (`ssprompt predict`), no SFM pass
         from .predict import score_predictions
+        from .sfm.base import weights_hash_of
 
         metrics, manifest = score_predictions(a.predictions, test)
-        sfm_hash, name = manifest.get("sfm"), Path(a.predictions).name or "predictions"
+        sfm_hash, name = weights_hash_of(manifest), Path(a.predictions).name or "predictions"
         meta = {"predictions": a.predictions, "prompts": manifest.get("prompts")}
     else:
         sfm_hash = ws.sfm.weights_hash()
@@ -99,7 +100,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     print(f"task {a.data or a.task}, {len(test)} test images, SFM {sfm_hash}")
     print(_table([(name, metrics)]))
     out = {**metrics, "task": a.data or a.task, "n_test": len(test),
-           "sfm": sfm_hash, "prompts": a.prompts, "prompt_meta": meta}
+           "weights_hash": sfm_hash, "prompts": a.prompts, "prompt_meta": meta}
     if a.out:
         write_json(Path(a.out) / "metrics.json", out)
         print(f"wrote {Path(a.out) / 'metrics.json'}")
@@ -135,7 +136,7 @@ def _cmd_predict(a: argparse.Namespace) -> None:
                           n_prompts=a.n_prompts, cache=ws.cache, batch=ws.eval_batch)
     if not cat_ids:
         cat_ids = list(range(1, len(predictor.class_names) + 1))
-    about = {"sfm": ws.sfm.weights_hash(), "prompts": a.prompts,
+    about = {"weights_hash": ws.sfm.weights_hash(), "prompts": a.prompts,
              "data": a.images or a.data or a.task,
              "split": None if a.images else (a.test_split or "test"), "n_test": a.n_test}
     out = Path(a.out)

@@ -65,7 +65,7 @@ def novel_prompts(sfm, path: Path, n_prompts: int = 25, step: float = 0.01) -> d
     with torch.no_grad():
         for p in ps.trainable():
             p.add_(step * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    save_prompts(path, ps, {"sfm": sfm.weights_hash(), "config": {"task": "novel"}})
+    save_prompts(path, ps, {"weights_hash": sfm.weights_hash(), "config": {"task": "novel"}})
     return {"class_names": data.class_names, "is_thing": data.is_thing}
 
 
@@ -145,7 +145,7 @@ def test_prompts_file_describes_itself_and_is_refused_elsewhere(tmp_path):
     expect = novel_prompts(sfm, path)
     lp = load_prompts(path)
     assert lp.class_names == expect["class_names"] and lp.is_thing == expect["is_thing"]
-    assert lp.meta["sfm"] == sfm.weights_hash() and lp.meta["n_prompts"] == 25
+    assert lp.meta["weights_hash"] == sfm.weights_hash() and lp.meta["n_prompts"] == 25
     assert lp.meta["kind"] == "weighted" and lp.meta["learners"] == ["spatial", "semantic"]
     assert lp.meta["config"] == {"task": "novel"}
     spatial, semantic, meta = lp                       # still unpacks as before
@@ -188,6 +188,12 @@ def test_old_prompts_files_still_load(tmp_path):
         Predictor(sfm, lp)
     pred = Predictor(sfm, lp, class_names=names).predict(np.zeros((30, 40, 3), np.uint8))
     assert pred.semantic.shape == (30, 40)
+    # such a file named the weights hash "sfm": another SFM's prompts are still refused
+    other = tmp_path / "other.safetensors"
+    save_file({"spatial": new.spatial, "semantic": new.semantic}, str(other),
+              metadata={"ssprompt": json.dumps({"sfm": "0" * 16, "seed": 0})})
+    with pytest.raises(UserError, match="learned for SFM weights 0000"):
+        check_prompts(load_prompts(other), sfm, names, other)
 
 
 def test_eval_refuses_prompts_of_another_class_list(tmp_path):

@@ -86,7 +86,7 @@ def test_train_then_eval_reproduces_metrics(tmp_path):
         assert again[k] == trained[k]
     assert trained["trained_params"] > 0
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["seed"] == 3 and cfg["sfm"] == again["sfm"]
+    assert cfg["seed"] == 3 and cfg["weights_hash"] == again["weights_hash"]
 
 
 def test_eval_writes_metrics_for_every_downstream_task(tmp_path):

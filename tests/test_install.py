@@ -81,7 +81,7 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     r = _run([venv / "bin" / "ssprompt", "eval", "--task", "novel", "--n-test", "5",
               "--device", "cpu", "--out", "ev"], cwd=elsewhere, env=env)
     m = json.loads((elsewhere / "ev" / "metrics.json").read_text())
-    assert m["n_test"] == 5 and m["sfm"] == json.loads(
+    assert m["n_test"] == 5 and m["weights_hash"] == json.loads(
         (ROOT / "ssprompt" / "weights" / "pretrain_info.json").read_text())["weights_sha256_16"]
     assert all(isinstance(m[k], float) for k in ("mIoU", "AP50", "PQ")), r.stdout
     # the packaged study configs are found too

@@ -91,7 +91,7 @@ def test_files_score_exactly_as_eval_and_pycocotools_agrees(predicted, tmp_path)
     files = json.loads((tmp_path / "files" / "metrics.json").read_text())
     for k in ("mIoU", "AP50", "PQ", "SQ", "RQ", "PQ_th", "PQ_st", "per_class"):
         assert files[k] == mem[k], k
-    assert files["sfm"] == mem["sfm"] and files["prompt_meta"]["prompts"] == str(p)
+    assert files["weights_hash"] == mem["weights_hash"] and files["prompt_meta"]["prompts"] == str(p)
 
     # pycocotools on the results JSON against the split exported as real COCO
     root = export_coco(open_dataset("novel", "test", n_test=N_TEST), tmp_path / "gt", "test")
@@ -223,7 +223,7 @@ def test_predict_class_agnostic_with_a_tiny_sam(tmp_path):
     mem, files = (json.loads((tmp_path / d / "metrics.json").read_text())
                   for d in ("mem", "files"))
     assert all(files[k] == mem[k] for k in ("mIoU", "AP50", "PQ", "per_class"))
-    assert files["sfm"] == mem["sfm"] == manifest["sfm"]   # the SAM's, not the embedded one
+    assert files["weights_hash"] == mem["weights_hash"] == manifest["weights_hash"]   # the SAM's, not the embedded one
 
 
 def test_empty_results_file_scores_as_no_detections(tmp_path):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..sfm.base import PromptableSFM, default_n_prompts
+from ..sfm.base import PromptableSFM, default_n_prompts, weights_hash_of
 from .fusion import FusedPrompt
 from .semantic import default_semantic, engineered_semantic
 from .spatial import Vanilla2DPrompt, default_spatial
@@ -208,8 +208,9 @@ def check_prompts(prompts: LearnedPrompts, sfm: PromptableSFM, class_names: list
     """Refuse, in one line, prompts learned for other SFM weights or another class list.
     Spatial-only prompts (SAM: scored class-agnostically) fit any class list."""
     meta = prompts.meta
-    if meta.get("sfm") and meta["sfm"] != sfm.weights_hash():
-        raise UserError(f"{path}: learned for SFM weights {meta['sfm']}, but this SFM is "
+    learned_for = weights_hash_of(meta)
+    if learned_for and learned_for != sfm.weights_hash():
+        raise UserError(f"{path}: learned for SFM weights {learned_for}, but this SFM is "
                         f"{sfm.weights_hash()}")
     if prompts.semantic is None or class_names is None:
         return

@@ -88,6 +88,13 @@ class PromptableSFM(Protocol):
     def weights_hash(self) -> str: ...
 
 
+def weights_hash_of(record: dict) -> str | None:
+    """The SFM weights hash a saved record (prompts metadata, a cell's result, a predictions
+    manifest, metrics.json) names under ``weights_hash``; files written before round 3 called
+    it ``sfm``."""
+    return record.get("weights_hash", record.get("sfm"))
+
+
 def sfm_device(sfm) -> torch.device:
     """The device an SFM's weights live on (CPU for a parameterless stand-in)."""
     try:

@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from ..engine.train import TrainConfig
 from ..errors import UserError
-from ..io import write_bytes, write_json, write_text
-from .aggregate import aggregate
 from ..evaluation.metrics import METRICS
+from ..io import write_bytes, write_json, write_text
+from ..sfm.base import weights_hash_of
+from .aggregate import aggregate
 from .config import CONFIG_DIR, StudyConfig, Variant, cell_id, load_config
 
 
@@ -151,7 +152,7 @@ def run_groups(ws, cfg: StudyConfig, groups: list[list[tuple[Variant, str, int]]
             if result["trained_params"]:
                 test = ws.dataset(task, "test", n_test=cfg.n_test)  # its vocabulary
                 save_prompts(cells_dir / f"{cid}.safetensors", prompts,
-                             {"config": spec.as_dict(), "seed": seed, "sfm": result["sfm"],
+                             {"config": spec.as_dict(), "seed": seed, "weights_hash": result["weights_hash"],
                               "class_names": test.class_names, "is_thing": test.is_thing,
                               "metrics": {m: result[m] for m in METRICS}})
             result.update({"variant": variant.name, "group": variant.group, "task": task,
@@ -234,7 +235,7 @@ def finished_cells(cells_dir: Path, sfm_hash: str) -> set[str]:
     done = set()
     for p in cells_dir.glob("*.json"):
         try:
-            if json.loads(p.read_text()).get("sfm") == sfm_hash:
+            if weights_hash_of(json.loads(p.read_text())) == sfm_hash:
                 done.add(p.stem)
         except (OSError, ValueError):  # a cell file cut short: run the cell again
             continue

@@ -389,7 +389,7 @@ def write_hand_predictions(root: Path, out: Path, detections) -> Path:
     ds = CocoDataset(root, "val")
     items, cat_ids = dataset_items(ds)
     write_predictions(out, _HandMade(ds.class_names, ds.is_thing, detections), items, cat_ids,
-                      {"sfm": "hand-made", "prompts": None}, progress=False)
+                      {"weights_hash": "hand-made", "prompts": None}, progress=False)
     return out
 
 

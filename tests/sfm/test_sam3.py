@@ -350,7 +350,7 @@ def test_prompts_save_and_reload(sam3, feats, tmp_path):
         ps.semantic.learned.add_(0.01 * torch.randn_like(ps.semantic.learned)
                                  * (ps.semantic.default != 0))
         ps.spatial.learned.add_(0.01)
-    save_prompts(tmp_path / "p.safetensors", ps, {"sfm": sam3.weights_hash()})
+    save_prompts(tmp_path / "p.safetensors", ps, {"weights_hash": sam3.weights_hash()})
     loaded = load_prompts(tmp_path / "p.safetensors")
     spatial, semantic = loaded[0], loaded[1]
     with torch.no_grad():
@@ -425,7 +425,7 @@ def test_cli_full_ssprompt_train_and_eval_on_coco_panoptic(ckpt, tmp_path):
     for k in ("mIoU", "AP50", "PQ"):
         assert isinstance(m[k], float) and math.isfinite(m[k]) and 0.0 <= m[k] <= 100.0
     assert m["n_test"] == 2
-    assert m["sfm"] == json.loads((out / "config.json").read_text())["sfm"]
+    assert m["weights_hash"] == json.loads((out / "config.json").read_text())["weights_hash"]
 
 
 @pytest.mark.parametrize("shape", ["tall", "wide", "square"])

@@ -155,7 +155,7 @@ def test_cells_of_other_sfm_weights_are_run_again(full_run, tmp_path):
     _, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr[-2000:]
     cells = [json.loads(f.read_text()) for f in (out / "cells").glob("*.json")]
-    assert cells and {c["sfm"] for c in cells} == {file_hash(weights)}
+    assert cells and {c["weights_hash"] for c in cells} == {file_hash(weights)}
     assert _metrics(out) != _metrics(full_run)
 
 
