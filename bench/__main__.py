@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             res[a.only] = bench_study_workers()
         elif a.only == "study_group":     # one trained group, new (and old) code, ~3 min each
             from bench.study_group import bench_study_group
-            res[a.only] = bench_study_group()
+            res[a.only] = bench_study_group((res.get("flops") or {}).get("step_flop"))
         else:
             res[a.only] = bench_train_batching(repeats)
         tmp = OUT.with_suffix(".tmp")
