@@ -51,6 +51,11 @@ the defaults are kept. Why each part:
   against another's. Tried on the shots sweep, pooling across folds too rejected a real gain
   (k = 8, held-out AP50 -2.6, test +3.5) and caught no collapse the one-fold pooling missed;
   this split of the rule was chosen after seeing that sweep's test results (README says so);
+* what it cannot catch: a loss the held-out shots do not show. The shots sweep's last
+  learned-only cell below zero-shot (k = 16, novel, seed 2: test AP50 -7.3) *gains* on its 4
+  held-out images (+21.7 / +5.0 / +9.9 pooled), more AP50 than any step of ssprompt on the
+  same images (<= +0.4; test +3.4): a rule that rejected it would reject ssprompt too
+  (``scripts/heldout_vs_test.py``, results/shots/heldout_vs_test.md);
 * very few images: with c > 1 (any alpha / m < 0.16) the rule already implies that, with
   n = 2, *both* images improve (mean - c * |d_1 - d_2| / 2 > 0 needs the smaller one > 0),
   and with n = 1 that the one image improves by more than c * min_sd; no separate rule.
