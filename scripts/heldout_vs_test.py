@@ -17,17 +17,21 @@ Used to check whether any held-out rule could have rejected the shots sweep's la
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ssprompt.engine.cell import Workspace
-from ssprompt.engine.selection import Subset, Tracker, decide, default_embeddings, folds
+from ssprompt.engine.selection import (
+    Subset,
+    Tracker,
+    decide,
+    default_embeddings,
+    folds,
+    pooled_scores,
+)
 from ssprompt.engine.train import TrainConfig, train_many
-from ssprompt.evaluation.bootstrap import METRIC_FNS
 from ssprompt.evaluation.evaluate import evaluate_many
 from ssprompt.evaluation.metrics import METRICS
 from ssprompt.io import write_json, write_text
@@ -37,10 +41,6 @@ from ssprompt.sfm.features import FeatureCache
 from ssprompt.study.config import CONFIG_DIR, load_config
 
 LARGE_LOSS = 5.0  # points below the defaults on test: a worse cell (as the study's worse_cells)
-
-
-def pooled(stats) -> np.ndarray:
-    return np.array([float(METRIC_FNS[m](stats, np.ones((1, len(stats))))[0]) for m in METRICS])
 
 
 def run(config: Path, task: str, k: int, variants: list[str], seeds: list[int]) -> list[dict]:
@@ -81,7 +81,7 @@ def run(config: Path, task: str, k: int, variants: list[str], seeds: list[int]) 
                               ("test", test)):
                 ms = evaluate_many(ws.sfm, sets, ds, ws.cache, batch=ws.eval_batch,
                                    per_image=True)
-                p = [pooled(m["per_image"]) for m in ms]
+                p = [pooled_scores(m["per_image"]) for m in ms]
                 deltas[split] = [p[i + 1] - p[0] for i in range(len(steps))]
             for i, s in enumerate(steps):
                 rows.append({"variant": name, "seed": seed, "step": s,
@@ -95,9 +95,9 @@ def run(config: Path, task: str, k: int, variants: list[str], seeds: list[int]) 
 
 def markdown(rows: list[dict], args) -> str:
     lines = [f"# Held-out shots against test ({args.task}, k = {args.k})", "",
-             "Each scored step's prompts, as differences to the default prompts on the same "
-             "images (points; each split's metrics pooled over its images). `*`: the step the "
-             "study's selection rule picks. Written by `scripts/heldout_vs_test.py`.", "",
+             ("Each scored step's prompts, as differences to the default prompts on the same "
+              "images (points; each split's metrics pooled over its images). `*`: the step the "
+              "study's selection rule picks. Written by `scripts/heldout_vs_test.py`."), "",
              "| variant | seed | step | " + " | ".join(
                  f"{s} {m}" for s in ("held", "fit", "test") for m in METRICS) + " |",
              "|---|---:|---:|" + "---:|" * (3 * len(METRICS))]

@@ -152,7 +152,8 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
         raw_m = None if raw is None else \
             {k: v for k, v in next(raws).items() if k != "per_class"}
         result = {**m, "trained_params": cell.n_params, "wall_s": round(wall, 2),
-                  "weights_hash": ws.sfm.weights_hash(), "final_loss": log[-1]["loss"] if log else None,
+                  "weights_hash": ws.sfm.weights_hash(),
+                  "final_loss": log[-1]["loss"] if log else None,
                   "selection": selection, "raw": raw_m, "z_moved": move,
                   "warnings": cell.notes,
                   "spec": cell.spec.as_dict()}

@@ -152,7 +152,8 @@ def run_groups(ws, cfg: StudyConfig, groups: list[list[tuple[Variant, str, int]]
             if result["trained_params"]:
                 test = ws.dataset(task, "test", n_test=cfg.n_test)  # its vocabulary
                 save_prompts(cells_dir / f"{cid}.safetensors", prompts,
-                             {"config": spec.as_dict(), "seed": seed, "weights_hash": result["weights_hash"],
+                             {"config": spec.as_dict(), "seed": seed,
+                              "weights_hash": result["weights_hash"],
                               "class_names": test.class_names, "is_thing": test.is_thing,
                               "metrics": {m: result[m] for m in METRICS}})
             result.update({"variant": variant.name, "group": variant.group, "task": task,
