@@ -279,10 +279,11 @@ def test_cli_train_is_learn_prompts(tmp_path):
     flags = ("--task", "novel", "--shots", "4", "--steps", "4", "--batch", "2", "--n-test", "3",
              "--n-prompts", "16", "--weight-init", "0.3", "--anchored", "--seed", "1",
              "--set", "log_every=1", "--select-every", "2")
-    r = ssprompt("train", *flags, "--out", tmp_path / "cli", "--device", "cpu")
+    # both in fresh processes at OMP_NUM_THREADS=1: the same float sums, and no class-name
+    # embedding cached earlier in this process at another thread count (text_encoder's
+    # lru_cache; in-process, the CLI failed whenever an earlier test had loaded the SFM)
+    r = ssprompt("train", *flags, "--out", tmp_path / "cli", "--device", "cpu", subprocess=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    # the API in a fresh process as the CLI ran (OMP_NUM_THREADS=1): the same float sums, and
-    # no text or feature computed earlier in this process at another thread count
     code = ("import json, sys; from ssprompt import LearnConfig, learn_prompts, load_sfm\n"
             "cfg = LearnConfig(shots=4, steps=4, batch=2, n_test=3, n_prompts=16, "
             "weight_init=0.3, anchored=True, seed=1, train={'log_every': 1}, select_every=2)\n"
