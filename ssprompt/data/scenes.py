@@ -273,14 +273,15 @@ class SceneSplit:
     first TRAIN_POOL train scenes, or ``val`` (n train scenes past the pool, for tuning)."""
 
     def __init__(self, task: str, split: str, n: int | None = None, shots: int = 16,
-                 seed: int = 0, size: int = 96, cache_bytes: int = 256 * 1024 ** 2):
+                 seed: int = 0, size: int = 96, cache_bytes: int = 256 * 1024 ** 2,
+                 test_from: int = 0):
         self.spec = get_task(task)
         self.task, self.split, self.size = task, split, size
         if split == "test":
             n = 200 if n is None else n
             if n <= 0:
                 raise UserError(f"n_test {n}: must be positive", field="n_test")
-            self.indices = list(range(n))
+            self.indices = list(range(test_from, test_from + n))
         elif split == "val":  # train-distribution scenes never drawn as shots: for tuning
             n = 100 if n is None else n
             self.indices = list(range(TRAIN_POOL, TRAIN_POOL + n))

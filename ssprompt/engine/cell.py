@@ -43,8 +43,10 @@ class Workspace:
     split's role (``train``, ``test``) to its name in a COCO folder (e.g. ``val2017``)."""
 
     def __init__(self, sfm: PromptableSFM, cache: FeatureCache | None = None,
-                 eval_batch: int = 50, split_names: dict[str, str] | None = None):
+                 eval_batch: int = 50, split_names: dict[str, str] | None = None,
+                 test_from: int = 0):
         self.sfm = sfm
+        self.test_from = test_from  # scene tasks: the test split's first scene (fresh scenes)
         self.cache = cache if cache is not None else FeatureCache()
         self.eval_batch = eval_batch
         self.split_names = dict(split_names or {})
@@ -56,7 +58,8 @@ class Workspace:
                seed if split == "train" else None, n_test if split == "test" else None)
         if key not in self._data:
             self._data[key] = open_dataset(task, split, shots=shots, seed=seed, n_test=n_test,
-                                           split_name=self.split_names.get(split))
+                                           split_name=self.split_names.get(split),
+                                           test_from=self.test_from)
         return self._data[key]
 
 

@@ -15,8 +15,11 @@ from ..errors import UserError
 from ..prompts.promptset import KINDS, PromptConfig
 
 CONFIG_DIR = Path(str(files("ssprompt").joinpath("configs")))  # package data
-TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "train", "selection", "variants",
-            "comparisons"}
+TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "test_from", "train", "selection",
+            "variants", "comparisons", "primary", "equivalence_margin"}
+# keys that only say how cells are reported, not what a cell computes: a finished study's
+# cells stay valid when they change (the runner compares the rest with its stored config)
+REPORT_KEYS = ("comparisons", "primary", "equivalence_margin")
 SELECTION_KEYS = {f.name for f in fields(SelectionConfig)}
 VARIANT_KEYS = {"name", "kind", "role", "learners", "n_prompts", "init", "weight_shape",
                 "weight_init", "anchored", "group", "train", "shots"}
@@ -59,6 +62,15 @@ class StudyConfig:
     raw: dict
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     comparisons: list[tuple[str, str]] = field(default_factory=list)
+    # the primary family (named in advance; Holm-adjusted together over every task and
+    # metric): pairs [a, b] read as a - b, where b may be a's own baseline (a's Δ to zero-shot)
+    primary: list[tuple[str, str]] = field(default_factory=list)
+    equivalence_margin: float | None = None   # points; TOST at this margin, fixed in advance
+    test_from: int = 0          # scene tasks: the test split's first scene index (fresh scenes)
+
+    def cell_config(self) -> dict:
+        """The config without the keys that only say how cells are reported."""
+        return {k: v for k, v in self.raw.items() if k not in REPORT_KEYS}
 
     def shots_of(self, v: Variant) -> int:
         return v.shots if v.shots is not None else self.shots
@@ -227,15 +239,24 @@ def load_config(path: str | Path, sets: dict | None = None) -> StudyConfig:
         raise UserError(f"{path}: mark the zero-shot row every difference is taken against "
                         "with 'role: baseline' (a variant of kind zero_shot)")
     names = {v.name for v in variants}
-    comparisons = []
-    for i, pair in enumerate(raw.get("comparisons") or []):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(x in names for x in pair)):
-            raise UserError(f"{path}: comparisons[{i}]: expected [variant, variant] of this "
-                            f"study's variants, got {pair!r}")
-        comparisons.append((pair[0], pair[1]))
+    pairs = {}
+    for key in ("comparisons", "primary"):
+        pairs[key] = []
+        for i, pair in enumerate(raw.get(key) or []):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(x in names for x in pair)):
+                raise UserError(f"{path}: {key}[{i}]: expected [variant, variant] of this "
+                                f"study's variants, got {pair!r}")
+            pairs[key].append((pair[0], pair[1]))
+    margin = raw.get("equivalence_margin")
+    if margin is not None and (not isinstance(margin, (int, float)) or margin <= 0):
+        raise UserError(f"{path}: equivalence_margin must be a positive number of points")
+    test_from = raw.get("test_from", 0)
+    if not isinstance(test_from, int) or test_from < 0:
+        raise UserError(f"{path}: test_from must be a non-negative scene index")
     return StudyConfig(raw.get("name", path.stem), list(raw["tasks"]), list(raw["seeds"]),
                        shots, raw.get("n_test"), train, variants, raw,
-                       SelectionConfig(**selection), comparisons)
+                       SelectionConfig(**selection), pairs["comparisons"], pairs["primary"],
+                       None if margin is None else float(margin), test_from)
 
 
 def cell_id(variant: Variant, task: str, seed: int) -> str:

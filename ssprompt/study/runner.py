@@ -50,7 +50,7 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
     resolved = yaml.safe_dump(cfg.raw, sort_keys=True)
     stored = run / "config.yaml"
     if rank == 0:
-        if stored.exists() and stored.read_text() != resolved:
+        if stored.exists() and _cell_config(stored) != cfg.cell_config():
             if not force:
                 raise UserError(f"{run}: holds a study with a different config; use a new --out, "
                                 "or --force to discard its finished cells")
@@ -64,7 +64,7 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
     from ..sfm.features import FeatureCache
 
     model = load_sfm(sfm, checkpoint, device)
-    ws = Workspace(model, FeatureCache(cache_dir))
+    ws = Workspace(model, FeatureCache(cache_dir), test_from=cfg.test_from)
     done = finished_cells(cells_dir, model.weights_hash())
     # whole (variant, task) groups go to a rank or worker, so that a group's seeds train
     # together exactly as in one process (a group's cells do not depend on who runs it)
@@ -104,6 +104,18 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
                   test_split=lambda t: ws.dataset(t, "test", n_test=cfg.n_test), sfm=model)
         print(f"study {cfg.name}: {len(cfg.cells())} cells; results in {run}/summary.md")
     return run
+
+
+def _cell_config(stored: Path) -> dict | None:
+    """The stored config's cell-affecting keys (``StudyConfig.cell_config``); None if
+    unreadable."""
+    from .config import REPORT_KEYS
+    try:
+        raw = yaml.safe_load(stored.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return {k: v for k, v in raw.items() if k not in REPORT_KEYS} if isinstance(raw, dict) \
+        else None
 
 
 def torch_threads() -> int:
@@ -179,7 +191,7 @@ def _worker(index: int, threads: int, groups: list[tuple[str, str]], args: dict,
         model = load_sfm(args["sfm"], args["checkpoint"], args["device"])
         done = finished_cells(Path(args["cells_dir"]), model.weights_hash())
         mine = [[c for c in by_key[k] if cell_id(*c) not in done] for k in groups]
-        run_groups(Workspace(model, FeatureCache(args["cache_dir"])), cfg,
+        run_groups(Workspace(model, FeatureCache(args["cache_dir"]), test_from=cfg.test_from), cfg,
                    [g for g in mine if g], Path(args["cells_dir"]),
                    on_cell=lambda: queue.put(("cell", index, "")))
         queue.put(("done", index, ""))
