@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from .data.coco import id2rgb, rgb2id
+from .data.images import check_image
 from .errors import fail
 from .evaluation.postprocess import Instances, Prediction
 from .io import write_bytes, write_json
@@ -62,22 +63,16 @@ def folder_items(folder: str | Path) -> list[Item]:
     stems = [p.stem for p in files]
     items = []
     for i, p in enumerate(files):
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except Exception as e:  # PIL raises many kinds on a damaged file
-            raise fail(p, f"cannot decode image ({' '.join(str(e).split())[:120]})") from None
+        check_image(p)      # decodes whole: a damaged file fails before anything is written
         name = f"{p.stem}.png" if stems.count(p.stem) == 1 else f"{p.name}.png"
         items.append(Item(i + 1, name, str(p), lambda p=p: _read_rgb(p)))
     return items
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:
-        raise fail(path, f"cannot decode image ({' '.join(str(e).split())[:120]})") from None
+    from .data.images import read_image
+
+    return read_image(path)
 
 
 def dataset_items(data) -> tuple[list[Item], list[int]]:

@@ -33,6 +33,7 @@ from ..errors import UserError, fail
 from ..io import write_bytes
 from ..lru import LRUCache
 from .fewshot import kshot_indices
+from .images import check_image, read_image, read_label_png
 from .scenes import VOID, Scene
 
 
@@ -130,13 +131,9 @@ def _load_json(path: Path) -> dict:
 
 
 def _load_image(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise fail(path, "missing image file")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise fail(path, f"cannot decode image ({_one_line(e)})") from None
+    """An image as uint8 RGB by the one reader's rule (``data.images``: 16-bit, float,
+    palette, alpha)."""
+    return read_image(path)
 
 
 def _finish(image: np.ndarray, instance: np.ndarray, segments: list[dict],
@@ -227,6 +224,13 @@ class CocoDataset:
                               f"{_one_line(e)})") from None
         if not self.class_names:
             raise fail(where, "declares no categories")
+        seen: dict[str, int] = {}
+        for c in cats:
+            name = str(c["name"])
+            if name in seen:
+                raise fail(where, f"category name {name!r} is used by ids {seen[name]} and "
+                                  f"{c['id']}: names must be unique (each is a class prompt)")
+            seen[name] = int(c["id"])
         if not self.images:
             raise fail(where, f"split {split!r} has no images")
         if self.kind == "instances":
@@ -242,6 +246,55 @@ class CocoDataset:
         self.indices = indices
         self.pool_size = len(self.images)  # images the k shots are drawn from
         self._cache = LRUCache(cache_bytes)
+        self._checked: set[bool] = set()
+
+    def image_id(self, i: int) -> int:
+        """The COCO image id of item ``i`` (``self[i]``)."""
+        return int(self.images[self.indices[i]]["id"])
+
+    @property
+    def category_ids(self) -> list[int]:
+        """The COCO category id of each class index (``class_names[c]`` has id
+        ``category_ids[c]``)."""
+        return sorted(self.cat_index, key=self.cat_index.get)
+
+    def check(self, labelled: bool = True) -> None:
+        """Every check a run needs before its first step, on the images this split uses: each
+        decodes whole, its size agrees with the JSON's ``height`` / ``width`` (and its panoptic
+        PNG's), and, when ``labelled`` (train, and a test split that is scored), they have at
+        least one annotation between them. Raises a ``UserError`` naming the file."""
+        if labelled in self._checked or True in self._checked:
+            return
+        n_labels = 0
+        for j in self.indices:
+            info = self.images[j]
+            name = info.get("file_name")
+            if not isinstance(name, str) or not name:
+                raise fail(self.annotation_file, f"image id {info.get('id')} has no file_name")
+            hw = (info["height"], info["width"]) if "height" in info and "width" in info \
+                else None
+            try:
+                hw = None if hw is None else (int(hw[0]), int(hw[1]))
+            except (TypeError, ValueError):
+                raise fail(self.annotation_file, f"image id {info.get('id')}: height / width "
+                                                 f"{hw} are not integers") from None
+            size = check_image(self.image_dir / name, hw, f"{self.annotation_file.name}")
+            anns = self.anns[int(info["id"])]
+            if self.kind == "panoptic":
+                for a in anns[:1]:
+                    png = self.png_dir / str(a.get("file_name"))
+                    ids = read_label_png(png)
+                    if ids.shape[:2] != size:
+                        raise fail(png, f"mask size {ids.shape[0]}x{ids.shape[1]} differs from "
+                                        f"its image {name} ({size[0]}x{size[1]})")
+                    n_labels += len(a.get("segments_info", []))
+            else:
+                n_labels += len(anns)
+        if labelled and n_labels == 0:
+            raise fail(self.annotation_file, f"no annotations for the {len(self.indices)} "
+                                             f"image(s) of split {self.split!r} used; scoring "
+                                             "and training need labelled images")
+        self._checked.add(labelled)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -266,7 +319,7 @@ class CocoDataset:
             return np.zeros(hw, np.int32), []
         ann = anns[0]
         png = self.png_dir / ann["file_name"]
-        ids = rgb2id(_load_image(png))
+        ids = rgb2id(read_label_png(png))
         if ids.shape != hw:
             raise fail(png, f"mask size {ids.shape[0]}x{ids.shape[1]} differs from its image "
                             f"{info['file_name']} ({hw[0]}x{hw[1]})")
