@@ -23,10 +23,12 @@ from pathlib import Path
 
 from .data import open_dataset
 from .errors import UserError
+from .methods import DEFAULT_METHOD, get_method, with_method_keywords
 from .prompts.promptset import LearnedPrompts
 
-__all__ = ["LearnConfig", "TrainedPrompts", "evaluate", "learn_prompts", "open_dataset",
-           "workspace"]
+__all__ = ["LearnConfig", "TrainedPrompts", "check_data", "evaluate", "learn_prompts",
+           "open_dataset", "workspace"]
+
 
 
 @dataclass
@@ -36,14 +38,10 @@ class LearnConfig:
     The data (``--task`` / ``--data``) and the SFM (``--sfm``, ``--checkpoint``, ``--device``)
     are ``learn_prompts``' own arguments."""
 
-    # the prompts (``PromptConfig``)
-    kind: str = "weighted"           # the variant kind (prompts.promptset.KINDS)
-    learners: str | tuple[str, ...] = "spatial,semantic"
-    n_prompts: int | None = None   # None: the backend's own number (default_n_prompts)
-    init: str | None = None         # None: random for learned_only, a copy of z_default else
-    weight_shape: str = "prompt"
-    weight_init: float = 0.5
-    anchored: bool | None = None    # None: fused modes anchored, learned_only not
+    # the method (``ssprompt.methods``); its options (``learners``, ``n_prompts``,
+    # ``weight_init``, ...) are fields added below from the methods' options dataclasses, each
+    # None by default: the method's own default (``with_method_keywords``)
+    kind: str = DEFAULT_METHOD
     # the shots and the training (``TrainConfig``; None: its default)
     shots: int = 16
     seed: int = 0
@@ -56,7 +54,6 @@ class LearnConfig:
     select: bool = True
     holdout: float = 0.25
     select_every: int = 10
-    refit: bool = False
     # the data and the evaluation
     n_test: int | None = None
     train_split: str | None = None  # a COCO folder's split names for the roles train / test
@@ -69,20 +66,22 @@ class LearnConfig:
         from .engine.cell import CellSpec
         from .engine.selection import SelectionConfig
         from .engine.train import TrainConfig
-        from .prompts.promptset import PromptConfig
         from .engine.train import check_train_values
+        from .methods import make_options, method_keywords
 
         given = {k: v for k, v in (("steps", self.steps), ("lr", self.lr), ("batch", self.batch),
                                    ("spatial_lr_mult", self.spatial_lr_mult)) if v is not None}
         return CellSpec(
             task=task,
-            prompt=PromptConfig(self.kind, self.learners, self.n_prompts, self.init,
-                                self.weight_shape, self.weight_init, self.anchored),
+            prompt=make_options(self.kind, {k: getattr(self, k) for k in method_keywords()}),
             train=TrainConfig(seed=self.seed, **{**given,
                                                  **check_train_values("train", dict(self.train))}),
             shots=self.shots, seed=self.seed, n_test=self.n_test,
             selection=SelectionConfig(enabled=self.select, holdout=self.holdout,
-                                      every=self.select_every, refit=self.refit))
+                                      every=self.select_every))
+
+
+LearnConfig = with_method_keywords(LearnConfig)
 
 
 def _config(config: LearnConfig | None, overrides: dict) -> LearnConfig:
@@ -97,7 +96,9 @@ def _config(config: LearnConfig | None, overrides: dict) -> LearnConfig:
 
 def workspace(sfm, eval_batch: int = 50, cache_dir: str | None = None,
               train_split: str | None = None, test_split: str | None = None):
-    """An ``engine.cell.Workspace``: datasets and image features shared across calls."""
+    """An ``engine.cell.Workspace``: datasets and image features shared across calls.
+    ``sfm`` may be None while its datasets are opened and checked (the CLI loads the SFM
+    after the data passed its checks, then sets ``ws.sfm``)."""
     from .engine.cell import Workspace
     from .sfm.features import FeatureCache
 
@@ -117,6 +118,25 @@ def _task_of(data) -> str:
     if hasattr(data, "task"):                                  # an embedded scene task
         return data.task
     raise UserError(f"{type(data).__name__}: not a task name, coco:PATH or open_dataset result")
+
+
+def _check(data, labelled: bool):
+    if hasattr(data, "check"):      # a COCO split; scene tasks are made, not read
+        data.check(labelled)
+    return data
+
+
+def check_data(ws, data, config: LearnConfig | None = None) -> None:
+    """Every check ``learn_prompts`` needs before its first step, on every split it reads:
+    the test split (its first ``n_test`` images) and, for a kind that learns, the k shots of
+    the train split: each image decodes whole, its size agrees with the annotations, the
+    split has annotations, category names are unique, k fits the split. One ``UserError``
+    naming the file; nothing is written."""
+    cfg = config if config is not None else LearnConfig()
+    task = _task_of(data)
+    _check(ws.dataset(task, "test", n_test=cfg.n_test), labelled=True)
+    if get_method(cfg.kind).uses_shots:
+        _check(ws.dataset(task, "train", shots=cfg.shots, seed=cfg.seed), labelled=True)
 
 
 @dataclass
@@ -210,6 +230,7 @@ def learn_prompts(sfm, data="shift", config: LearnConfig | None = None, *,
     if ws is None:
         ws = workspace(sfm, cfg.eval_batch, cfg.cache_dir, cfg.train_split, cfg.test_split)
     spec = cfg.cell_spec(task)
+    check_data(ws, task, cfg)      # a damaged test image is found before the first step
     main = rank_world()[0] == 0
     live = _LiveLog(Path(out) / "loss.jsonl") if out is not None and main else None
     def both(row, _user=on_log):
@@ -241,13 +262,15 @@ def learn_prompts(sfm, data="shift", config: LearnConfig | None = None, *,
 
 def evaluate(sfm, prompts=None, dataset="shift", *, n_test: int | None = None,
              n_prompts: int | None = None, ws=None, eval_batch: int = 50,
-             cache_dir: str | None = None, test_split: str | None = None) -> dict:
+             cache_dir: str | None = None, test_split: str | None = None,
+             where: str | Path | None = None) -> dict:
     """Metrics (percent: mIoU, AP50, PQ, per class, ...) of the frozen ``sfm`` prompted with
     ``prompts`` (a ``learn_prompts`` result, a ``load_prompts`` result or a prompts file's path;
     None: zero-shot, the default ``n_prompts``-point grid and the bare class names) on
     ``dataset``'s test split (a task name, ``coco:PATH`` or an ``open_dataset`` result, which
     is scored as it is). Prompts learned for other SFM weights or another class list are
-    refused. Under torchrun each rank scores its shard; every rank gets the synced metrics."""
+    refused. Under torchrun each rank scores its shard; every rank gets the synced metrics.
+    ``where``: the prompts' file, named in errors when ``prompts`` is already loaded."""
     from .distributed import shard
     from .evaluation.evaluate import evaluate as _evaluate
     from .prompts.promptset import check_prompts, default_prompts, load_prompts
@@ -256,12 +279,16 @@ def evaluate(sfm, prompts=None, dataset="shift", *, n_test: int | None = None,
     if ws is None:
         ws = workspace(sfm, eval_batch, cache_dir, test_split=test_split)
     test = ws.dataset(dataset, "test", n_test=n_test) if isinstance(dataset, str) else dataset
+    _check(test, labelled=True)
     if prompts is None:
         spatial, semantic = default_prompts(sfm, test.class_names, n_prompts)
     else:
-        where = prompts if isinstance(prompts, (str, Path)) else "prompts"
+        where = prompts if isinstance(prompts, (str, Path)) else (where or "prompts")
         if isinstance(prompts, (str, Path)):
-            prompts = load_prompts(prompts)
+            from .io import expect_file
+
+            prompts = load_prompts(expect_file(prompts, "a prompts file (prompts.safetensors)",
+                                               "prompts"))
         check_prompts(prompts, sfm, test.class_names, where)
         spatial, semantic = prompts.spatial, prompts.semantic
     dev = sfm_device(sfm)

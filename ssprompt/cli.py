@@ -47,17 +47,62 @@ def _add_split_args(s: argparse.ArgumentParser) -> None:
                    help="with --data coco:PATH: the split scored (default test; e.g. val2017)")
 
 
+def _check_paths(a: argparse.Namespace) -> None:
+    """Paths checked for what they must be (a file, a folder), before any data or model is
+    read: a folder where a file is expected, and the reverse, get their own message."""
+    from .io import expect_file, expect_folder
+
+    data = getattr(a, "data", None)
+    if data is not None:
+        if not data.startswith("coco:"):
+            raise UserError(f"{data}: not a dataset spec; give coco:PATH for a COCO folder "
+                            f"(did you mean coco:{data}?)", field="data")
+        if data[5:]:
+            expect_folder(data[5:], "a COCO dataset folder (annotations/, SPLIT/)", "data")
+    if getattr(a, "prompts", None):
+        expect_file(a.prompts, "a prompts file (prompts.safetensors)", "prompts")
+    if getattr(a, "predictions", None):
+        expect_folder(a.predictions, "the folder `ssprompt predict` wrote", "predictions")
+    if getattr(a, "images", None):
+        expect_folder(a.images, "a folder of images", "images")
+    out = getattr(a, "out", None)
+    if out and Path(out).is_file():
+        raise UserError(f"{out}: is a file, expected a folder for the results", field="out")
+    ckpt = getattr(a, "checkpoint", None)
+    if ckpt and Path(ckpt).exists():
+        if a.sfm == "embedded" and Path(ckpt).is_dir():
+            expect_file(ckpt, "a weights file (.safetensors)", "checkpoint")
+        elif a.sfm != "embedded" and Path(ckpt).is_file():
+            raise UserError(f"{ckpt}: is a file, expected a transformers save_pretrained "
+                            f"folder for --sfm {a.sfm}", field="checkpoint")
+
+
 def _workspace(a: argparse.Namespace):
+    """The run's workspace without its SFM (``ws.sfm`` is None until ``_load_sfm``): its
+    datasets are opened and checked first, so bad data is reported before any model loads."""
     from .api import workspace
+
+    _check_paths(a)
+    if a.eval_batch <= 0:
+        raise UserError(f"--eval-batch {a.eval_batch}: must be a positive integer")
+    return workspace(None, a.eval_batch, a.cache_dir, getattr(a, "train_split", None),
+                     getattr(a, "test_split", None))
+
+
+def _load_sfm(ws, a: argparse.Namespace):
     from .distributed import init_from_env
     from .sfm import load_sfm
 
     init_from_env()
-    if a.eval_batch <= 0:
-        raise UserError(f"--eval-batch {a.eval_batch}: must be a positive integer")
-    sfm = load_sfm(a.sfm, a.checkpoint, a.device, getattr(a, "precision", "fp32"))
-    return workspace(sfm, a.eval_batch, a.cache_dir, getattr(a, "train_split", None),
-                     getattr(a, "test_split", None))
+    ws.sfm = load_sfm(a.sfm, a.checkpoint, a.device, getattr(a, "precision", "fp32"))
+    return ws.sfm
+
+
+def _checked(data, labelled: bool):
+    """``data`` after its pre-run checks (``CocoDataset.check``; scene tasks need none)."""
+    if hasattr(data, "check"):
+        data.check(labelled)
+    return data
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> None:
@@ -77,8 +122,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     from .prompts.promptset import load_prompts
 
     ws = _workspace(a)
-    test = ws.dataset(a.data or a.task, "test", n_test=a.n_test)
-    if a.predictions:  # score saved prediction files (`ssprompt predict`), no SFM pass
+    test = _checked(ws.dataset(a.data or a.task, "test", n_test=a.n_test), labelled=True)
+    if a.predictions:  # score saved prediction files (`ssprompt predict`), no SFM at all
         from .predict import score_predictions
         from .sfm.base import weights_hash_of
 
@@ -86,15 +131,17 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         sfm_hash, name = weights_hash_of(manifest), Path(a.predictions).name or "predictions"
         meta = {"predictions": a.predictions, "prompts": manifest.get("prompts")}
     else:
-        sfm_hash = ws.sfm.weights_hash()
+        learned = load_prompts(a.prompts) if a.prompts else None   # bad files: before the SFM
+        sfm_hash = _load_sfm(ws, a).weights_hash()
         if a.prompts:
-            meta, name = load_prompts(a.prompts).meta, Path(a.prompts).parent.name or "prompts"
+            meta, name = learned.meta, Path(a.prompts).parent.name or "prompts"
         else:
             from .sfm.base import default_n_prompts
             meta = {"n_prompts": a.n_prompts or default_n_prompts(ws.sfm)}
             name = "zero-shot"
         # under torchrun each rank scores its shard; the metrics sync their states across ranks
-        metrics = evaluate(ws.sfm, a.prompts, test, n_prompts=a.n_prompts, ws=ws)
+        metrics = evaluate(ws.sfm, learned, test, n_prompts=a.n_prompts, ws=ws,
+                           where=a.prompts)
     if rank_world()[0] != 0:
         return
     print(f"task {a.data or a.task}, {len(test)} test images, SFM {sfm_hash}")
@@ -115,9 +162,9 @@ def _cmd_predict(a: argparse.Namespace) -> None:
         raise UserError("predict: give --images DIR, --task NAME or --data coco:PATH")
     if a.images and a.n_test is not None:
         raise UserError("--n-test: only with --task / --data (not --images)")
+    ws = _workspace(a)
     learned = load_prompts(a.prompts) if a.prompts else None  # bad files fail before any work
     items = folder_items(a.images) if a.images else None
-    ws = _workspace(a)
     names = is_thing = None
     if a.images:
         cat_ids = []
@@ -129,9 +176,10 @@ def _cmd_predict(a: argparse.Namespace) -> None:
             vocab = ws.dataset(a.data or a.task, "test", n_test=1)
             names, is_thing = vocab.class_names, vocab.is_thing
     else:
-        data = ws.dataset(a.data or a.task, "test", n_test=a.n_test)
+        data = _checked(ws.dataset(a.data or a.task, "test", n_test=a.n_test), labelled=False)
         items, cat_ids = dataset_items(data)
         names, is_thing = data.class_names, data.is_thing
+    _load_sfm(ws, a)
     predictor = Predictor(ws.sfm, learned, class_names=names, is_thing=is_thing,
                           n_prompts=a.n_prompts, cache=ws.cache, batch=ws.eval_batch)
     if not cat_ids:
@@ -156,21 +204,26 @@ def learn_config(a: argparse.Namespace):
         if getattr(a, old, None) is not None:
             raise UserError(f"--{old} is now {new}"
                             + (" ('default' is now 'zero_shot')" if old == "mode" else ""))
-    return LearnConfig(kind=a.kind, learners=a.learners, n_prompts=a.n_prompts, init=a.init,
-                       weight_shape=a.weight_shape, weight_init=a.weight_init, anchored=a.anchored,
+    from .methods import method_keywords
+
+    return LearnConfig(kind=a.kind, **{k: getattr(a, k) for k in method_keywords()},
                        shots=a.shots, seed=a.seed, steps=a.steps, lr=a.lr, batch=a.batch,
                        spatial_lr_mult=a.spatial_lr_mult,
                        train=check_train_values("--set", parse_sets(a.set)),
                        select=not a.no_select, holdout=a.holdout, select_every=a.select_every,
-                       refit=a.refit, n_test=a.n_test, train_split=a.train_split,
+                       n_test=a.n_test, train_split=a.train_split,
                        test_split=a.test_split, eval_batch=a.eval_batch, cache_dir=a.cache_dir)
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
     from .api import learn_prompts
 
+    from .api import check_data
+
     cfg = learn_config(a)
     ws = _workspace(a)
+    check_data(ws, a.data or a.task, cfg)      # every split it reads, before the SFM loads
+    _load_sfm(ws, a)
     out = Path(a.out)
     run = learn_prompts(ws.sfm, a.data or a.task, cfg, out=out, progress=True, ws=ws)
     if run is None:      # torchrun: not rank 0
@@ -256,22 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="learn prompts few-shot on a task, then evaluate")
     s.add_argument("--task", default="shift")
     s.add_argument("--data", default=None, help="coco:PATH instead of a named task")
-    s.add_argument("--kind", default="weighted", help="the variant: zero_shot | "
-                   "prompt_engineering | vanilla_2d | average | weighted | learned_only")
-    s.add_argument("--learners", default="spatial,semantic")
-    s.add_argument("--n-prompts", type=int, default=None,
-                   help="spatial prompts (default: the backend's own)")
-    s.add_argument("--init", default=None, help="random | default: how z_learned starts "
-                   "(default: random for learned_only, a copy of z_default otherwise)")
-    s.add_argument("--weight-shape", default="prompt",
-                   help="prompt | dim: one fusion weight per prompt, or per prompt and dim")
+    from .methods import add_method_flags
+
+    add_method_flags(s)   # --kind and one flag per method option (ssprompt.methods)
     for old in ("--mode", "--weight"):      # renamed in round 3: refused with the new name
         s.add_argument(old, default=None, help=argparse.SUPPRESS)
-    s.add_argument("--weight-init", type=float, default=0.5,
-                   help="weighted: the learned fusion weight's start (default 0.5)")
-    s.add_argument("--anchored", action=argparse.BooleanOptionalAction, default=None,
-                   help="pull z_learned towards z_default (TrainConfig.anchor); default: the "
-                        "fused modes yes, learned_only no")
     s.add_argument("--shots", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=None, help="(default: TrainConfig's, 100)")
@@ -284,12 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no held-out-shot selection: train on all shots, keep the last step "
                         "(can end worse than zero-shot, unnoticed)")
     s.add_argument("--holdout", type=float, default=0.25,
-                   help="fraction of the shots held out to select prompts (k >= 16; 2 <= k < 16: "
-                        "4-fold cross-validation, leave-one-out for k <= 4)")
+                   help="share of the shots each cross-fitted fold holds out (every shot is "
+                        "held out once; leave-one-out for k <= 4; default: %(default)s)")
     s.add_argument("--select-every", type=int, default=10,
                    help="score candidate prompts on the held-out shots every N steps")
-    s.add_argument("--refit", action="store_true",
-                   help="after selection, train again on all shots for the selected steps")
     _add_split_args(s)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any TrainConfig field, YAML value (e.g. --set lr=0.01 --set "
@@ -339,8 +379,12 @@ def flag_message(e: UserError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = getattr(args, "out", None)
+    new_out = Path(out) if out and not Path(out).exists() else None
+    done = False
     try:
         args.fn(args)
+        done = True
     except UserError as e:
         print(f"ssprompt: error: {flag_message(e)}", file=sys.stderr)
         return 2
@@ -348,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         print("ssprompt: interrupted", file=sys.stderr)
         return 130
     finally:
+        if new_out is not None and not done:   # failed or interrupted: no empty --out left
+            from .io import remove_if_empty
+
+            remove_if_empty(new_out)
         _leave_process_group()
     return 0
 

@@ -298,3 +298,170 @@ def test_train_is_deterministic(cli):
     for k in ("mIoU", "AP50", "PQ", "per_class", "final_loss", "trained_params"):
         assert ma[k] == mb[k], k
     assert (a / "loss.csv").read_text() == (b / "loss.csv").read_text()
+
+
+# ----------------------------------------------- every check before the first step (issue 30)
+# These jobs name a fresh `d / "o"` as --out: a failed run must not leave it behind, empty.
+def _fresh(cmd: list) -> list:
+    cmd = list(cmd)
+    cmd[cmd.index("--out") + 1] = Path(cmd[cmd.index("--out") + 1]) / "o"
+    return cmd
+
+
+@job
+def corrupt_test_image_train(fx, d):  # found before training, not after its last step
+    root = _copy(fx["coco"], d / "c")
+    img = root / "test" / "000002.png"
+    img.write_bytes(img.read_bytes()[: len(img.read_bytes()) // 2])
+    return _fresh(_train(fx["tiny"], d, "--data", f"coco:{root}", "--shots", "2",
+                         "--steps", "50"))
+
+
+@job
+def empty_test_annotations_eval(fx, d):
+    root = _copy(fx["coco"], d / "c")
+    for kind in ("panoptic", "instances"):
+        _edit_json(root / "annotations" / f"{kind}_test.json",
+                   lambda doc: doc.update(annotations=[]))
+    return _fresh(_eval(fx["tiny"], d, "--data", f"coco:{root}"))
+
+
+@job
+def empty_train_annotations(fx, d):
+    root = _copy(fx["coco"], d / "c")
+    (root / "annotations" / "panoptic_train.json").unlink()
+    _edit_json(root / "annotations" / "instances_train.json",
+               lambda doc: doc.update(annotations=[]))
+    return _fresh(_train(fx["tiny"], d, "--data", f"coco:{root}", "--shots", "2"))
+
+
+@job
+def duplicate_category_name(fx, d):
+    root = _copy(fx["coco"], d / "c")
+
+    def dup(doc):
+        doc["categories"][1]["name"] = doc["categories"][0]["name"]
+    _edit_json(root / "annotations" / "panoptic_test.json", dup)
+    return _fresh(_eval(fx["tiny"], d, "--data", f"coco:{root}"))
+
+
+@job
+def json_size_disagrees(fx, d):
+    root = _copy(fx["coco"], d / "c")
+    _edit_json(root / "annotations" / "panoptic_test.json",
+               lambda doc: doc["images"][1].update(width=doc["images"][1]["width"] + 5))
+    return _fresh(_eval(fx["tiny"], d, "--data", f"coco:{root}"))
+
+
+@job
+def checkpoint_is_a_folder(fx, d):
+    (d / "empty").mkdir()
+    return _fresh(_eval(d / "empty", d, "--task", "shift", "--n-test", "2"))
+
+
+@job
+def prompts_is_a_folder(fx, d):
+    (d / "k4").mkdir()
+    return _fresh(_eval(fx["tiny"], d, "--task", "shift", "--n-test", "2", "--prompts",
+                        d / "k4"))
+
+
+@job
+def data_without_coco_prefix(fx, d):
+    return _fresh(_eval(fx["tiny"], d, "--data", fx["coco"]))
+
+
+@job
+def data_is_a_file(fx, d):
+    return _fresh(_eval(fx["tiny"], d, "--data", f"coco:{fx['tiny']}"))
+
+
+@job
+def predictions_is_a_file(fx, d):
+    return _fresh(_eval(fx["tiny"], d, "--task", "shift", "--n-test", "2", "--predictions",
+                        fx["tiny"]))
+
+
+@job
+def images_is_a_file(fx, d):
+    return ["predict", "--images", fx["tiny"], "--task", "shift", "--checkpoint", fx["tiny"],
+            "--out", d / "o"]
+
+
+@job
+def data_checked_before_the_sfm(fx, d):  # a bad SFM and bad data: the data is named
+    bad = d / "cut.safetensors"
+    bad.write_bytes(b"not weights")
+    return _fresh(_train(bad, d, "--data", f"coco:{d / 'nowhere'}"))
+
+
+def _error_no_out(cli, name: str, *needles: str) -> str:
+    line = _error(cli, name, *needles)
+    out = cli[name][1] / "o"
+    assert not out.exists(), f"{out} left behind: {list(out.rglob('*'))}"
+    return line
+
+
+def test_corrupt_test_image_found_before_training(cli):
+    _error_no_out(cli, "corrupt_test_image_train", "test/000002.png", "cannot decode image")
+
+
+def test_no_training_step_runs_before_the_data_checks(tmp_path, coco, tiny, monkeypatch):
+    import ssprompt.engine.cell as cell
+
+    def never(*a, **k):
+        raise AssertionError("training started before the data was checked")
+
+    monkeypatch.setattr(cell, "run_cell", never)
+    root = _copy(coco, tmp_path / "c")
+    img = root / "test" / "000002.png"
+    img.write_bytes(img.read_bytes()[:100])
+    r = ssprompt(*_train(tiny, tmp_path / "o", "--data", f"coco:{root}", "--shots", "2"))
+    assert_one_line_error(r, "000002.png")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_annotations_are_refused(cli):
+    _error_no_out(cli, "empty_test_annotations_eval", "panoptic_test.json", "no annotations")
+    _error_no_out(cli, "empty_train_annotations", "instances_train.json", "no annotations")
+
+
+def test_duplicate_category_names(cli):
+    _error_no_out(cli, "duplicate_category_name", "panoptic_test.json", "unique")
+
+
+def test_json_height_width_must_agree_with_the_image(cli):
+    _error_no_out(cli, "json_size_disagrees", "000001.png", "panoptic_test.json say")
+
+
+def test_folder_where_a_file_is_expected_and_the_reverse(cli):
+    _error_no_out(cli, "checkpoint_is_a_folder", "--checkpoint", "is a folder, expected a "
+                  "weights file")
+    _error_no_out(cli, "prompts_is_a_folder", "--prompts", "k4", "is a folder")
+    _error_no_out(cli, "data_is_a_file", "--data", "is a file, expected a COCO dataset folder")
+    _error_no_out(cli, "predictions_is_a_file", "--predictions", "is a file")
+    _error_no_out(cli, "images_is_a_file", "--images", "is a file, expected a folder")
+
+
+def test_data_path_without_coco_is_named_as_data(cli, coco):
+    line = _error_no_out(cli, "data_without_coco_prefix", "--data", f"did you mean coco:{coco}")
+    assert "--task" not in line
+
+
+def test_data_is_checked_before_the_sfm_loads(cli):
+    _error_no_out(cli, "data_checked_before_the_sfm", "--data", "nowhere")
+
+
+def test_interrupted_train_leaves_no_empty_out_folder(tmp_path, tiny, monkeypatch):
+    """Ctrl-C after the first loss row: exit 130, and the --out the run created is gone."""
+    import ssprompt.engine.cell as cell
+
+    def interrupted(ws, spec, progress=False, on_log=None):
+        on_log({"step": 0, "loss": 1.0})            # loss.jsonl now exists in --out
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cell, "run_cell", interrupted)
+    out = tmp_path / "o"
+    r = ssprompt(*_train(tiny, out, "--task", "shift", "--shots", "2", "--n-test", "2"))
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert not out.exists()
