@@ -10,7 +10,9 @@ Layout of the output folder (every file written atomically through ``io.write_by
                                file_name, segments_info: [{id, category_id, isthing, area,
                                bbox, iscrowd, score}]}], categories} (panopticapi ``pq_compute``)
     panoptic/NAME.png          segment ids as RGB (id = R + 256 G + 256^2 B), 0 = void
-    semantic/NAME.png          class index per pixel (8-bit; 16-bit past 256 classes)
+    semantic/NAME.png          class index per pixel (8-bit; 16-bit past 255 classes); on
+                               things-only data (no stuff class) 255 (16-bit: 65535) is
+                               "nothing", the pixels no predicted segment covers
     overlays/NAME.png          the image, coloured segments and their class names
 
 Image and category ids are the COCO file's own for ``--data coco:`` (so ``loadRes`` works
@@ -134,9 +136,8 @@ def write_predictions(out: str | Path, predictor, items: list[Item], cat_ids: li
                                       "bbox": bbox, "iscrowd": 0, "score": seg["score"]})
             panoptic.append({"image_id": it.image_id, "file_name": it.file_name,
                              "segments_info": segments_info})
-            sem = pred.semantic.cpu().numpy()
             write_bytes(out / "semantic" / it.file_name,
-                        _png(sem.astype(np.uint8 if len(names) <= 256 else np.uint16)))
+                        _png(semantic_png(pred.semantic.cpu().numpy(), len(names))))
             write_bytes(out / "panoptic" / it.file_name, _png(id2rgb(pan)))
             write_bytes(out / "overlays" / it.file_name, _png(overlay(image, pred, names)))
             bar.update(1)
@@ -149,6 +150,13 @@ def write_predictions(out: str | Path, predictor, items: list[Item], cat_ids: li
                 "object_mask_threshold": predictor.object_mask_threshold}
     write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def semantic_png(sem: np.ndarray, n_classes: int) -> np.ndarray:
+    """A semantic map as a semantic PNG's array: uint8 up to 255 classes, else uint16; a pixel
+    of no class ("nothing", ``Prediction.semantic`` < 0) is the dtype's largest value."""
+    dtype = np.uint8 if n_classes <= 255 else np.uint16
+    return np.where(sem < 0, np.iinfo(dtype).max, sem).astype(dtype)
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -233,7 +241,8 @@ def read_predictions(folder: str | Path) -> tuple[dict, list[Prediction]]:
     preds = []
     for im in manifest["images"]:
         h, w, name = im["height"], im["width"], im["file_name"]
-        sem = _read_png(folder / "semantic" / name, (h, w))
+        sem = _read_png(folder / "semantic" / name, (h, w)).astype(np.int64)
+        sem[sem >= len(manifest["class_names"])] = -1       # "nothing" (things-only data)
         pan_png = folder / "panoptic" / name
         pmap = rgb2id(_read_png(pan_png, (h, w)))
         listed = {int(s["id"]) for s in segs.get(im["id"], [])}

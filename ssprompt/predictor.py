@@ -17,6 +17,7 @@ processor prepares it: ``ssprompt.geometry``; predictions are mapped back by ``s
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,10 @@ from .geometry import geometry_of
 from .prompts.promptset import LearnedPrompts, check_prompts, load_prompts
 from .sfm.base import Features, PromptableSFM, encode_images, sfm_device
 from .sfm.features import FeatureCache
+
+# ``Prediction.semantic`` of a pixel no predicted segment covers, on things-only class lists
+# (no stuff class to give it): "nothing" (255 / 65535 in ``ssprompt predict``'s semantic PNGs)
+NOTHING = -1
 
 
 class Predictor:
@@ -79,6 +84,7 @@ class Predictor:
             raise UserError(f"is_thing has {len(is_thing)} flags for {len(names)} classes")
         self.class_names: list[str] = list(names)
         self.is_thing: list[bool] = [bool(t) for t in is_thing]
+        self.things_only = not self.agnostic and all(self.is_thing)
         self.spatial = spatial.to(self.device)
         self.semantic = None if semantic is None else semantic.to(self.device)
         self.object_mask_threshold = object_mask_threshold if object_mask_threshold is not None \
@@ -128,7 +134,12 @@ class Predictor:
         preds = postprocess(out, sizes, geometry_of(self.sfm),
                             [True] if self.agnostic else self.is_thing,
                             self.object_mask_threshold)
-        return [with_background(p) for p in preds] if self.agnostic else preds
+        if self.agnostic:
+            return [with_background(p) for p in preds]
+        if self.things_only:   # no stuff class to fill the background with: "nothing"
+            preds = [replace(p, semantic=torch.where(p.panoptic == 0, NOTHING, p.semantic))
+                     for p in preds]
+        return preds
 
 
 def _check_image(image) -> np.ndarray:

@@ -38,6 +38,15 @@
 mIoU and PQ always score against a scene's flattened ``semantic`` / ``instance`` maps (on COCO
 instances data a panoptic view of the annotations: overlaps painted larger objects first).
 
+**Things-only data** (no class is stuff, e.g. COCO instances annotations): the pixels no
+annotation covers are background, not void, and "nothing" is scored as a class of its own in
+mIoU (as PASCAL VOC's background): ground-truth void pixels are "nothing", and so are the
+predicted pixels no kept segment covers (panoptic id 0, or a semantic value outside the
+classes: ``Prediction.semantic`` -1, 255 / 65535 in a semantic PNG). mIoU is the mean over the
+classes with ground truth and "nothing" (``nothing_IoU`` in the result). Without this,
+void background is never scored, and predicting a thing everywhere costs nothing (mIoU 100
+with AP50 0). Data with a stuff class (every embedded scene task) is scored as before.
+
 Undefined results (nothing to average over) are ``None``.
 """
 
@@ -449,7 +458,9 @@ class SegmentationEvaluator:
             raise ValueError("class_names and is_thing differ in length")
         self.class_names, self.is_thing = list(class_names), [bool(t) for t in is_thing]
         kw = {} if sync else {"sync_on_compute": False}
-        self.miou = MeanIoU(len(self.class_names), **kw)
+        # things-only data: "nothing" is class C in mIoU (module docstring)
+        self.things_only = bool(self.is_thing) and all(self.is_thing)
+        self.miou = MeanIoU(len(self.class_names) + self.things_only, **kw)
         self.ap = InstanceAP50(len(self.class_names), **kw)
         self.pq = PanopticQuality(self.is_thing, **kw)
         self.per_image = per_image
@@ -460,13 +471,25 @@ class SegmentationEvaluator:
         """``predictions``: ``postprocess.Prediction`` objects aligned with ``scenes``, at the
         scenes' sizes."""
         for pred, scene in zip(predictions, scenes, strict=True):
-            self.miou.update(pred.semantic, scene.semantic)
+            if self.things_only:
+                self.miou.update(*self._with_nothing(pred, scene))
+            else:
+                self.miou.update(pred.semantic, scene.semantic)
             self.ap.update(pred.instances, scene)
             self.pq.update(pred.panoptic, pred.segments, scene)
             if self.per_image:
                 cm = self.miou.last
                 self._iou.append(np.stack([cm.diagonal(), cm.sum(0), cm.sum(1)], -1))
                 self._pq.append(self.pq.last)
+
+    def _with_nothing(self, pred, scene) -> tuple[np.ndarray, np.ndarray]:
+        """Things-only: (prediction, target) class maps with "nothing" as class C."""
+        c = len(self.class_names)
+        sem = torch.as_tensor(pred.semantic).detach().cpu().numpy().astype(np.int64)
+        pan = torch.as_tensor(pred.panoptic).detach().cpu().numpy()
+        sem = np.where((pan == 0) | (sem < 0) | (sem >= c), c, sem)
+        target = np.asarray(scene.semantic).astype(np.int64)
+        return sem, np.where(target == VOID, c, target)
 
     def compute(self) -> dict:
         miou, ap, pq = self.miou.compute(), self.ap.compute(records=self.per_image), \
@@ -478,10 +501,12 @@ class SegmentationEvaluator:
         out = {"mIoU": _round(miou["mIoU"]), "AP50": _round(ap["AP50"])}
         out.update({k: _round(pq[k]) for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")})
         out["per_class"] = per_class
+        if self.things_only:
+            out["nothing_IoU"] = _round(miou["per_class"][len(self.class_names)])
         if self.per_image:
-            c = len(self.class_names)
+            c, ci = len(self.class_names), self.miou.num_classes   # ci: "nothing" included
             out["per_image"] = PerImage(
-                np.stack(self._iou) if self._iou else np.zeros((0, c, 3), np.int64),
+                np.stack(self._iou) if self._iou else np.zeros((0, ci, 3), np.int64),
                 np.stack(self._pq) if self._pq else np.zeros((0, c, 4)), ap["records"])
         return out
 
