@@ -22,9 +22,45 @@ def _table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(out)
 
 
-def _add_sfm_args(s: argparse.ArgumentParser, precision: bool = True) -> None:
-    from .sfm import backends_help
+class _Help(argparse.HelpFormatter):
+    """Every flag's help names its default: "(default: X)" is added where the text does not
+    say it already."""
 
+    def _get_help_string(self, action):
+        text, d = action.help or "", action.default
+        unset = d is None or d is False or d is argparse.SUPPRESS or d == []
+        if "default" not in text and not action.required and action.option_strings \
+                and not unset:
+            text += " (default: %(default)s)"
+        return text
+
+
+def backends_help() -> str:
+    """``ssprompt.sfm.backends_help()`` without importing torch (``--help`` answers in well
+    under a second): read from the registry's source unless ``ssprompt.sfm`` is already
+    imported (then backends registered with ``register_backend`` are listed too)."""
+    if "ssprompt.sfm" in sys.modules:
+        return sys.modules["ssprompt.sfm"].backends_help()
+    import ast
+
+    found = []
+    try:
+        tree = ast.parse((Path(__file__).parent / "sfm" / "__init__.py").read_text())
+        for node in tree.body:
+            target = getattr(node, "target", None) or (getattr(node, "targets", None) or [None])[0]
+            if getattr(target, "id", None) == "REGISTRY" and isinstance(node.value, ast.Dict):
+                for k, v in zip(node.value.keys, node.value.values):
+                    found.append(f"{ast.literal_eval(k)}: {ast.literal_eval(v.args[1])}")
+    except (OSError, SyntaxError, ValueError, AttributeError, IndexError):
+        found = []
+    if not found:
+        from .sfm import backends_help as from_registry
+
+        return from_registry()
+    return "; ".join(found)
+
+
+def _add_sfm_args(s: argparse.ArgumentParser, precision: bool = True) -> None:
     s.add_argument("--sfm", default="embedded", help="backend (default: embedded). "
                    + backends_help())
     s.add_argument("--checkpoint", default=None,
@@ -35,14 +71,17 @@ def _add_sfm_args(s: argparse.ArgumentParser, precision: bool = True) -> None:
         s.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                        help="decoding precision (default fp32 on every device; bf16: autocast)")
     s.add_argument("--cache-dir", default=None,
-                   help="keep frozen image features on disk here (keyed by SFM weights + image)")
+                   help="keep frozen image features on disk here (keyed by SFM weights + "
+                        "image; default: in memory only)")
     s.add_argument("--eval-batch", type=int, default=50,
                    help="images per decoder pass in evaluation (lower it to save memory)")
 
 
-def _add_split_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--train-split", default=None,
-                   help="with --data coco:PATH: the split the shots come from (default train)")
+def _add_split_args(s: argparse.ArgumentParser, train: bool = True) -> None:
+    if train:   # only where shots are drawn (train): a flag that does nothing is not offered
+        s.add_argument("--train-split", default=None,
+                       help="with --data coco:PATH: the split the shots come from "
+                            "(default train)")
     s.add_argument("--test-split", default=None,
                    help="with --data coco:PATH: the split scored (default test; e.g. val2017)")
 
@@ -250,12 +289,10 @@ def _cmd_study(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .sfm import backends_help
-
     p = argparse.ArgumentParser(prog="ssprompt", description="Spatial-semantic prompt learning "
                                 "for frozen segmentation foundation models.",
                                 epilog=f"SFM backends (--sfm): {backends_help()}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("pretrain", help="pretrain the embedded SFM on the source corpus")
     s.add_argument("--out", default=None,
@@ -263,11 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "packaged ssprompt/weights/ only when named here)")
     s.add_argument("--minutes", type=float, default=58.0, help="wall-clock budget")
     s.add_argument("--steps", type=int, default=100_000, help="step cap")
-    s.add_argument("--batch", type=int, default=16)
-    s.add_argument("--lr", type=float, default=5e-4)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--init-from", default=None, help="continue from these weights")
-    s.add_argument("--warmup", type=int, default=200)
+    s.add_argument("--batch", type=int, default=16, help="scenes per step")
+    s.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--init-from", default=None,
+                   help="continue from these weights (default: none, a fresh start)")
+    s.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
                    help="bf16 autocast (default; ~1.5x faster on a CPU with native bf16) or fp32")
@@ -277,51 +315,63 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="evaluate the frozen SFM (zero-shot or with a prompts file)")
     s.add_argument("--task", default="shift", help="source | shift | novel | stuff")
-    s.add_argument("--data", default=None, help="coco:PATH instead of a named task")
-    s.add_argument("--prompts", default=None, help="a prompts.safetensors from `ssprompt train`")
+    s.add_argument("--data", default=None,
+                   help="coco:PATH: a COCO folder instead of a named task (default: --task)")
+    s.add_argument("--prompts", default=None, help="a prompts.safetensors from `ssprompt "
+                   "train` (default: none, zero-shot)")
     s.add_argument("--n-prompts", type=int, default=None,
                    help="zero-shot grid points (default: the backend's own)")
     s.add_argument("--n-test", type=int, default=None, help="first N test images (default all)")
-    _add_split_args(s)
+    _add_split_args(s, train=False)
     s.add_argument("--predictions", default=None,
                    help="score the files `ssprompt predict` wrote in this folder (same "
-                        "--task/--data and --n-test) instead of running the SFM")
-    s.add_argument("--out", default=None, help="folder for metrics.json")
+                        "--task/--data and --n-test) instead of running the SFM (default: "
+                        "none)")
+    s.add_argument("--out", default=None,
+                   help="folder for metrics.json (default: none, print the table only)")
     _add_sfm_args(s)
     s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("predict", help="segment images; write COCO results, panoptic and "
                        "semantic PNGs and overlays")
-    s.add_argument("--images", default=None, help="a folder of images (png, jpg, ...)")
+    s.add_argument("--images", default=None,
+                   help="a folder of images (png, jpg, tif, ...; default: none)")
     s.add_argument("--task", default=None, help="a named task's test split: source | shift | "
-                   "novel | stuff (with --images: only its class list)")
-    s.add_argument("--data", default=None, help="coco:PATH: its test split (--test-split)")
+                   "novel | stuff (with --images: only its class list; default: none)")
+    s.add_argument("--data", default=None,
+                   help="coco:PATH: its test split (--test-split; default: none)")
     s.add_argument("--prompts", default=None,
                    help="a prompts.safetensors from `ssprompt train` (default: zero-shot)")
     s.add_argument("--n-prompts", type=int, default=None,
                    help="zero-shot: grid points (default: the backend's own)")
-    s.add_argument("--n-test", type=int, default=None, help="first N images of the split")
-    _add_split_args(s)
+    s.add_argument("--n-test", type=int, default=None,
+                   help="first N images of the split (default all)")
+    _add_split_args(s, train=False)
     s.add_argument("--out", required=True, help="folder for the prediction files")
     _add_sfm_args(s)
     s.set_defaults(fn=_cmd_predict)
 
     s = sub.add_parser("train", help="learn prompts few-shot on a task, then evaluate")
-    s.add_argument("--task", default="shift")
-    s.add_argument("--data", default=None, help="coco:PATH instead of a named task")
+    s.add_argument("--task", default="shift", help="the named task to learn and score: "
+                   "shift | novel | stuff | source")
+    s.add_argument("--data", default=None,
+                   help="coco:PATH: a COCO folder instead of a named task (default: --task)")
     from .methods import add_method_flags
 
     add_method_flags(s)   # --kind and one flag per method option (ssprompt.methods)
     for old in ("--mode", "--weight"):      # renamed in round 3: refused with the new name
         s.add_argument(old, default=None, help=argparse.SUPPRESS)
-    s.add_argument("--shots", type=int, default=16)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shots", type=int, default=16,
+                   help="k: labelled training images drawn from the train split")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed of the shots' draw, the prompts' start and the batch order")
     s.add_argument("--steps", type=int, default=None, help="(default: TrainConfig's, 100)")
     s.add_argument("--lr", type=float, default=None, help="(default: TrainConfig's)")
     s.add_argument("--spatial-lr-mult", type=float, default=None,
                    help="learning-rate factor for spatial embeddings (default: TrainConfig's)")
     s.add_argument("--batch", type=int, default=None, help="(default: TrainConfig's, 8)")
-    s.add_argument("--n-test", type=int, default=None)
+    s.add_argument("--n-test", type=int, default=None,
+                   help="score the first N test images (default all)")
     s.add_argument("--no-select", action="store_true",
                    help="no held-out-shot selection: train on all shots, keep the last step "
                         "(can end worse than zero-shot, unnoticed)")
@@ -334,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any TrainConfig field, YAML value (e.g. --set lr=0.01 --set "
                         "log_every=1); repeatable; wins over --steps/--lr/--batch")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="run folder: prompts.safetensors, "
+                   "metrics.json, config.json, loss.csv, loss.jsonl, curves.png")
     _add_sfm_args(s)
     s.set_defaults(fn=_cmd_train)
 
@@ -358,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_study)
 
     return p
+
+
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser: every flag's help names its default (``_Help``)."""
+
+    def __init__(self, *a, **k):
+        k.setdefault("formatter_class", _Help)
+        super().__init__(*a, **k)
 
 
 # library argument -> the flag that sets it, where it is not simply --the-name

@@ -4,11 +4,18 @@
 
     sfm = load_sfm()                                   # the packaged embedded SFM
     predictor = Predictor(sfm, load_prompts("runs/novel/prompts.safetensors"))
-    pred = predictor.predict(image)                    # uint8 (H, W, 3), any size
-    pred.semantic        # (H, W) class index per pixel
-    pred.instances       # scored thing masks (K, H, W), categories, scores
+    pred = predictor.predict(image)    # (H, W, 3) or (H, W) array, or an image file's path
+    pred.semantic.numpy()  # (H, W) int64 class index per pixel (torch tensors, on the SFM's
+    pred.instances         # device: .cpu().numpy()); scored thing masks (K, H, W), ...
     pred.panoptic, pred.segments                       # segment ids (H, W) + their classes
-    predictor.class_names
+    predictor.class_names                              # class index -> name
+    data = open_dataset("coco:ROOT", "test")           # a COCO split: its own ids
+    for image_id, pred in predictor.predict_dataset(data): ...  # class c: data.category_ids[c]
+
+Images are read by the one rule of ``ssprompt.data.images`` (uint8 as is; 16-bit scaled by
+value / 65535 * 255; grayscale copied to 3 channels; alpha dropped). Every output is a torch
+tensor (``Prediction``); on things-only class lists (no stuff class) a pixel no kept segment
+covers has ``semantic`` ``NOTHING`` (-1).
 
 In the spirit of Segment Anything's ``SamPredictor``: ``set_image`` runs the image encoder once,
 ``predict()`` decodes it; every output is at the image's own size (the SFM sees it as its own
@@ -92,33 +99,56 @@ class Predictor:
         self._image: tuple[Features, tuple[int, int]] | None = None
 
     # -- SamPredictor style: encode once, decode on demand -----------------------------------
-    def set_image(self, image: np.ndarray) -> None:
-        """Run the image encoder on one uint8 (H, W, 3) image and keep its features."""
+    def set_image(self, image: np.ndarray | str | Path) -> None:
+        """Run the image encoder on one image ((H, W, 3) or (H, W) array, or a file's path) and
+        keep its features."""
         image = _check_image(image)
         self._image = (self._features([image]), image.shape[:2])
 
     def predict(self, image: np.ndarray | list[np.ndarray] | None = None
                 ) -> Prediction | list[Prediction]:
-        """One image (uint8 (H, W, 3)) -> a ``Prediction``; a list of images (or a (B, H, W, 3)
-        array) -> a list of them; no argument -> the image given to ``set_image``."""
+        """One image -> a ``Prediction``: an (H, W, 3) or (H, W) array (grayscale; uint8 as
+        is, other dtypes by ``data.images``' rule) or an image file's path. A list of them (or
+        a (B, H, W, 3) array) -> a list of predictions. No argument -> the image given to
+        ``set_image``. Outputs are torch tensors (``pred.semantic.cpu().numpy()``)."""
         if image is None:
             if self._image is None:
                 raise UserError("predict(): call set_image(image) first, or pass an image")
             feats, hw = self._image
             return self._decode(feats, [hw])[0]
-        if isinstance(image, np.ndarray) and image.ndim == 3:
-            return self.predict_batch([image])[0]
+        if isinstance(image, (str, Path)) or (hasattr(image, "ndim") and image.ndim in (2, 3)):
+            return self.predict_batch([image])[0]          # one image, never a list of rows
+        if hasattr(image, "ndim") and image.ndim != 4:
+            raise UserError(f"a single image must be (H, W, 3) or (H, W) (a batch: (B, H, W, 3)"
+                            f" or a list); got shape {tuple(image.shape)}")
         return self.predict_batch(list(image))
 
     __call__ = predict
 
     def predict_batch(self, images: list[np.ndarray]) -> list[Prediction]:
-        """Predictions of images of any sizes, ``batch`` at a time through the SFM."""
+        """Predictions of images of any sizes (arrays or paths), ``batch`` at a time through
+        the SFM."""
         images = [_check_image(im) for im in images]
         out: list[Prediction] = []
         for s in range(0, len(images), self.batch):
             chunk = images[s:s + self.batch]
             out += self._decode(self._features(chunk), [im.shape[:2] for im in chunk])
+        return out
+
+    def predict_dataset(self, data, n: int | None = None) -> list[tuple[int, Prediction]]:
+        """(image id, ``Prediction``) for the first ``n`` (default all) images of a split (an
+        ``open_dataset`` result, whose class list must be this predictor's): a COCO split's
+        own image ids, a scene task's index + 1. A predicted class index ``c`` is the COCO
+        category id ``data.category_ids[c]``."""
+        if list(data.class_names) != self.class_names and not self.agnostic:
+            raise UserError("predict_dataset: the split's classes differ from this predictor's")
+        count = len(data) if n is None else min(n, len(data))
+        ids = [data.image_id(i) if hasattr(data, "image_id") else i + 1 for i in range(count)]
+        out: list[tuple[int, Prediction]] = []
+        for s in range(0, count, self.batch):
+            chunk = range(s, min(count, s + self.batch))
+            out += zip([ids[i] for i in chunk],
+                       self.predict_batch([data[i].image for i in chunk]))
         return out
 
     # -- internals --------------------------------------------------------------------------
@@ -143,7 +173,11 @@ class Predictor:
 
 
 def _check_image(image) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
-        raise UserError(f"an image must be uint8 (H, W, 3); got {image.dtype} {image.shape}")
-    return image
+    """uint8 (H, W, 3) from an array or a path, by the one reader's rule (``data.images``)."""
+    from .data.images import read_image, to_rgb8
+
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    return to_rgb8(image, "image")

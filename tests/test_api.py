@@ -1,4 +1,4 @@
-"""The Python API from the package root: the README's snippet on a non-square image, the
+"""The Python API from the package root: the Predictor on a non-square image, the
 predictor's shapes and classes, self-describing prompts files, and an import that leaves the
 process's global state alone."""
 
@@ -17,40 +17,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The README's "Python API" snippet, verbatim (test_readme_snippet_is_this_one keeps them equal).
+# The Predictor's documented use with a prompts file and an image prepared beforehand (the
+# README's own python block runs as written: tests/test_readme_snippets.py).
 SNIPPET = '''\
 import numpy as np
 from PIL import Image
 from ssprompt import Predictor, load_prompts, load_sfm
 
-sfm = load_sfm()                    # the packaged embedded SFM; or load_sfm("sam", "sam-vit-base")
-prompts = load_prompts("runs/novel/prompts.safetensors")   # from `ssprompt train --out runs/novel`
-predictor = Predictor(sfm, prompts)  # classes, thing/stuff flags: from the prompts file
+sfm = load_sfm()
+prompts = load_prompts("runs/novel/prompts.safetensors")
+predictor = Predictor(sfm, prompts)
 
-image = np.asarray(Image.open("photo.jpg").convert("RGB"))  # uint8 (H, W, 3), any size
-pred = predictor.predict(image)      # or predictor.set_image(image); predictor.predict()
-pred.semantic                        # (H, W) class index per pixel
-pred.instances.masks, pred.instances.categories, pred.instances.scores  # (K, H, W), (K,), (K,)
-pred.panoptic, pred.segments         # (H, W) segment ids, [{"id", "category", "isthing", ...}]
-predictor.class_names                # category index -> name
-batch = predictor.predict([image, image[:40]])   # a list of images: a list of predictions
+image = np.asarray(Image.open("photo.jpg").convert("RGB"))
+pred = predictor.predict(image)
+batch = predictor.predict([image, image[:40]])
 '''
-
-
-def _readme_snippet() -> str | None:
-    text = (ROOT / "README.md").read_text()
-    if "## Python API" not in text:
-        return None
-    section = text.split("## Python API", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def test_readme_snippet_is_this_one():
-    """Once README has its "Python API" section, its snippet is the one tested below."""
-    readme = _readme_snippet()
-    if readme is None:
-        pytest.skip("README has no '## Python API' section yet")
-    assert readme.strip() == SNIPPET.strip()
 
 
 def novel_prompts(sfm, path: Path, n_prompts: int = 25, step: float = 0.01) -> dict:
@@ -69,7 +50,7 @@ def novel_prompts(sfm, path: Path, n_prompts: int = 25, step: float = 0.01) -> d
     return {"class_names": data.class_names, "is_thing": data.is_thing}
 
 
-def test_readme_snippet_on_a_non_square_image(tmp_path, monkeypatch):
+def test_predictor_snippet_on_a_non_square_image(tmp_path, monkeypatch):
     from PIL import Image
 
     from ssprompt import load_sfm
@@ -79,7 +60,7 @@ def test_readme_snippet_on_a_non_square_image(tmp_path, monkeypatch):
     Image.fromarray(image).save(tmp_path / "photo.jpg", quality=100)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(SNIPPET, "README snippet", "exec"), scope)
+    exec(compile(SNIPPET, "Predictor snippet", "exec"), scope)
     img, pred, predictor = scope["image"], scope["pred"], scope["predictor"]
     h, w = img.shape[:2]
     assert (h, w) == (72, 130)
@@ -125,12 +106,65 @@ def test_bad_images_are_refused_in_one_line(tmp_path):
     from ssprompt.errors import UserError
 
     p = Predictor(load_sfm(device="cpu"), class_names=["cat", "grass"], is_thing=[True, False])
-    for bad in (np.zeros((10, 10), np.uint8), np.zeros((10, 10, 3), np.float32),
-                np.zeros((0, 10, 3), np.uint8)):
-        with pytest.raises(UserError, match="uint8"):
+    for bad, needle in ((np.zeros((10, 10, 5), np.uint8), r"must be \(H, W, 3\) or \(H, W\)"),
+                        (np.zeros((2, 3, 10, 10, 3), np.uint8), r"must be \(H, W, 3\)"),
+                        (np.zeros((0, 10, 3), np.uint8), "empty"),
+                        (np.array([["a"]]), "numeric")):
+        with pytest.raises(UserError, match=needle):
             p.predict(bad)
+    with pytest.raises(UserError, match="nope.png: missing image file"):
+        p.predict(tmp_path / "nope.png")
     with pytest.raises(UserError, match="set_image"):
         p.predict()
+
+
+def test_grayscale_16bit_and_paths_are_one_image_each(tmp_path, tiny_sfm):
+    """A 2-D array is one grayscale image (not a list of rows); 16-bit arrays and files
+    follow the reader's rule; outputs are torch tensors (``.numpy()``)."""
+    from PIL import Image
+
+    from ssprompt import Predictor
+
+    p = Predictor(tiny_sfm, class_names=["cat", "grass"], is_thing=[True, False], n_prompts=10)
+    gray = np.random.default_rng(0).integers(0, 256, (30, 44), dtype=np.uint8)
+    one = p.predict(gray)
+    assert not isinstance(one, list) and tuple(one.semantic.shape) == (30, 44)
+    assert isinstance(one.semantic, torch.Tensor) and one.semantic.numpy().shape == (30, 44)
+    rgb = p.predict(np.repeat(gray[..., None], 3, 2))
+    assert torch.equal(one.semantic, rgb.semantic)
+    g16 = gray.astype(np.uint16) * 257                       # the rule maps it back to gray
+    assert torch.equal(p.predict(g16).semantic, one.semantic)
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    assert torch.equal(p.predict(tmp_path / "g16.png").semantic, one.semantic)
+    assert torch.equal(p.predict(str(tmp_path / "g16.png")).semantic, one.semantic)
+    batch = p.predict(np.stack([np.repeat(gray[..., None], 3, 2)] * 2))
+    assert isinstance(batch, list) and len(batch) == 2
+
+
+def test_predict_dataset_hands_back_coco_ids(tmp_path, tiny_sfm):
+    from ssprompt import Predictor
+    from ssprompt.data import open_dataset
+    from ssprompt.data.coco import export_coco
+    from ssprompt.data.scenes import SceneSplit
+
+    root = export_coco(SceneSplit("shift", "test", n=3), tmp_path / "c", "test")
+    ann = root / "annotations" / "panoptic_test.json"
+    doc = json.loads(ann.read_text())
+    for k, im in enumerate(doc["images"]):      # image ids the user's file has: 101, 103, 105
+        new = 101 + 2 * k
+        for a in doc["annotations"]:
+            if a["image_id"] == im["id"]:
+                a["image_id"] = new
+        im["id"] = new
+    ann.write_text(json.dumps(doc))
+    (root / "annotations" / "instances_test.json").unlink()
+    test = open_dataset(f"coco:{root}", "test")
+    p = Predictor(tiny_sfm, class_names=test.class_names, is_thing=test.is_thing, n_prompts=10)
+    got = p.predict_dataset(test)
+    assert [i for i, _ in got] == [101, 103, 105]
+    assert [test.image_id(i) for i in range(3)] == [101, 103, 105]
+    assert test.category_ids == [c["id"] for c in doc["categories"]]
+    assert tuple(got[0][1].semantic.shape) == test[0].semantic.shape
 
 
 # ------------------------------------------------------------------ self-describing prompts
@@ -252,21 +286,23 @@ DOCS_SNIPPET = ROOT / "docs" / "snippet.py"
 
 
 def test_docs_snippet_trains_evaluates_and_predicts(tmp_path, monkeypatch):
-    """docs/snippet.py (the README's "train, evaluate, predict" snippet), run verbatim in an
-    empty folder: packaged SFM and data only, nothing the reader must make first."""
+    """docs/snippet.py (the README's python block), run verbatim in an empty folder: packaged
+    SFM and data only, nothing the reader must make first (a fresh process runs it too:
+    tests/test_readme_snippets.py)."""
     code = DOCS_SNIPPET.read_text()
-    assert len([ln for ln in code.splitlines() if ln.strip()]) <= 15
+    assert len([ln for ln in code.splitlines() if ln.strip()]) <= 16
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(code, str(DOCS_SNIPPET), "exec"), scope)
     run, test, learned = scope["run"], scope["test"], scope["learned"]
     for name in ("prompts.safetensors", "metrics.json", "config.json", "loss.csv", "curves.png"):
-        assert (tmp_path / "runs/shift" / name).is_file()
+        assert (tmp_path / "runs/novel" / name).is_file()
     # the saved prompts score on the test split exactly as learn_prompts reported
     for k in ("mIoU", "AP50", "PQ"):
         assert learned[k] == run.metrics[k]
-    assert run.metrics["selection"] is not None and len(test) == 20
-    assert scope["pred"].semantic.shape == test[0].semantic.shape
+    assert len(test) == 8
+    assert tuple(scope["pred"].semantic.shape) == (512, 512)        # the photo's own size
+    assert isinstance(scope["pred"].semantic, torch.Tensor)
     assert run.class_names == test.class_names
 
 

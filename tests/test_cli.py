@@ -164,3 +164,67 @@ def test_study_with_set_runs_and_its_prompts_files_describe_themselves(tmp_path)
     lp = load_prompts(out / "cells" / "ssprompt__stuff__s0.safetensors")
     assert lp.meta["n_prompts"] == 25 and len(lp.class_names) == lp.semantic.shape[0]
     assert False in lp.is_thing and True in lp.is_thing   # stuff and things, told apart
+
+
+# ----------------------------------------------------------- help: fast, complete, honest
+def _subparsers():
+    import argparse
+
+    from ssprompt.cli import build_parser
+
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_flag_has_help_and_a_default():
+    import argparse
+
+    for name, sp in _subparsers().items():
+        fmt = sp._get_formatter()
+        for a in sp._actions:
+            if not a.option_strings or a.help == argparse.SUPPRESS or "-h" in a.option_strings:
+                continue
+            text = fmt._get_help_string(a)
+            assert a.help and a.help.strip(), (name, a.option_strings)
+            if a.required or isinstance(a, (argparse._StoreTrueAction,
+                                            argparse.BooleanOptionalAction,
+                                            argparse._AppendAction)):
+                continue
+            assert "default" in text, (name, a.option_strings, text)
+    train = _subparsers()["train"].format_help()
+    for flag in ("--task", "--learners", "--shots", "--seed", "--n-test", "--out"):
+        assert flag in train
+
+
+def test_flags_that_do_nothing_are_not_offered():
+    subs = _subparsers()
+    assert "--train-split" in subs["train"].format_help()
+    for name in ("eval", "predict"):
+        assert "--train-split" not in subs[name].format_help(), name
+    r = ssprompt("eval", "--train-split", "x", "--task", "shift")
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+def test_help_imports_nothing_heavy():
+    """`ssprompt --help` / `train --help` in a fresh process import no torch, transformers or
+    matplotlib (its time: `python -m bench --only cli_speed`), and list the backends exactly
+    as the registry does."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\n"
+            "from ssprompt.cli import build_parser, backends_help\n"
+            "for argv in (['--help'], ['train', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try: build_parser().parse_args(argv)\n"
+            "        except SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))\n"
+            "print(backends_help())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    heavy, listed = r.stdout.splitlines()[:2]
+    assert heavy == "[]"
+    from ssprompt.sfm import backends_help
+
+    assert listed == backends_help()

@@ -14,8 +14,8 @@ import torch
 from ..data import open_dataset
 from ..distributed import shard
 from ..evaluation.evaluate import evaluate_many
-from ..prompts.fusion import FusedPrompt
-from ..prompts.promptset import PromptConfig, PromptSet, config_dict
+from ..methods.base import MethodState, build_state
+from ..prompts.promptset import PromptConfig, config_dict
 from ..sfm.base import PromptableSFM
 from ..sfm.features import FeatureCache
 from .selection import SelectionConfig, Subset, Tracker, decide, folds, restore_defaults
@@ -25,7 +25,7 @@ from .train import TrainConfig, train_many, train_prompts
 @dataclass
 class CellSpec:
     task: str
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)   # the method's options
     train: TrainConfig = field(default_factory=TrainConfig)
     shots: int = 16
     seed: int = 0
@@ -73,8 +73,8 @@ def run_cell(ws: Workspace, spec: CellSpec, progress: bool = False,
 @dataclass
 class _Cell:
     spec: CellSpec
-    prompts: PromptSet
-    make: object                    # () -> a fresh PromptSet, the same start as ``prompts``
+    prompts: MethodState
+    make: object                    # () -> a fresh state, the same start as ``prompts``
     train: object | None
     cfg: TrainConfig
     trackers: list = field(default_factory=list)
@@ -98,12 +98,12 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
 
         def make(spec=spec, names=test.class_names):
             torch.manual_seed(spec.seed)
-            return PromptSet(ws.sfm, names, spec.prompt,
-                             generator=torch.Generator().manual_seed(spec.seed))
+            return build_state(ws.sfm, names, spec.prompt,
+                               generator=torch.Generator().manual_seed(spec.seed))
 
         prompts = make()
         train = ws.dataset(spec.task, "train", shots=spec.shots, seed=spec.seed) \
-            if prompts.num_trainable() else None
+            if prompts.needs_shots else None
         cell = _Cell(spec, prompts, make, train,
                      TrainConfig(**{**asdict(spec.train), "seed": spec.seed}))
         cell.n_params = prompts.num_trainable()
@@ -133,7 +133,7 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
     logs = train_many(ws.sfm, jobs, ws.cache, progress=progress, on_step=hooks, on_log=loggers)
     # selection, then one evaluation pass over the test split for every cell's final prompts
     # (and its unselected last-step prompts where they differ)
-    moved = [_moved(cell.prompts) for cell in cells]
+    moved = [cell.prompts.moved() for cell in cells]
     picks = [_select(ws, cell, progress) for cell in cells]
     test = ws.dataset(specs[0].task, "test", n_test=specs[0].n_test)
     with torch.no_grad():
@@ -162,20 +162,6 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
                   "spec": cell.spec.as_dict()}
         out.append((result, cell.prompts, log))
     return out
-
-
-@torch.no_grad()
-def _moved(prompts: PromptSet) -> dict[str, float] | None:
-    """How far training moved each fused learner's embeddings z from the defaults (before
-    selection): RMS(z - z_default) / RMS(z_default). What a step-size confound changes."""
-    out = {}
-    for name in ("spatial", "semantic"):
-        m = getattr(prompts, name)
-        if isinstance(m, FusedPrompt) and m.mode != "frozen":
-            d = m.default
-            out[name] = round(float(((m() - d) ** 2).mean().sqrt()
-                                    / (d ** 2).mean().sqrt().clamp_min(1e-12)), 5)
-    return out or None
 
 
 def _select(ws: Workspace, cell: _Cell, progress: bool):

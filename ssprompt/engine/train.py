@@ -1,7 +1,10 @@
 """Few-shot prompt learning on a frozen SFM: one readable loop.
 
-Only prompt parameters train; every SFM parameter is frozen and in eval mode. Image features of
-the k training images come from the feature cache, so the image encoder runs once per image.
+It sees a method only through its protocol (``ssprompt.methods.base.MethodState``): the
+state's decoder inputs, its ``prepare`` (fit to the shots), ``param_groups``, ``regulariser``
+and ``decode``. Only the state's parameters train; every SFM parameter is frozen and in eval
+mode. Image features of the k training images come from the feature cache, so the image
+encoder runs once per image.
 
 Several prompt sets (say, the seeds of one variant) can train together: their batches are
 concatenated into one decoder pass, and since every sample is decoded independently and each
@@ -21,8 +24,7 @@ from tqdm import tqdm
 from ..distributed import all_reduce_mean_, rank_world
 from ..errors import UserError
 from ..geometry import geometry_of
-from ..prompts.fusion import FusedPrompt
-from ..prompts.promptset import PromptSet
+from ..methods.base import MethodState
 from ..sfm.base import Features, PromptableSFM, autocast
 from ..sfm.features import FeatureCache
 from .losses import set_losses
@@ -42,7 +44,8 @@ class TrainConfig:
     weight_lr_mult: float = 10.0   # fusion-weight logits: 10x lr, no weight decay
     spatial_lr_mult: float = 5.0   # spatial embeddings: lr x 5 (their scale is ~10x larger)
     anchor: float = 10.0           # + anchor * relative squared drift of z_learned from z_default
-    #                                (PromptSet.drift): only a consistent signal moves a prompt
+    #                                (the state's regulariser, PromptSet.drift): only a
+    #                                consistent signal moves a prompt
     batch: int = 8
     warmup: int = 10
     seed: int = 0
@@ -54,12 +57,13 @@ TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"seed"}
 
 
 class _Run:
-    """One prompt set's data, optimiser and batch order."""
+    """One method state's data, optimiser and batch order."""
 
-    def __init__(self, sfm, prompts: PromptSet, dataset, cfg: TrainConfig, cache: FeatureCache):
+    def __init__(self, sfm, prompts: MethodState, dataset, cfg: TrainConfig,
+                 cache: FeatureCache):
         self.prompts, self.cfg = prompts, cfg
         scenes = [dataset[i] for i in range(len(dataset))]
-        if prompts.semantic is None:  # no class prompts (SAM): class-agnostic, as evaluate()
+        if prompts.agnostic:  # no class prompts (SAM): class-agnostic, as evaluate()
             from ..data.views import class_agnostic
             scenes = [class_agnostic(s) for s in scenes]
         self.feats = cache.get(sfm, [s.image for s in scenes])
@@ -69,25 +73,10 @@ class _Run:
             labels, masks = s.targets(geometry_of(sfm))  # in the frame the SFM sees
             self.targets.append((torch.from_numpy(labels).to(device),
                                  torch.from_numpy(masks).to(device)))
-        if isinstance(prompts.semantic, FusedPrompt):
-            # class prompts learn only the classes these shots show (``FusedPrompt.learn_only``)
-            prompts.semantic.learn_only(sorted({int(c) for lab, _ in self.targets
-                                                for c in lab.tolist()}))
+        prompts.prepare(sfm, self.feats, self.targets)   # fit what the shots determine
         self.params = prompts.trainable()
-        # fusion-weight logits move on a sigmoid scale: they get their own learning rate and
-        # no weight decay (decay would pull every w towards 0.5)
-        named = [(n, p) for n, p in prompts.named_parameters() if p.requires_grad]
-        weights = [p for n, p in named if n.endswith("weight_logit")]
-        spatial = [p for n, p in named if n == "spatial.learned"]
-        others = [p for n, p in named if not n.endswith("weight_logit") and n != "spatial.learned"]
-        groups = [{"params": others, "lr_mult": 1.0, "weight_decay": cfg.weight_decay}]
-        if spatial:
-            groups.append({"params": spatial, "lr_mult": cfg.spatial_lr_mult,
-                           "weight_decay": cfg.weight_decay})
-        if weights:
-            groups.append({"params": weights, "lr_mult": cfg.weight_lr_mult, "weight_decay": 0.0})
-        groups = [g for g in groups if g["params"]]
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr)
+        groups = [g for g in prompts.param_groups(cfg) if g["params"]]
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr) if groups else None
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.batch = min(cfg.batch, len(scenes))
         self.order: list[int] = []
@@ -107,7 +96,7 @@ def lr_scale(step: int, steps: int, warmup: int) -> float:
     return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
-def train_prompts(sfm: PromptableSFM, prompts: PromptSet, dataset, cfg: TrainConfig,
+def train_prompts(sfm: PromptableSFM, prompts: MethodState, dataset, cfg: TrainConfig,
                   cache: FeatureCache | None = None, progress: bool = False,
                   on_step: Callable[[int], None] | None = None,
                   stop_at: int | None = None) -> list[dict]:
@@ -117,27 +106,32 @@ def train_prompts(sfm: PromptableSFM, prompts: PromptSet, dataset, cfg: TrainCon
                       stop_at=stop_at)[0]
 
 
-def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConfig]],
+def train_many(sfm: PromptableSFM, jobs: list[tuple[MethodState, object, TrainConfig]],
                cache: FeatureCache | None = None, progress: bool = False,
                on_step: list[Callable[[int], None] | None] | None = None,
                on_log: list[Callable[[dict], None] | None] | None = None,
                stop_at: int | None = None) -> list[list[dict]]:
-    """Train several prompt sets in shared decoder passes; jobs must agree on ``steps``.
+    """Train several method states in shared decoder passes; jobs must agree on ``steps``.
+    Every state that ``needs_shots`` is ``prepare``d with its shots; those with trainable
+    parameters then train (a state that adapts ``decode`` is decoded on its own, the others
+    together).
     ``on_step[j](step)`` is called after each optimiser step of job ``j`` (0-based), e.g. to
-    score the prompts on held-out shots (``ssprompt.engine.selection``); ``on_log[j](row)`` with each
-    loss-log row of job ``j`` as it is written (a live log file). ``stop_at``: stop after that
-    many optimiser steps of the full ``steps``-step schedule (warmup and cosine decay as in the
-    full run), so the prompts are exactly those of the full run after ``stop_at`` steps: the
-    refit of a selected step keeps the schedule that was validated."""
+    score the prompts on held-out shots (``ssprompt.engine.selection``); ``on_log[j](row)``
+    with each loss-log row of job ``j`` as it is written (a live log file). ``stop_at``: stop
+    after that many optimiser steps of the full ``steps``-step schedule (warmup and cosine decay
+    as in the full run), so the prompts are exactly those of the full run after ``stop_at``
+    steps: the refit of a selected step keeps the schedule that was validated."""
     cache = cache if cache is not None else FeatureCache()
     hooks = on_step or [None] * len(jobs)
     loggers = on_log or [None] * len(jobs)
     runs, run_hooks, run_loggers = [], [], []
     for (p, d, c), hook, logger in zip(jobs, hooks, loggers):
-        if p.trainable():
-            runs.append(_Run(sfm, p, d, c, cache))
-            run_hooks.append(hook)
-            run_loggers.append(logger)
+        if p.needs_shots:
+            run = _Run(sfm, p, d, c, cache)   # prepares the state with its shots
+            if run.params:
+                runs.append(run)
+                run_hooks.append(hook)
+                run_loggers.append(logger)
     if not runs:
         return [[] for _ in jobs]
     steps = runs[0].cfg.steps
@@ -162,15 +156,19 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
             spatial.append(sp.expand(len(idx), -1, -1) if sp.dim() == 2 else sp)
             semantic.append(None if se is None else se.expand(len(idx), -1, -1))
         feats = all_feats.index([o + i for o, idx in zip(offsets, batches) for i in idx])
-        sem = None if semantic[0] is None else torch.cat(semantic)
-        with autocast(next(iter(feats.tensors.values())).device):
-            out = sfm.decode(feats, torch.cat(spatial), sem) if len(runs) > 1 else \
-                sfm.decode(feats, spatial[0][0], None if sem is None else sem[0])
+        targets = [[r.targets[i] for i in idx] for r, idx in zip(runs, batches)]
+        if any(r.prompts.adapts_decode for r in runs):
+            losses = _own_decodes(sfm, runs, feats, batches, spatial, semantic, targets)
+        else:
+            sem = None if semantic[0] is None else torch.cat(semantic)
+            with autocast(next(iter(feats.tensors.values())).device):
+                out = sfm.decode(feats, torch.cat(spatial), sem) if len(runs) > 1 else \
+                    sfm.decode(feats, spatial[0][0], None if sem is None else sem[0])
+            losses = set_losses(out, targets)
         total, parts_all = 0.0, []
-        losses = set_losses(out, [[r.targets[i] for i in idx] for r, idx in zip(runs, batches)])
         for r, (loss, parts) in zip(runs, losses):
             if r.cfg.anchor:
-                loss = loss + r.cfg.anchor * r.prompts.drift()
+                loss = loss + r.cfg.anchor * r.prompts.regulariser()
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"step {step}: loss is {float(loss.detach())}; lower --lr")
             total = total + loss
@@ -189,8 +187,22 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[PromptSet, object, TrainConf
         for hook in run_hooks:
             if hook is not None:
                 hook(step)
-    logs = iter(r.log for r in runs)
-    return [next(logs) if p.trainable() else [] for p, _, _ in jobs]
+    logs = {id(r.prompts): r.log for r in runs}
+    return [logs.get(id(p), []) for p, _, _ in jobs]
+
+
+def _own_decodes(sfm, runs, feats, batches, spatial, semantic, targets):
+    """One decoder pass per run (some state adapts ``decode``): each state decodes its own
+    images with its own ``decode``."""
+    losses, start = [], 0
+    device = next(iter(feats.tensors.values())).device
+    for r, idx, sp, se, tg in zip(runs, batches, spatial, semantic, targets):
+        part = feats.index(list(range(start, start + len(idx))))
+        start += len(idx)
+        with autocast(device):
+            out = r.prompts.decode(sfm, part, sp, se)
+        losses += set_losses(out, [tg])
+    return losses
 
 
 def check_train_values(where: str, values: dict) -> dict:

@@ -2,33 +2,29 @@
 reloaded as safetensors.
 
 A prompts file describes itself: its safetensors metadata holds the class names and their
-thing / stuff flags, the SFM weights hash, N, the variant kind and learners and the training config, so
-loading it for another SFM or another class list is refused (``check_prompts``). Files written
-before that (no class names inside) still load; only their class count is checked.
+thing / stuff flags, the SFM weights hash, N, the variant kind (the method) and learners and the
+training config, so loading it for another SFM or another class list is refused
+(``check_prompts``). Files written before that (no class names inside) still load; only their
+class count is checked.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import UserError
-from ..sfm.base import PromptableSFM, default_n_prompts, weights_hash_of
+from ..methods.base import MethodState
+from ..methods.options import FUSED_KINDS, KINDS, LEARNERS, PromptConfig  # noqa: F401
+from ..sfm.base import Features, PromptableSFM, default_n_prompts, weights_hash_of
 from .fusion import FusedPrompt
 from .semantic import default_semantic, engineered_semantic
 from .spatial import Vanilla2DPrompt, default_spatial
-
-# what a variant does with its prompts (the study YAML's ``kind``, ``ssprompt train --kind``):
-# zero_shot and prompt_engineering learn nothing; vanilla_2d learns the points' coordinates;
-# average, weighted and learned_only are the fusion modes of learned embeddings (fusion.py)
-KINDS = ("zero_shot", "prompt_engineering", "vanilla_2d", "average", "weighted", "learned_only")
-FUSED_KINDS = ("average", "weighted", "learned_only")   # kind = the learners' fusion mode
-LEARNERS = ("spatial", "semantic")
 
 
 def default_prompts(sfm: PromptableSFM, class_names: list[str] | None,
@@ -41,43 +37,10 @@ def default_prompts(sfm: PromptableSFM, class_names: list[str] | None,
     return spatial, (default_semantic(sfm, class_names) if has_text else None)
 
 
-@dataclass
-class PromptConfig:
-    kind: str = "weighted"         # one of KINDS
-    learners: tuple[str, ...] = LEARNERS
-    n_prompts: int | None = None   # None: the backend's own (base.default_n_prompts)
-    init: str | None = None   # None: "random" for learned_only, "default" otherwise
-    weight_shape: str = "prompt"   # the learned fusion weight per prompt, or per prompt and dim
-    weight_init: float = 0.5  # the learned fusion weight's start (``weighted``)
-    # the anchor (the pull of z_learned towards z_default, TrainConfig.anchor) applies to the
-    # fused modes; None: fused modes yes, learned_only no (its default is gone). True also
-    # anchors learned_only: the study's control that keeps the pull but drops the fusion
-    anchored: bool | None = None
-
-    def __post_init__(self):
-        if self.init is None:
-            # learned_only starts from noise (the default embedding is really gone); the fused
-            # modes start from a copy of the default, which did better on the val split
-            self.init = "random" if self.kind == "learned_only" else "default"
-        if self.kind not in KINDS:
-            hint = " ('default' is now 'zero_shot')" if self.kind == "default" else ""
-            raise UserError(f"kind {self.kind}: unknown{hint}; choose one of {', '.join(KINDS)}",
-                            field="kind")
-        if isinstance(self.learners, str):
-            self.learners = tuple(x for x in self.learners.split(",") if x)
-        self.learners = tuple(self.learners)
-        bad = [x for x in self.learners if x not in LEARNERS]
-        if bad or not self.learners:
-            raise UserError(f"learners {','.join(self.learners)}: choose from spatial,semantic",
-                            field="learners")
-        if self.n_prompts is not None and (not isinstance(self.n_prompts, int)
-                                           or self.n_prompts <= 0):
-            raise UserError(f"n_prompts {self.n_prompts}: must be a positive integer",
-                            field="n_prompts")
-
-
-class PromptSet(nn.Module):
-    """Spatial (N, D) and semantic (C, D) prompts for one variant; ``forward`` gives both."""
+class PromptSet(MethodState):
+    """Spatial (N, D) and semantic (C, D) prompts for one variant; ``forward`` gives both. The
+    state (``methods.base.MethodState``) of the six SSPrompt kinds (``methods.fixed``,
+    ``methods.vanilla2d``, ``methods.ssprompt`` build it)."""
 
     def __init__(self, sfm: PromptableSFM, class_names: list[str] | None, cfg: PromptConfig,
                  generator: torch.Generator | None = None, is_thing: list[bool] | None = None):
@@ -111,14 +74,61 @@ class PromptSet(nn.Module):
         else:
             self.semantic = FusedPrompt(semantic, "frozen")
 
+    @property
+    def options(self) -> PromptConfig:
+        return self.cfg
+
     def forward(self) -> tuple[Tensor, Tensor | None]:
         return self.spatial(), (self.semantic() if self.semantic is not None else None)
 
-    def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+    @property
+    def agnostic(self) -> bool:
+        return self.semantic is None
 
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.trainable())
+    def prepare(self, sfm: PromptableSFM, feats: Features,
+                targets: list[tuple[Tensor, Tensor]]) -> None:
+        if isinstance(self.semantic, FusedPrompt):
+            # class prompts learn only the classes these shots show (``FusedPrompt.learn_only``)
+            self.semantic.learn_only(sorted({int(c) for lab, _ in targets
+                                             for c in lab.tolist()}))
+
+    def param_groups(self, cfg) -> list[dict]:
+        # fusion-weight logits move on a sigmoid scale: they get their own learning rate and
+        # no weight decay (decay would pull every w towards 0.5)
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        weights = [p for n, p in named if n.endswith("weight_logit")]
+        spatial = [p for n, p in named if n == "spatial.learned"]
+        others = [p for n, p in named if not n.endswith("weight_logit") and n != "spatial.learned"]
+        groups = [{"params": others, "lr_mult": 1.0, "weight_decay": cfg.weight_decay}]
+        if spatial:
+            groups.append({"params": spatial, "lr_mult": cfg.spatial_lr_mult,
+                           "weight_decay": cfg.weight_decay})
+        if weights:
+            groups.append({"params": weights, "lr_mult": cfg.weight_lr_mult, "weight_decay": 0.0})
+        return [g for g in groups if g["params"]]
+
+    def regulariser(self) -> Tensor:
+        return self.drift()
+
+    def restore_defaults(self, sfm: PromptableSFM) -> None:
+        spatial, semantic = default_prompts(sfm, None if self.semantic is None
+                                            else self.class_names, self.cfg.n_prompts)
+        self.spatial = FusedPrompt(spatial, "frozen")
+        if semantic is not None:
+            self.semantic = FusedPrompt(semantic, "frozen")
+
+    @torch.no_grad()
+    def moved(self) -> dict[str, float] | None:
+        """How far training moved each fused learner's embeddings z from the defaults:
+        RMS(z - z_default) / RMS(z_default). What a step-size confound changes."""
+        out = {}
+        for name in ("spatial", "semantic"):
+            m = getattr(self, name)
+            if isinstance(m, FusedPrompt) and m.mode != "frozen":
+                d = m.default
+                out[name] = round(float(((m() - d) ** 2).mean().sqrt()
+                                        / (d ** 2).mean().sqrt().clamp_min(1e-12)), 5)
+        return out or None
 
     def drift(self) -> Tensor:
         """Squared distance of the fused learners' embeddings from their defaults, relative to
@@ -145,11 +155,13 @@ class PromptSet(nn.Module):
 PROMPTS_FORMAT = 2  # 1: no vocabulary inside (class count checked only)
 
 
-def save_prompts(path: Path, prompts: PromptSet, meta: dict) -> None:
-    """Fused embeddings (what the decoder reads) + every learner tensor, and JSON metadata:
-    ``meta`` (the caller's: ``sfm`` weights hash, ``config``, ``metrics``, ...) plus what makes
-    the file self-describing, taken from ``prompts`` unless ``meta`` gives it: ``class_names``,
-    ``is_thing``, ``n_prompts``, ``kind``, ``learners``."""
+def save_prompts(path: Path, prompts: MethodState, meta: dict) -> None:
+    """A method's saved form: the decoder's inputs (``spatial``, ``semantic``: what every
+    loader reads) + every state tensor (``learner.*``; ``methods.base.load_state`` rebuilds a
+    state from them) + its fusion weights, and JSON metadata: ``meta`` (the caller's: ``sfm``
+    weights hash, ``config``, ``metrics``, ...) plus what makes the file self-describing, taken
+    from ``prompts`` unless ``meta`` gives it: ``class_names``, ``is_thing``, ``n_prompts``,
+    ``kind`` (the method's name), ``learners`` (SSPrompt kinds)."""
     from safetensors.torch import save
 
     from ..io import write_bytes
@@ -162,18 +174,29 @@ def save_prompts(path: Path, prompts: PromptSet, meta: dict) -> None:
         tensors[f"learner.{k}"] = v.detach().float().clone().contiguous()
     for k, v in prompts.fusion_weights().items():
         tensors[f"weight.{k}"] = v.float().clone().contiguous()
+    own = {"learners": list(prompts.options.learners)} \
+        if hasattr(prompts.options, "learners") else {}
     meta = {"format": PROMPTS_FORMAT, "class_names": prompts.class_names,
             "is_thing": prompts.is_thing, "n_prompts": int(spatial.shape[-2]),
-            "kind": prompts.cfg.kind, "learners": list(prompts.cfg.learners), **meta}
+            "kind": prompts.options.method, **own, **meta}
     write_bytes(path, save(tensors, metadata={"ssprompt": json.dumps(meta)}))
 
 
-class LearnedPrompts(NamedTuple):
-    """What a prompts file holds: ``spatial, semantic, meta = load_prompts(path)``."""
-
+class _Prompts(NamedTuple):
     spatial: Tensor                # (N, D) fused spatial embeddings
     semantic: Tensor | None        # (C, D) fused class embeddings, None for a spatial-only SFM
     meta: dict
+
+
+class LearnedPrompts(_Prompts):
+    """What a prompts file holds: ``spatial, semantic, meta = load_prompts(path)``; ``state``:
+    the file's other tensors by name (``learner.*``: the method's state, for
+    ``methods.base.load_state``), {} unless read from a file."""
+
+    def __new__(cls, spatial, semantic, meta, state: dict | None = None):
+        self = super().__new__(cls, spatial, semantic, meta)
+        self.state = dict(state or {})
+        return self
 
     @property
     def class_names(self) -> list[str] | None:
@@ -196,11 +219,12 @@ def load_prompts(path: str | Path) -> LearnedPrompts:
             meta = json.loads((f.metadata() or {}).get("ssprompt", "{}"))
             spatial = f.get_tensor("spatial")
             semantic = f.get_tensor("semantic") if "semantic" in f.keys() else None
+            state = {k: f.get_tensor(k) for k in f.keys() if k not in ("spatial", "semantic")}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path}: corrupt prompts file ({str(e).splitlines()[0][:120]})") from None
     except KeyError:
         raise UserError(f"{path}: not an ssprompt prompts file (no 'spatial' tensor)") from None
-    return LearnedPrompts(spatial, semantic, meta)
+    return LearnedPrompts(spatial, semantic, meta, state)
 
 
 def check_prompts(prompts: LearnedPrompts, sfm: PromptableSFM, class_names: list[str] | None,
@@ -228,7 +252,9 @@ def check_prompts(prompts: LearnedPrompts, sfm: PromptableSFM, class_names: list
                         f"has {len(class_names)} classes")
 
 
-def config_dict(cfg: PromptConfig) -> dict:
+def config_dict(cfg) -> dict:
+    """A method's options as a cell records them (``CellSpec.as_dict``)."""
     d = asdict(cfg)
-    d["learners"] = list(cfg.learners)
+    if "learners" in d:
+        d["learners"] = list(cfg.learners)
     return d

@@ -12,7 +12,7 @@ import yaml
 from ..engine.selection import SelectionConfig
 from ..engine.train import check_train_values
 from ..errors import UserError
-from ..prompts.promptset import KINDS, PromptConfig
+from ..methods import METHODS, get_method, make_options, option_fields
 
 CONFIG_DIR = Path(str(files("ssprompt").joinpath("configs")))  # package data
 TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "test_from", "train", "selection",
@@ -21,11 +21,13 @@ TOP_KEYS = {"name", "tasks", "seeds", "shots", "n_test", "test_from", "train", "
 # cells stay valid when they change (the runner compares the rest with its stored config)
 REPORT_KEYS = ("comparisons", "primary", "equivalence_margin")
 SELECTION_KEYS = {f.name for f in fields(SelectionConfig)}
-VARIANT_KEYS = {"name", "kind", "role", "learners", "n_prompts", "init", "weight_shape",
-                "weight_init", "anchored", "group", "train", "shots"}
+# a variant's own keys; the rest are its method's options (``ssprompt.methods``: the method
+# ``kind:`` or ``method:`` names, e.g. kind weighted: learners, n_prompts, init, weight_shape,
+# weight_init, anchored), each defaulting to its options dataclass
+VARIANT_KEYS = {"name", "kind", "method", "role", "group", "train", "shots"}
 # The variant kinds a study row can be: what is learned and how it is fused (see README,
 # Glossary). ``zero_shot`` is the encoder's own prompts, nothing learned.
-FIXED_KINDS = ("zero_shot", "prompt_engineering")  # variants with nothing to learn
+FIXED_KINDS = ("zero_shot", "prompt_engineering")  # variants with nothing to learn (uses_shots)
 ROLES = ("baseline", "full")  # the row every Δ is taken against; the full-SSPrompt row
 RENAMED = {"mode": "kind", "weight": "weight_shape"}  # old variant keys -> names since round 3
 # A cell whose kept prompts score this many points below the baseline row (same task and seed)
@@ -36,18 +38,18 @@ LARGE_LOSS = 5.0
 @dataclass
 class Variant:
     name: str
-    prompt: PromptConfig
+    prompt: object              # the method's options (methods.options; PromptConfig)
     group: str = "main"
     train: dict = field(default_factory=dict)
     shots: int | None = None    # None: the study's
     base: str = ""              # the config's variant name (before a shots sweep's suffix)
-    kind: str = "weighted"      # one of KINDS
+    kind: str = "weighted"      # the method's name (methods.METHODS; kind = method)
     role: str | None = None     # one of ROLES, or None
 
     @property
     def fixed(self) -> bool:
         """Nothing to learn: one evaluation serves every seed."""
-        return self.kind in FIXED_KINDS
+        return not get_method(self.kind).uses_shots
 
 
 @dataclass
@@ -188,15 +190,20 @@ def load_config(path: str | Path, sets: dict | None = None) -> StudyConfig:
             raise UserError(f"{where}: each variant must be a mapping with a name and a kind")
         for old, new in RENAMED.items():
             if old in v:
-                hint = (f" (one of {', '.join(KINDS)}; 'default' is now 'zero_shot')"
+                hint = (f" (one of {', '.join(METHODS)}; 'default' is now 'zero_shot')"
                         if old == "mode" else "")
                 raise UserError(f"{where}: '{old}' is now called '{new}'{hint}")
-        if "name" not in v or "kind" not in v:
-            raise UserError(f"{where}: each variant needs a name and a kind")
-        _check_keys(where, v, VARIANT_KEYS)
-        if v["kind"] not in KINDS:
-            raise UserError(f"{where}: kind {v['kind']!r} is unknown; choose one of "
-                            f"{', '.join(KINDS)}")
+        if "kind" in v and "method" in v and v["kind"] != v["method"]:
+            raise UserError(f"{where}: kind {v['kind']!r} and method {v['method']!r}: name "
+                            "the method once")
+        kind = v.get("method", v.get("kind"))
+        if "name" not in v or kind is None:
+            raise UserError(f"{where}: each variant needs a name and a kind (or method)")
+        if kind not in METHODS:
+            raise UserError(f"{where}: kind {kind!r} is unknown; choose one of "
+                            f"{', '.join(METHODS)}")
+        own = option_fields(kind)
+        _check_keys(where, v, VARIANT_KEYS | set(own))
         if v.get("role") not in (None, *ROLES):
             raise UserError(f"{where}: role {v['role']!r} is unknown; choose one of "
                             f"{', '.join(ROLES)}")
@@ -205,19 +212,14 @@ def load_config(path: str | Path, sets: dict | None = None) -> StudyConfig:
             raise UserError(f"{where}: duplicate variant name {v['name']!r}")
         names.add(v["name"])
         try:
-            prompt = PromptConfig(kind=v["kind"],
-                                  learners=tuple(v.get("learners", ("spatial", "semantic"))),
-                                  n_prompts=v.get("n_prompts", 100), init=v.get("init"),
-                                  weight_shape=v.get("weight_shape", "prompt"),
-                                  weight_init=v.get("weight_init", 0.5),
-                                  anchored=v.get("anchored"))
+            prompt = make_options(kind, {k: v[k] for k in own if k in v})
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         vshots = v.get("shots")
         if vshots is not None and (not isinstance(vshots, int) or vshots <= 0):
             raise UserError(f"{where}: shots must be a positive integer")
         variants.append(Variant(v["name"], prompt, v.get("group", "main"), vtrain, vshots,
-                                v["name"], v["kind"], v.get("role")))
+                                v["name"], kind, v.get("role")))
     shots = raw.get("shots", 16)
     sweep = shots if isinstance(shots, list) else None
     if sweep is not None:  # a shots sweep: each learned variant once per k ("NAME-kK")

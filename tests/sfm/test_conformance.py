@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("transformers")
 
 from ssprompt.geometry import geometry_of  # noqa: E402
+from ssprompt.methods import METHODS  # noqa: E402
 from ssprompt.prompts.promptset import PromptConfig, PromptSet, default_prompts  # noqa: E402
 from ssprompt.sfm import BACKENDS, load_sfm  # noqa: E402
 from ssprompt.sfm.base import PromptableSFM, default_n_prompts, encode_images  # noqa: E402
@@ -111,3 +112,45 @@ def test_gradients_reach_the_prompts_and_never_the_model(backend, pictures):
     learned = [g for n, g in grads.items() if n.endswith("learned")]
     assert len(learned) == len(learners.split(",")) and all(g.abs().sum() > 0 for g in learned)
     assert all(p.grad is None for p in sfm.parameters())
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_on_every_backend(backend, pictures, method, tmp_path):
+    """Each registered method (``ssprompt.methods``) where it applies: it builds from the
+    backend's defaults, decodes through its own ``decode``, starts exactly as its reference
+    method (its identity-at-init setting), gets gradients only in its own parameters, and its
+    saved form loads back to the same decoder inputs."""
+    from ssprompt.errors import UserError
+    from ssprompt.methods import get_method, make_options, option_fields
+    from ssprompt.methods.base import build_state, identity_at_init
+    from ssprompt.prompts.promptset import load_prompts, save_prompts
+
+    _, _, sfm = backend
+    values = {"n_prompts": 25}
+    if "learners" in option_fields(method) and not sfm.has_text_encoder:
+        values["learners"] = "spatial"
+    try:
+        state = build_state(sfm, NAMES, make_options(method, values),
+                            generator=torch.Generator().manual_seed(0))
+    except UserError as e:
+        pytest.skip(f"{method} does not apply to this backend: {e}")
+    with torch.no_grad():
+        feats = encode_images(sfm, pictures[:1])
+    spatial, semantic = state()
+    assert spatial.shape[-1] == sfm.embed_dim and (semantic is None) == state.agnostic
+    out = state.decode(sfm, feats, spatial, semantic)
+    assert out.mask_logits.shape[0] == 1 and torch.isfinite(out.mask_logits.float()).all()
+    if get_method(method).identity is not None:
+        assert identity_at_init(sfm, method, NAMES, feats, **values) is True
+    if state.trainable():
+        (out.mask_logits.float().mean() + out.class_logits.float().mean()).backward()
+        assert any(p.grad is not None for p in state.trainable())
+        assert all(p.grad is None for p in sfm.parameters())
+    save_prompts(tmp_path / "p.safetensors", state, {"weights_hash": sfm.weights_hash()})
+    loaded = load_prompts(tmp_path / "p.safetensors")
+    with torch.no_grad():
+        want = state()
+    assert torch.equal(loaded.spatial, want[0])
+    assert (loaded.semantic is None) == (want[1] is None)
+    if want[1] is not None:
+        assert torch.equal(loaded.semantic, want[1])
