@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7; skip studies")
     ap.add_argument("--only", choices=["train_batching", "study_floor", "study_workers",
-                                       "study_group"],
+                                       "study_group", "cli_speed"],
                     help="measure this one part and update it in bench/results.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
         elif a.only == "study_group":     # one trained group, new (and old) code, ~3 min each
             from bench.study_group import bench_study_group
             res[a.only] = bench_study_group((res.get("flops") or {}).get("step_flop"))
+        elif a.only == "cli_speed":       # `ssprompt --help` in a fresh process, ~5 s
+            from bench.cli_speed import bench_cli_speed
+            res[a.only] = bench_cli_speed()
         else:
             res[a.only] = bench_train_batching(repeats)
         tmp = OUT.with_suffix(".tmp")
@@ -186,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     res["n_prompts_ratio_200_25"] = res["n_prompts"][200]["step_s"] / res["n_prompts"][25]["step_s"]
     res["n_classes"] = {c: _isolated("c", c, repeats) for c in (10, 50, 150)}
     res["eval"] = bench_eval(repeats)
+    from bench.cli_speed import bench_cli_speed
+    res["cli_speed"] = bench_cli_speed()
     from bench.eval_speed import bench_eval as bench_eval_speed
     res["eval_speed"] = bench_eval_speed(a.quick)   # old code too with $SSPROMPT_BENCH_OLD
     peak = matmul_peak_flops()
@@ -224,6 +229,10 @@ def render(r: dict) -> str:
     for cnum, v in r["n_classes"].items():
         lines.append(f"| step, C = {cnum} classes | {v['step_s'] * 1e3:.1f} ms, peak "
                      f"{v['peak_mb']:.0f} MB | |")
+    if r.get("cli_speed"):
+        h = r["cli_speed"]
+        lines.append(f"| `ssprompt --help`, fresh process | {h['help_s']:.2f} s (max "
+                     f"{h['help_max_s']:.2f} s) | < 1 s |")
     e = r["eval"]
     lines.append(f"| evaluation, with image encoder | {e['img_per_s_with_encoder']:.0f} img/s | >= 50 |")
     lines.append(f"| evaluation, cached features | {e['img_per_s_cached_features']:.0f} img/s | |")
