@@ -10,6 +10,16 @@ with tensor ops over all queries and classes at once (no loop over queries). Met
 
 The results are bit-identical to scoring each image on its own with the former per-image code
 (bench/eval_speed.py --compare-old checks the study's metrics).
+
+**Large images** (more than ``FULL_SIZE_ELEMENTS`` query-pixels) never hold every query's
+full-size map: ``_large_prediction`` maps the logits back in column bands
+(``geometry.Letterbox.unmap_bands``, equal bit for bit to slices of the full-size maps) and
+derives the three tasks band by band; what outlives a band is (H, W) per image (class map, the
+panoptic owner) and the kept instances' bool masks. Semantic maps, panoptic maps and segments,
+instance masks and categories equal the full-size computation's; an instance's score (class
+probability x its mask's mean probability) is summed band by band, so it may differ from the
+full-size float32 sum in the last bits (tested: ``tests/evaluation/test_postprocess.py``).
+Smaller images, the study's 96 x 96 scenes among them, take the full-size path unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +34,10 @@ from ..sfm.base import MASK2FORMER_OBJECT_THRESHOLD  # noqa: F401 (re-exported)
 
 OVERLAP_THRESHOLD = 0.8   # Mask2Former: a query keeps its segment if it won >= 80% of its mask
 TOPK_INSTANCES = 100      # Mask2Former / COCO: at most 100 instances per image
+# Above this many query-pixels (queries x H x W, 64 MB of float32) an image takes the banded
+# path (``_large_prediction``); at or below it, the full-size one (e.g. 100 queries on a 96 x 96
+# scene: 0.9 M)
+FULL_SIZE_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -100,6 +114,12 @@ def postprocess(outputs, sizes: list[tuple[int, int]], image_size, is_thing: lis
     maps = outputs.semantic_logits
     preds = []
     for i, (m, c, hw) in enumerate(zip(masks, classes, sizes)):
+        big = max(m.shape[0], 0 if maps is None else maps.shape[1]) * hw[0] * hw[1]
+        if big > FULL_SIZE_ELEMENTS:
+            preds.append(_large_prediction(m, c, tuple(hw), geometry, is_thing,
+                                           object_mask_threshold, outputs.own_scores,
+                                           None if maps is None else maps[i].detach()))
+            continue
         p = Probabilities.of(geometry.unmap(m.float(), tuple(hw)), c)
         semantic = semantic_inference(p) if maps is None else \
             semantic_of_maps(geometry.unmap(maps[i].detach().float(), tuple(hw)))
@@ -235,6 +255,140 @@ def _segment_ids(ok: Tensor, labels: Tensor, scores: Tensor, is_thing: list[bool
         segments.append({"id": sid, "category": cls, "isthing": bool(is_thing[cls]),
                          "score": score})
     return torch.tensor(seg_of_query, dtype=torch.long), segments
+
+
+# ------------------------------------------------------------------------------ large images
+@torch.no_grad()
+def _large_prediction(mask_logits: Tensor, classes: Tensor, hw: tuple[int, int], geometry,
+                      is_thing: list[bool], threshold: float, own_scores: bool,
+                      maps: Tensor | None, band_elements: int | None = None) -> Prediction:
+    """One image's ``Prediction`` as ``postprocess`` computes it at full size, from the mask
+    logits (N, h, w) mapped back in column bands: no (N, H, W) tensor is ever held. Which
+    queries each task uses is decided from the class probabilities first (the same rules as
+    ``instance_inference`` / ``panoptic_inference`` or their ``own_score_*`` forms); only those
+    queries are mapped back (all N where the semantic map is Mask2Former's sum over queries)."""
+    from ..geometry import BAND_ELEMENTS
+
+    band_elements = band_elements or BAND_ELEMENTS
+    H, W = hw
+    dev = classes.device
+    thing = torch.tensor(is_thing, dtype=torch.bool, device=dev)
+    n, c1 = classes.shape
+    if own_scores:   # own_score_instances / own_score_panoptic
+        top, labels = classes[:, :-1].max(-1)
+        keep = (top > threshold) & thing[labels]
+        i_scores, i_query = top.masked_fill(~keep, -1.0).topk(min(TOPK_INSTANCES, int(keep.sum())))
+        i_labels = labels[i_query]
+        pan = top > threshold
+        p_scores, p_labels = top[pan], labels[pan]
+    else:            # instance_inference / panoptic_inference
+        prob = classes[:, :-1].masked_fill(~thing, -1.0)
+        i_scores, idx = prob.flatten().topk(min(TOPK_INSTANCES, int(thing.sum()) * n))
+        i_query, i_labels = idx // (c1 - 1), idx % (c1 - 1)
+        top, labels = classes.max(-1)
+        pan = labels.ne(c1 - 1) & (top > threshold)
+        p_scores, p_labels = top[pan], labels[pan]
+    p_query = pan.nonzero().flatten()
+    einsum_semantic = maps is None
+    rows = torch.arange(n, device=dev) if einsum_semantic else \
+        _rows(torch.unique(torch.cat([i_query, p_query])), n)
+    where = torch.full((n,), -1, dtype=torch.long, device=dev)
+    where[rows] = torch.arange(len(rows), device=dev)
+    used, pair_query = torch.unique(i_query, return_inverse=True)    # instance queries
+    used_row, pan_row = where[used], where[p_query]
+    k = len(p_query)
+
+    semantic = torch.empty((H, W), dtype=torch.long, device=dev)
+    inst = torch.empty((len(i_query), H, W), dtype=torch.bool, device=dev)
+    inside = torch.zeros(len(used), dtype=torch.long, device=dev)
+    mask_sum = torch.zeros(len(used), dtype=torch.float64, device=dev)
+    owner = torch.zeros((H, W), dtype=torch.long, device=dev)
+    owned = torch.zeros((H, W), dtype=torch.bool, device=dev)
+    won = torch.zeros(k, dtype=torch.long, device=dev)
+    won_in_mask = torch.zeros(k, dtype=torch.long, device=dev)
+    mask_area = torch.zeros(k, dtype=torch.long, device=dev)
+    bands = geometry.unmap_bands(mask_logits[rows].float(), hw, band_elements) if len(rows) \
+        else []
+    for c0, c1_, logits in bands:
+        sig = logits.sigmoid()                                          # (R, H, w)
+        if einsum_semantic:
+            semantic[:, c0:c1_] = _argmax0(torch.einsum("qc,qhw->chw", classes[:, :-1], sig))
+        if len(used):
+            binary = logits[used_row] > 0                               # (U, H, w)
+            inst[:, :, c0:c1_] = binary[pair_query]
+            inside += binary.flatten(1).sum(1)
+            if not own_scores:
+                mask_sum += (sig[used_row] * binary).flatten(1).sum(1).double()
+        if k:
+            masks = sig[pan_row]
+            own = _argmax0(p_scores[:, None, None] * masks)             # (H, w)
+            original = masks >= 0.5
+            on = original.gather(0, own[None])[0]
+            owner[:, c0:c1_], owned[:, c0:c1_] = own, on
+            won += torch.bincount(own.flatten(), minlength=k)
+            won_in_mask += torch.bincount(own[on], minlength=k)
+            mask_area += original.flatten(1).sum(1)
+    if not einsum_semantic:
+        semantic = _semantic_of_maps_banded(maps, hw, geometry, band_elements)
+
+    # instances, as instance_inference / own_score_instances
+    if own_scores:
+        keep = inside[pair_query] > 0
+        scores = i_scores
+    else:
+        mask_score = mask_sum.float() / (inside + 1e-6)
+        keep = (inside[pair_query] > 0) & (i_scores > 0)
+        scores = i_scores * mask_score[pair_query]
+    instances = Instances(inst if bool(keep.all()) else inst[keep], i_labels[keep],
+                          scores[keep])
+    del inst
+
+    # panoptic, as _panoptic_of_kept
+    if k == 0:
+        return Prediction(semantic, instances, torch.zeros((H, W), dtype=torch.long, device=dev),
+                          [])
+    ok = ((won > 0) & (mask_area > 0) & (won_in_mask > 0)
+          & (won.double() / mask_area.double().clamp_min(1) >= OVERLAP_THRESHOLD))
+    seg_of_query, segments = _segment_ids(ok, p_labels, p_scores, is_thing)
+    panoptic = torch.where(owned, seg_of_query.to(dev)[owner], 0)
+    del owner, owned
+    area = torch.bincount(panoptic.flatten(), minlength=len(segments) + 1).tolist()
+    for s in segments:
+        s["area"] = area[s["id"]]
+    return Prediction(semantic, instances, panoptic, segments)
+
+
+def _semantic_of_maps_banded(maps: Tensor, hw: tuple[int, int], geometry,
+                             band_elements: int) -> Tensor:
+    """``semantic_of_maps(geometry.unmap(maps, hw))`` without the (C, H, W) maps: classes in
+    chunks, column bands, a running maximum (a later chunk's class replaces the best only when
+    strictly larger: the first maximum wins, as ``argmax``)."""
+    H, W = hw
+    c = maps.shape[0]
+    step = max(4, band_elements // max(1, maps.shape[-2] * W))   # bounds the (step, h, W) pass
+    best = torch.full((H, W), float("-inf"), device=maps.device)
+    semantic = torch.zeros((H, W), dtype=torch.long, device=maps.device)
+    for k0 in range(0, c, step):
+        k1 = min(c, k0 + step)
+        k0 = max(0, k1 - 4) if k1 - k0 == 3 else k0   # see _rows: 3 channels, another kernel
+        for c0, c1, band in geometry.unmap_bands(maps[k0:k1].float(), hw, band_elements):
+            arg = _argmax0(band)
+            value = band.gather(0, arg[None])[0]
+            better = value > best[:, c0:c1]
+            best[:, c0:c1] = torch.where(better, value, best[:, c0:c1])
+            semantic[:, c0:c1] = torch.where(better, arg + k0, semantic[:, c0:c1])
+    return semantic
+
+
+def _rows(needed: Tensor, n: int) -> Tensor:
+    """The queries to map back: ``needed`` (sorted, unique), plus one more when that makes 3 of
+    n > 3: on one thread torch resizes exactly 3 channels with another kernel (its separable
+    one) than the full-size call's n, and the bits would differ."""
+    if len(needed) == 3 and n > 3 and torch.get_num_threads() == 1:
+        extra = torch.ones(n, dtype=torch.bool, device=needed.device)
+        extra[needed] = False
+        needed = torch.sort(torch.cat([needed, extra.nonzero()[:1, 0]])).values
+    return needed
 
 
 # --------------------------------------------------------------------------- class-agnostic

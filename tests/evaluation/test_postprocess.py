@@ -175,3 +175,118 @@ def test_with_background_claims_the_unclaimed_pixels():
     assert [(s["category"], s["isthing"], s["area"]) for s in pred.segments] == \
         [(0, True, 4), (BACKGROUND, False, 12)]
     assert (pred.panoptic > 0).all()
+
+
+# ------------------------------------------------------------------------------ large images
+def _box_outputs(n: int, c: int, res: int, seed: int, own_scores: bool = False) -> Outputs:
+    """Mask logits of n random boxes (+ noise) at res x res and sharp class logits: queries that
+    win segments, overlap, and some that lose (so every rule of the three tasks is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(1, n, res, res, generator=g)
+    for q in range(n):
+        y0, x0 = torch.randint(0, res - 4, (2,), generator=g).tolist()
+        hh, ww = torch.randint(3, res // 2, (2,), generator=g).tolist()
+        m[0, q, y0:y0 + hh, x0:x0 + ww] += 8.0
+        m[0, q] -= 4.0
+    if not own_scores:
+        return Outputs(m, torch.randn(1, n, c + 1, generator=g) * 6)
+    p = torch.rand(1, n, generator=g) ** 0.5
+    own = torch.randint(0, c, (1, n), generator=g)
+    cls = torch.full((1, n, c + 1), -30.0)
+    cls.scatter_(2, own[..., None], p.log()[..., None])
+    cls[..., -1] = (1 - p).log()
+    maps = torch.randn(1, c, res, res, generator=g)
+    return Outputs(m, cls, semantic_logits=maps, own_scores=True)
+
+
+def _full_and_banded(out, hw, geometry, is_thing, threshold, monkeypatch):
+    import ssprompt.evaluation.postprocess as pp
+    import ssprompt.geometry as geo
+
+    monkeypatch.setattr(pp, "FULL_SIZE_ELEMENTS", 1 << 40)
+    full = postprocess(out, [hw], geometry, is_thing, threshold)[0]
+    monkeypatch.setattr(pp, "FULL_SIZE_ELEMENTS", 0)
+    monkeypatch.setattr(geo, "BAND_ELEMENTS", 1 << 20)   # several bands on a moderate image
+    banded = postprocess(out, [hw], geometry, is_thing, threshold)[0]
+    return full, banded
+
+
+def _assert_same(full: Prediction, banded: Prediction) -> None:
+    assert torch.equal(full.semantic, banded.semantic)
+    assert torch.equal(full.panoptic, banded.panoptic)
+    assert full.segments == banded.segments
+    assert torch.equal(full.instances.masks, banded.instances.masks)
+    assert torch.equal(full.instances.categories, banded.instances.categories)
+    # an instance's mask score is summed band by band: equal to float32 rounding
+    torch.testing.assert_close(banded.instances.scores, full.instances.scores, rtol=1e-6, atol=0)
+
+
+def test_column_bands_equal_the_full_resize():
+    """``unmap_bands`` gives the bits of ``unmap`` (torch's bilinear kernel is a 1-D pass along
+    the width, then a pass per column), on 1 and 2 threads, whatever the band width; 3 maps on
+    one thread (another torch kernel) come as one band."""
+    from ssprompt.geometry import Letterbox, PadLongest, Stretch
+
+    g = torch.Generator().manual_seed(0)
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for geometry in (Letterbox(96), PadLongest(64), Stretch(56, probabilities=True)):
+                for hw in [(96, 96), (40, 96), (123, 77), (300, 451)]:
+                    for n, res in [(100, 48), (3, 16), (7, 96)]:
+                        x = torch.randn(n, res, res, generator=g) * 4
+                        ref = geometry.unmap(x, hw)
+                        for budget in (5_000, 300_000):
+                            bands = list(geometry.unmap_bands(x, hw, budget))
+                            assert [c0 for c0, _, _ in bands][0] == 0 and bands[-1][1] == hw[1]
+                            got = torch.cat([b for _, _, b in bands], -1)
+                            assert torch.equal(got, ref), (threads, geometry, hw, n, budget)
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_large_image_equals_full_size(monkeypatch):
+    """An image above ``FULL_SIZE_ELEMENTS`` (mapped back in column bands, never every query at
+    full size) gets the prediction of the full-size path: every map, segment, mask and category
+    equal; instance scores equal to float32 rounding. Mask2Former's rules and SAM 3's (own
+    scores, semantic maps), three geometries, 1 and 2 threads."""
+    from ssprompt.geometry import Letterbox, PadLongest, Stretch
+
+    segments = 0
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for seed, (geometry, hw, res) in enumerate([(Letterbox(96), (333, 257), 48),
+                                                        (PadLongest(64), (150, 226), 16),
+                                                        (Stretch(56, True), (181, 233), 28)]):
+                for n, c in [(100, 5), (30, 20), (3, 3)]:
+                    is_thing = [k % 2 == 0 for k in range(c)]
+                    out = _box_outputs(n, c, res, seed)
+                    full, banded = _full_and_banded(out, hw, geometry, is_thing, 0.5,
+                                                    monkeypatch)
+                    _assert_same(full, banded)
+                    segments += len(full.segments)
+                    if isinstance(geometry, Stretch):
+                        out = _box_outputs(n, c, res, seed, own_scores=True)
+                        full, banded = _full_and_banded(out, hw, geometry, is_thing, 0.3,
+                                                        monkeypatch)
+                        _assert_same(full, banded)
+                        assert len(full.instances) > 0
+                        segments += len(full.segments)
+    finally:
+        torch.set_num_threads(1)
+    assert segments > 10   # the panoptic rules ran on real segments
+
+
+def test_small_images_keep_the_full_size_path(monkeypatch):
+    """The study's 96 x 96 scenes (N <= 200 queries) stay on the full-size path, unchanged."""
+    import ssprompt.evaluation.postprocess as pp
+
+    assert 200 * 96 * 96 <= pp.FULL_SIZE_ELEMENTS
+
+    def refuse(*a, **k):
+        raise AssertionError("banded path taken")
+
+    monkeypatch.setattr(pp, "_large_prediction", refuse)
+    out = _box_outputs(200, 5, 48, 0)
+    postprocess(out, [(96, 96)], 96, [True] * 5, 0.5)
