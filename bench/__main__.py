@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7; skip studies")
     ap.add_argument("--only", choices=["train_batching", "study_floor", "study_workers",
-                                       "study_group", "cli_speed"],
+                                       "study_group", "cli_speed", "memory"],
                     help="measure this one part and update it in bench/results.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         elif a.only == "cli_speed":       # `ssprompt --help` in a fresh process, ~5 s
             from bench.cli_speed import bench_cli_speed
             res[a.only] = bench_cli_speed()
+        elif a.only == "memory":          # predict at 0.75-12 MP, SAM 3 at C <= 150: ~3 min
+            from bench.memory import bench_memory
+            res[a.only] = bench_memory()
         else:
             res[a.only] = bench_train_batching(repeats)
         tmp = OUT.with_suffix(".tmp")
@@ -191,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     res["eval"] = bench_eval(repeats)
     from bench.cli_speed import bench_cli_speed
     res["cli_speed"] = bench_cli_speed()
+    from bench.memory import bench_memory
+    res["memory"] = bench_memory()
     from bench.eval_speed import bench_eval as bench_eval_speed
     res["eval_speed"] = bench_eval_speed(a.quick)   # old code too with $SSPROMPT_BENCH_OLD
     peak = matmul_peak_flops()
@@ -233,6 +238,9 @@ def render(r: dict) -> str:
         h = r["cli_speed"]
         lines.append(f"| `ssprompt --help`, fresh process | {h['help_s']:.2f} s (max "
                      f"{h['help_max_s']:.2f} s) | < 1 s |")
+    if r.get("memory"):
+        from bench.memory import render as render_memory
+        lines += render_memory(r["memory"])
     e = r["eval"]
     lines.append(f"| evaluation, with image encoder | {e['img_per_s_with_encoder']:.0f} img/s | >= 50 |")
     lines.append(f"| evaluation, cached features | {e['img_per_s_cached_features']:.0f} img/s | |")
