@@ -76,7 +76,7 @@ class _Run:
         prompts.prepare(sfm, self.feats, self.targets)   # fit what the shots determine
         self.params = prompts.trainable()
         groups = [g for g in prompts.param_groups(cfg) if g["params"]]
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr) if groups else None
+        self.opt = prompts.optimizer(groups, cfg) if groups else None
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.batch = min(cfg.batch, len(scenes))
         self.order: list[int] = []
@@ -149,9 +149,9 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[MethodState, object, TrainCo
         batches = [r.next_batch() for r in runs]
         spatial, semantic = [], []
         for r, idx in zip(runs, batches):
-            scale = lr_scale(step, steps, r.cfg.warmup)
+            lr = r.prompts.lr_at(step, steps, r.cfg)
             for group in r.opt.param_groups:
-                group["lr"] = r.cfg.lr * scale * group["lr_mult"]
+                group["lr"] = lr * group["lr_mult"]
             sp, se = r.prompts()
             spatial.append(sp.expand(len(idx), -1, -1) if sp.dim() == 2 else sp)
             semantic.append(None if se is None else se.expand(len(idx), -1, -1))

@@ -76,6 +76,19 @@ class MethodState(nn.Module):
         every trainable parameter at ``cfg.lr`` and ``cfg.weight_decay``."""
         return [{"params": self.trainable(), "lr_mult": 1.0, "weight_decay": cfg.weight_decay}]
 
+    def optimizer(self, groups: list[dict], cfg) -> torch.optim.Optimizer:
+        """The optimiser over ``param_groups(cfg)`` (a method whose recipe names another, e.g.
+        CoOp's SGD). Default: AdamW."""
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+
+    def lr_at(self, step: int, steps: int, cfg) -> float:
+        """The learning rate at optimiser step ``step`` (0-based) of a ``steps``-step run; each
+        group's is this times its ``lr_mult``. Default: ``cfg.lr`` times linear warm-up over
+        ``cfg.warmup`` steps times cosine decay (``engine.train.lr_scale``)."""
+        from ..engine.train import lr_scale
+
+        return cfg.lr * lr_scale(step, steps, cfg.warmup)
+
     def regulariser(self) -> Tensor:
         """Added to the loss times ``TrainConfig.anchor`` (SSPrompt: the drift of the learned
         embeddings from the defaults). Default 0."""
