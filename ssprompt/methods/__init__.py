@@ -67,6 +67,21 @@ METHODS: dict[str, Method] = {
                        "the defaults by learned weights", identity={"init": "default"}),
     "learned_only": Method(_OPTIONS, ".ssprompt:build", "learned embeddings alone (the defaults "
                            "dropped; ablation 1)", identity={"init": "default"}),
+    "tip_adapter": Method(".tip_adapter:TipAdapterOptions", ".tip_adapter:build",
+                          "Tip-Adapter: a cache of the shots' matched mask embeddings adds to "
+                          "the class logits (nothing trained)", identity={"tip_alpha": 0.0}),
+    "tip_adapter_f": Method(".tip_adapter:TipAdapterFOptions", ".tip_adapter:build",
+                            "Tip-Adapter-F: Tip-Adapter with its cache keys trained",
+                            identity={"tip_alpha": 0.0}),
+    "persam": Method(".persam:PerSAMOptions", ".persam:build", "PerSAM: per class, a prototype "
+                     "of the shots' features places each image's point prompt (nothing trained)",
+                     identity={"points_per_class": 0, "keep_grid": True}),
+    "persam_f": Method(".persam:PerSAMFOptions", ".persam:build", "PerSAM-F: PerSAM with 2 "
+                       "learned weights over SAM's multimask outputs (SAM, SAM 2)",
+                       identity={"points_per_class": 0, "keep_grid": True}),
+    "lora": Method(".lora:LoRAOptions", ".lora:build", "decoder LoRA (SAMed): rank-4 updates "
+                   "of the mask decoder attentions' q and v, the prompts zero-shot",
+                   identity={}),
 }
 DEFAULT_METHOD = "weighted"   # SSPrompt
 
