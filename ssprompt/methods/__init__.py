@@ -79,9 +79,6 @@ METHODS: dict[str, Method] = {
     "persam_f": Method(".persam:PerSAMFOptions", ".persam:build", "PerSAM-F: PerSAM with 2 "
                        "learned weights over SAM's multimask outputs (SAM, SAM 2)",
                        identity={"points_per_class": 0, "keep_grid": True}),
-    "lora": Method(".lora:LoRAOptions", ".lora:build", "decoder LoRA (SAMed): rank-4 updates "
-                   "of the mask decoder attentions' q and v, the prompts zero-shot",
-                   identity={}),
 }
 DEFAULT_METHOD = "weighted"   # SSPrompt
 
