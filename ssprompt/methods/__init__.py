@@ -76,9 +76,10 @@ METHODS: dict[str, Method] = {
     "persam": Method(".persam:PerSAMOptions", ".persam:build", "PerSAM: per class, a prototype "
                      "of the shots' features places each image's point prompt (nothing trained)",
                      identity={"points_per_class": 0, "keep_grid": True}),
+    # (identity: persam's setting, checked in tests/methods/test_persam.py on SAM; None here
+    # because the identity check also runs on the embedded SFM, where PerSAM-F does not apply)
     "persam_f": Method(".persam:PerSAMFOptions", ".persam:build", "PerSAM-F: PerSAM with 2 "
-                       "learned weights over SAM's multimask outputs (SAM, SAM 2)",
-                       identity={"points_per_class": 0, "keep_grid": True}),
+                       "learned weights over SAM's multimask outputs (SAM, SAM 2)"),
 }
 DEFAULT_METHOD = "weighted"   # SSPrompt
 

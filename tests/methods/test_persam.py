@@ -133,6 +133,13 @@ def test_persam_f_fits_its_two_weights_on_a_tiny_sam(tiny_sam):
                                                                   "persam_lr": 1e-2}))
     assert state.num_trainable() == 2 and not state.trainable() and state.agnostic
     assert torch.equal(state.mask_weights, torch.full((2,), PERSAM_F_INIT))
+    # identity: with no prototype point and the grid kept, zero-shot bit for bit
+    ident = build_state(tiny_sam, None, make_options("persam_f", {
+        "points_per_class": 0, "keep_grid": True, "n_prompts": 16, "persam_steps": 5}))
+    ident.prepare(tiny_sam, feats, targets)
+    with torch.no_grad():
+        zs = tiny_sam.decode(feats, *default_prompts(tiny_sam, None, 16))
+    assert same_outputs(decoded(tiny_sam, ident, feats), zs)
     state.prepare(tiny_sam, feats, targets)
     assert state.seen.tolist() == [1.0]
     assert not torch.equal(state.mask_weights, torch.full((2,), PERSAM_F_INIT))
@@ -174,3 +181,29 @@ def test_a_study_variant_and_train_flags_name_it(tmp_path):
     add_method_flags(p)
     a = p.parse_args(["--kind", "persam", "--keep-grid", "--no-negative-point"])
     assert (a.kind, a.keep_grid, a.negative_point) == ("persam", True, False)
+
+
+@pytest.mark.parametrize("name", ["sam2", "sam3"])
+def test_prepared_on_the_other_backends(name, tmp_path):
+    """Fitted to blob shots, PerSAM (and PerSAM-F where it applies) decodes on SAM 2 and SAM 3
+    (SAM: above; the conformance suite covers the unprepared states on every backend)."""
+    pytest.importorskip("transformers")
+    from sfm.tiny import SAVE
+
+    from ssprompt.sfm import load_sfm
+
+    sfm = load_sfm(name, str(SAVE[name](tmp_path / name, 0)), device="cpu")
+    feats, targets = blob_shots(sfm)
+    names = ["cat", "dog"] if sfm.has_text_encoder else None
+    targets = [(torch.tensor([i % 2]), m) for i, (_, m) in enumerate(targets)]
+    for kind in ("persam", "persam_f") if not sfm.has_text_encoder else ("persam",):
+        state = build_state(sfm, names, make_options(kind, {"n_prompts": 16,
+                                                            "persam_steps": 5}
+                                                     if kind == "persam_f" else
+                                                     {"n_prompts": 16}))
+        if not sfm.has_text_encoder:
+            targets = [(torch.zeros_like(lab), m) for lab, m in targets]
+        state.prepare(sfm, feats, targets)
+        assert state.seen.sum() > 0
+        out = decoded(sfm, state, feats)
+        assert out.mask_logits.shape[0] == 3 and torch.isfinite(out.mask_logits.float()).all()

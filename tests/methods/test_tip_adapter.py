@@ -160,3 +160,27 @@ def test_a_study_variant_and_train_flags_name_it(tmp_path):
     add_method_flags(p)
     a = p.parse_args(["--kind", "tip_adapter", "--tip-alpha", "2", "--tip-betas", "1,3"])
     assert (a.kind, a.tip_alpha, a.tip_betas) == ("tip_adapter", 2.0, "1,3")
+
+
+def test_prepared_on_sam3(tmp_path):
+    """Fitted to blob shots, Tip-Adapter decodes SAM 3's (concept, query) pairs: only the class
+    columns move (the conformance suite covers the unprepared state on every backend)."""
+    pytest.importorskip("transformers")
+    from methods.test_persam import blob_shots
+    from sfm.tiny import SAVE
+
+    from ssprompt.sfm import load_sfm
+
+    sam3 = load_sfm("sam3", str(SAVE["sam3"](tmp_path / "sam3", 0)), device="cpu")
+    feats, targets = blob_shots(sam3)
+    targets = [(torch.tensor([i % 2]), m) for i, (_, m) in enumerate(targets)]
+    state = build_state(sam3, ["cat", "dog"], make_options("tip_adapter", {"n_prompts": 16,
+                                                                          "tip_alpha": 1.0}))
+    state.prepare(sam3, feats, targets)
+    assert state.keys.shape[0] == 3 and state.search is not None
+    with torch.no_grad():
+        zs = sam3.decode(feats, *state())
+        out = adapted_sfm(sam3, state).decode(feats, *state())
+    assert torch.equal(out.mask_logits, zs.mask_logits)
+    assert torch.equal(out.class_logits[..., -1], zs.class_logits[..., -1])
+    assert not torch.equal(out.class_logits, zs.class_logits)
