@@ -80,6 +80,12 @@ METHODS: dict[str, Method] = {
     # because the identity check also runs on the embedded SFM, where PerSAM-F does not apply)
     "persam_f": Method(".persam:PerSAMFOptions", ".persam:build", "PerSAM-F: PerSAM with 2 "
                        "learned weights over SAM's multimask outputs (SAM, SAM 2)"),
+    "coop": Method(".coop:CoOpOptions", ".coop:build", "CoOp: 16 learned context vectors "
+                   "before every class name at the frozen text encoder's input",
+                   identity={"n_ctx": 0, "suffix": ""}),
+    "lora": Method(".lora:LoRAOptions", ".lora:build", "decoder LoRA (SAMed): rank-4 updates "
+                   "of the mask decoder attentions' q and v, the prompts zero-shot",
+                   identity={}),
 }
 DEFAULT_METHOD = "weighted"   # SSPrompt
 
