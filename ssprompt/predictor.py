@@ -72,6 +72,7 @@ class Predictor:
             if is_thing is None:
                 is_thing = prompts.is_thing
             spatial, semantic = prompts.spatial, prompts.semantic
+            self.sfm = _decoder_of(sfm, prompts)
             if semantic is not None and names is None:
                 raise UserError(f"{path}: records no class names (an older prompts file); "
                                 "pass class_names")
@@ -170,6 +171,21 @@ class Predictor:
             preds = [replace(p, semantic=torch.where(p.panoptic == 0, NOTHING, p.semantic))
                      for p in preds]
         return preds
+
+
+def _decoder_of(sfm: PromptableSFM, prompts: LearnedPrompts) -> PromptableSFM:
+    """``sfm`` as the method that saved ``prompts`` decodes (``methods.base.adapted_sfm``):
+    itself for prompt-only methods (every SSPrompt kind), else with the method's state (e.g. an
+    adapted decoder) rebuilt from the file."""
+    from .methods import METHODS
+    from .methods.options import KINDS
+
+    kind = (prompts.meta or {}).get("kind")
+    if kind is None or kind in KINDS or kind not in METHODS:
+        return sfm
+    from .methods.base import adapted_sfm, load_state
+
+    return adapted_sfm(sfm, load_state(sfm, prompts))
 
 
 def _check_image(image) -> np.ndarray:

@@ -4,6 +4,7 @@ held-out-shot selection (``ssprompt.engine.selection``), then evaluation on the 
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable
@@ -14,12 +15,12 @@ import torch
 from ..data import open_dataset
 from ..distributed import shard
 from ..evaluation.evaluate import evaluate_many
-from ..methods.base import MethodState, build_state
+from ..methods.base import MethodState, adapted_sfm, build_state
 from ..prompts.promptset import PromptConfig, config_dict
 from ..sfm.base import PromptableSFM
 from ..sfm.features import FeatureCache
 from .selection import SelectionConfig, Subset, Tracker, decide, folds, restore_defaults
-from .train import TrainConfig, train_many, train_prompts
+from .train import TrainConfig, train_many
 
 
 @dataclass
@@ -114,7 +115,8 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
             cell.notes.append(f"shots {spec.shots} uses every image of the train split: seeds "
                               "change only the batch order, not the shots")
         sel = spec.selection
-        fl = folds(len(train), spec.seed, sel.holdout) if sel.enabled else [(range(len(train)), [])]
+        fl = folds(len(train), spec.seed, sel.holdout) if sel.enabled \
+            else [(range(len(train)), [])]
         if not fl:
             cell.notes.append(f"shots {len(train)}: no shot can be held out to check the "
                               "learned prompts, so the default prompts are kept (switch held-out "
@@ -131,15 +133,33 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
             hooks.append(tracker)
     loggers = [on_log if j == 0 else None for j in range(len(jobs))]
     logs = train_many(ws.sfm, jobs, ws.cache, progress=progress, on_step=hooks, on_log=loggers)
+    # a state fitted to its shots without optimiser steps (training-free: Tip-Adapter, PerSAM)
+    # is held-out-scored once, as the candidate of the last step
+    for tracker in hooks:
+        if tracker is not None and not tracker.curve:
+            tracker(tracker.steps - 1)
+    for cell in cells:   # what the method fitted (e.g. Tip-Adapter-F's keys exist after prepare)
+        cell.n_params = max(cell.n_params, cell.prompts.num_trainable())
     # selection, then one evaluation pass over the test split for every cell's final prompts
     # (and its unselected last-step prompts where they differ)
     moved = [cell.prompts.moved() for cell in cells]
-    picks = [_select(ws, cell, progress) for cell in cells]
+    picks = _select(ws, cells, progress)
     test = ws.dataset(specs[0].task, "test", n_test=specs[0].n_test)
+    # every state's prompts on the test split, in one pass per decoder: the frozen SFM's
+    # (every prompt-only method together), each decode-adapting state's own
+    states = [cell.prompts for cell in cells] + [raw for _, raw in picks if raw is not None]
     with torch.no_grad():
-        sets = [cell.prompts() for cell in cells] + [raw for _, raw in picks if raw is not None]
-    metrics = evaluate_many(ws.sfm, sets, test, ws.cache, batch=ws.eval_batch,
-                            indices=shard(len(test)), per_image=per_image)
+        sets = [st() for st in states]
+    metrics: list = [None] * len(states)
+    by_decoder: dict[int, list[int]] = {}
+    for i, st in enumerate(states):
+        by_decoder.setdefault(id(st) if st.adapts_decode else 0, []).append(i)
+    for key, idx in by_decoder.items():
+        sfm = adapted_sfm(ws.sfm, states[idx[0]]) if key else ws.sfm
+        for i, m in zip(idx, evaluate_many(sfm, [sets[i] for i in idx], test, ws.cache,
+                                           batch=ws.eval_batch, indices=shard(len(test)),
+                                           per_image=per_image)):
+            metrics[i] = m
     for m in metrics[len(cells):]:
         m.pop("per_image", None)
     if not per_image:
@@ -164,38 +184,58 @@ def run_cells(ws: Workspace, specs: list[CellSpec], progress: bool = False,
     return out
 
 
-def _select(ws: Workspace, cell: _Cell, progress: bool):
-    """Apply held-out selection to ``cell.prompts`` in place. Returns (what was selected, with
-    the held-out curves; the unselected last-step (spatial, semantic) embeddings where they
-    differ from the selected ones, else None)."""
-    if cell.train is None:
-        return None, None
-    if not cell.jobs:        # k = 1: nothing to validate on
-        restore_defaults(cell.prompts, ws.sfm)
-        return {"selected": "default", "reason": "no held-out shot"}, None
-    if not cell.trackers:    # selection switched off
-        return None, None
-    sel = cell.spec.selection
-    step, curve, default, test = decide(cell.trackers, sel)
-    info = {"rule": f"paired per-image held-out test of mIoU/AP50/PQ every {sel.every} steps, "
-                    f"alpha {sel.alpha} over {test.get('n_candidates', 0)} candidates; "
-                    f"{len(cell.trackers)} fold(s)", "default_score": round(default, 4),
-            "curve": curve, "folds": [t.curve for t in cell.trackers],
-            "default_folds": [t.default for t in cell.trackers], "test": test,
-            "selected": "default" if step is None else step, "refit": False}
-    single = len(cell.trackers) == 1
-    raw = None
-    if single and step != cell.cfg.steps and sel.report_raw:
-        with torch.no_grad():
-            raw = tuple(None if x is None else x.detach().clone() for x in cell.prompts())
-    if step is None:
-        restore_defaults(cell.prompts, ws.sfm)
-    elif single and not sel.refit:
-        cell.prompts.load_state_dict(cell.trackers[0].states[step])
-    else:                    # several folds (or refit): train again on all k shots
-        fresh = cell.make()
-        train_prompts(ws.sfm, fresh, cell.train, cell.cfg, ws.cache, progress=progress,
-                      stop_at=step)   # the validated schedule, stopped at the selected step
-        cell.prompts.load_state_dict(fresh.state_dict())
-        info["refit"] = True
-    return info, raw
+def _select(ws: Workspace, cells: list[_Cell], progress: bool) -> list[tuple]:
+    """Apply held-out selection to each cell's prompts in place: decide on the folds, then one
+    batched refit on all k shots for the cells that ship a learned step (and, with
+    ``report_raw``, that also run to the last step). Returns per cell (what was selected, with
+    the held-out curves; the as-trained last-step state of the refit with ``report_raw``,
+    else None)."""
+    out: list[list] = [[None, None] for _ in cells]
+    refits = []                  # (position, selected step or None, fresh prompts)
+    for i, cell in enumerate(cells):
+        if cell.train is None:
+            continue
+        if not cell.jobs:        # k = 1: nothing to validate on
+            restore_defaults(cell.prompts, ws.sfm)
+            out[i][0] = {"selected": "default", "reason": "no held-out shot"}
+            continue
+        if not cell.trackers:    # selection switched off: the prompts as trained
+            continue
+        sel = cell.spec.selection
+        step, curve, default, test = decide(cell.trackers, sel)
+        out[i][0] = {"rule": f"sign-flip max-T test of the per-image held-out mIoU/AP50/PQ "
+                             f"every {sel.every} steps, family-wise alpha {sel.alpha} over "
+                             f"{test.get('n_candidates', 0)} candidates; "
+                             f"{len(cell.trackers)} cross-fitted folds",
+                     "default_score": round(default, 4), "curve": curve,
+                     "folds": [t.curve for t in cell.trackers],
+                     "default_folds": [t.default for t in cell.trackers], "test": test,
+                     "selected": "default" if step is None else step,
+                     "refit": step is not None}
+        if step is None:
+            restore_defaults(cell.prompts, ws.sfm)
+        if step is not None or sel.report_raw:
+            refits.append((i, step, cell.make()))
+    if not refits:
+        return [tuple(o) for o in out]
+    # one batched refit on all k shots, to the last step where the as-trained prompts are
+    # scored too, else to the last selected step; each cell's selected step is snapshotted
+    full = any(cells[i].spec.selection.report_raw for i, _, _ in refits)
+    stop = cells[refits[0][0]].cfg.steps if full else max(st for _, st, _ in refits)
+    snaps: dict[int, dict] = {}
+
+    def snapshot(i, step, fresh):
+        return lambda done0: snaps.__setitem__(i, copy.deepcopy(fresh.state_dict())) \
+            if done0 + 1 == step else None
+
+    train_many(ws.sfm, [(fresh, cells[i].train, cells[i].cfg) for i, _, fresh in refits],
+               ws.cache, progress=progress, on_step=[snapshot(i, st, fr) for i, st, fr in refits],
+               stop_at=stop)
+    for i, step, fresh in refits:
+        if cells[i].spec.selection.report_raw:   # the as-trained state (all shots, last step)
+            out[i][1] = copy.deepcopy(fresh) if step is not None else fresh
+        if step is not None:     # the refit at the selected step ships (a training-free state:
+            if i in snaps:       # as fitted to all k shots)
+                fresh.load_state_dict(snaps[i])
+            cells[i].prompts = fresh
+    return [tuple(o) for o in out]

@@ -1,69 +1,43 @@
-"""Held-out-shot model selection: few-shot prompt learning that is never silently worse than
-the SFM's default prompts.
+"""Held-out-shot model selection: what ``ssprompt train`` ships is never silently worse than
+the SFM's default prompts (the *product*; the study's default config measures the *method*,
+trained on all shots and scored as trained, with selection off).
 
 Without validation, a few-shot run can end far below zero-shot and nothing notices (it happened:
--37 mIoU on a real dataset). So by default part of the k shots is held out:
+-37 mIoU on a real dataset). So by default the k shots are **cross-fitted**: split into
+``round(1 / holdout)`` folds (leave-one-out for k <= 4), every shot held out exactly once, each
+fold's prompts trained on the other shots with the full schedule. Every ``every`` steps (and at
+the last step) each fold's prompts are scored on each of its held-out shots on its own: an
+image's score is the mean of that image's mIoU, AP50 and PQ (over those defined for it), from
+the per-image records of one evaluation (``evaluation.records.PerImage``). The defaults are
+scored the same way. k = 1: nothing can be held out, the default prompts are kept (a warning).
 
-* k >= 16: ``round(holdout * k)`` shots are held out (one fold), the rest are fitted;
-* 2 <= k < 16: cross-validation, every shot held out once: ``min(k, 4)`` folds, each fitted on
-  the others (leave-one-out for k <= 4). One or two held-out images are too noisy a judge on
-  their own (at k = 8 one fold holds out 2: ssprompt's real gains of +3 to +5 on test never
-  passed); all k of them together are not;
-* k = 1: nothing can be held out: the default prompts are kept (with a warning).
+The rule (``decide``), fixed before any result it was run on: with the k held-out images of all
+folds pooled, d_ij = cand_ij - default_i is candidate step j's paired per-image difference.
+Step j passes when
 
-During training every ``every`` steps (and at the last step) each fold's prompts are scored on
-each of its held-out shots *on its own*: an image's score is the mean of that image's mIoU, AP50
-and PQ (over those defined for it), from the per-image records of one evaluation
-(``evaluation.records.PerImage``, the bootstrap's input). The defaults are scored the same way.
+* its **sign-flip permutation test** passes at family-wise level ``alpha`` over all m candidate
+  steps: T_j, the paired t statistic of (d_1j .. d_kj), is compared with the distribution of
+  max_j' T_j'(e_1 d_1j' .. e_k d_kj') over the 2^k sign vectors e (exact up to k = 16, 20,000 seeded random ones above), the max over
+  the candidates taken inside (Westfall-Young single-step max-T): adjusted p_j = P(max >= T_j)
+  <= alpha. Under "no candidate is better than the defaults" (each image's differences
+  symmetric about 0) the chance that *any* step passes is at most alpha, whatever the number
+  of images, the spread, or how correlated the checkpoints are; no floor on the spread, no
+  normal quantile (which was anti-conservative at 4 held-out images). The smallest p a k-image
+  test can give is 2^-k, so k <= 4 shots can never ship learned prompts at alpha = 0.05;
+* T_j > 0, and it is **not worse on any one task**: for each of mIoU, AP50 and PQ, the mean
+  over folds of that metric on the fold's held-out images *pooled* (AP ranks the detections of
+  all the fold's images together, as test does: per image it cannot see one image's false
+  positives outscoring another's true positives) minus the defaults' is >= 0.
 
-The rule (``decide``): the held-out images of every fold are pooled (leave-one-out: the k
-shots, one per fold). For each candidate step j and image i, d_ij = cand_ij - default_i (over
-the metrics defined for both), a *paired* difference: what the image itself contributes cancels.
-With n images and m candidate steps, candidate j passes when
+Of the passing steps the one with the largest T_j ships (ties: the earlier); if none passes,
+the defaults ship. The shipped prompts are trained again on all k shots with the same
+``steps``-step schedule (warmup, cosine decay) and taken after the selected step
+(``train_many`` with a snapshot), so the refit follows the validated trajectory. With
+``report_raw`` that refit runs to the last step, and those prompts, the *as-trained* ones, are
+scored on test too (``raw`` in the cell: the method's number beside the product's).
 
-    mean_i d_ij > 0   and   mean_i d_ij - c * SE_j > 0,   c = Phi^-1(1 - alpha / m),
-    and cand_j - default >= 0 on each metric alone (below),
-
-SE_j = max(sd_j, min_sd) / sqrt(n) (sd_j the images' standard deviation of d_ij). The passing
-candidate with the largest mean difference is selected (ties: the earlier step); if none passes,
-the defaults are kept. Why each part:
-
-* paired, per image: the mean over 1-4 held-out images hides a collapse that loses on most
-  images and wins big on one; its per-image differences have a large spread and fail;
-* m candidates: the best of m noisy checkpoints beats a fixed default on noise alone, so each
-  is tested at level alpha / m (Bonferroni, which holds however correlated the checkpoints
-  are); the threshold grows with m;
-* the normal quantile, not Student's t: with the 2-4 held-out images this library has (k = 8
-  holds out 2, k = 16 and leave-one-out at k = 4 give 4), t with n - 1 degrees of freedom
-  (c = 64 at n = 2) could never accept anything. Instead the sd is never taken below
-  ``min_sd`` points, a floor on the per-image noise fixed in advance (a small n often shows a
-  spread far below the true one): a stated assumption, not tuned on test;
-* not worse on any one task: a candidate below the defaults on mIoU, AP50 or PQ alone fails,
-  whatever its combined score (a sem-weighted cell had been selected with held-out AP50
-  -16.7 and +mIoU). With one fold each metric is computed over its held-out images
-  *together* (``pooled_scores``), the way the test split's are: per image is not enough for
-  AP, which ranks the detections of all images together, so a true positive scored below
-  another image's false positive counts against it (learned-only prompts raised every test
-  image's own AP50, 71.6 -> 78-81, while the test AP50 fell, 50.7 -> 43: the scores of some
-  learned classes' true positives collapsed, one class's median 0.68 -> 0.04). With several
-  folds it is each metric's mean paired per-image difference: the folds' prompts differ
-  (and none of them ships: the refit does), so pooling would rank one fold's detections
-  against another's. Tried on the shots sweep, pooling across folds too rejected a real gain
-  (k = 8, held-out AP50 -2.6, test +3.5) and caught no collapse the one-fold pooling missed;
-  this split of the rule was chosen after seeing that sweep's test results (README says so);
-* what it cannot catch: a loss the held-out shots do not show. The shots sweep's last
-  learned-only cell below zero-shot (k = 16, novel, seed 2: test AP50 -7.3) *gains* on its 4
-  held-out images (+21.7 / +5.0 / +9.9 pooled), more AP50 than any step of ssprompt on the
-  same images (<= +0.4; test +3.4): a rule that rejected it would reject ssprompt too
-  (``scripts/heldout_vs_test.py``, results/shots/heldout_vs_test.md);
-* very few images: with c > 1 (any alpha / m < 0.16) the rule already implies that, with
-  n = 2, *both* images improve (mean - c * |d_1 - d_2| / 2 > 0 needs the smaller one > 0),
-  and with n = 1 that the one image improves by more than c * min_sd; no separate rule.
-
-With one fold the prompts of the selected step are used as they are (what was validated is
-what ships); with several folds, or with ``refit``, the prompts are trained again on all k
-shots with the same ``steps``-step schedule (warmup, cosine decay), stopped after the
-selected step (``train_many(stop_at=...)``), so the refit follows the validated trajectory.
+What it cannot catch: a loss the held-out shots do not show (results/shots/heldout_vs_test.md:
+a learned-only cell gained on its 4 held-out images and lost 7.3 AP50 on test).
 """
 
 from __future__ import annotations
@@ -76,14 +50,16 @@ import numpy as np
 import torch
 
 from ..distributed import local_only
+from ..errors import UserError
 from ..evaluation.bootstrap import METRIC_FNS
 from ..evaluation.metrics import METRICS
 from ..evaluation.records import PerImage
 from ..prompts.fusion import FusedPrompt
 from ..prompts.promptset import default_prompts
 
-CROSS_VALIDATE_BELOW = 16  # k shots: cross-validation folds below this, one held-out fold from it
-MAX_FOLDS = 4
+EXACT_UP_TO = 16        # held-out images: every sign vector below this many, seeded draws above
+N_FLIPS = 20_000        # random sign vectors when not exact
+FLIP_SEED = 29          # their seed: a decision is a pure function of the scores
 
 
 @dataclass
@@ -91,26 +67,30 @@ class SelectionConfig:
     """How prompt learning picks what it returns (see the module docstring)."""
 
     enabled: bool = True
-    holdout: float = 0.25   # fraction of the k shots held out when k >= 16
+    holdout: float = 0.25   # each fold holds out this share of the shots (round(1 / holdout)
+    #                        folds, every shot held out once; leave-one-out when k is smaller)
     every: int = 10         # score the candidates every this many steps
-    refit: bool = False     # one fold: train again on all k shots up to the selected step
-    alpha: float = 0.05     # one-sided level of the paired test, shared by the m candidates
-    min_sd: float = 2.0     # floor (points) on the sd of the per-image differences
-    report_raw: bool = False  # also score the unselected last-step prompts on test (the cost
-    #                          of one more test evaluation where selection changed something)
+    alpha: float = 0.05     # family-wise level of the sign-flip test over all candidate steps
+    report_raw: bool = False  # also train on all k shots to the last step and score those
+    #                          (as-trained) prompts on test: the method beside the product
+
+    def __post_init__(self):
+        if not 0 < self.holdout <= 0.5:
+            raise UserError(f"holdout {self.holdout}: must be in (0, 0.5] (the share of the "
+                            "shots each fold holds out)", field="holdout")
+        if not 0 < self.alpha < 1:
+            raise UserError(f"alpha {self.alpha}: must be in (0, 1)", field="alpha")
 
 
 def folds(k: int, seed: int, holdout: float) -> list[tuple[list[int], list[int]]]:
-    """(fit, held-out) positions into the k shots, a pure function of (k, seed, holdout)."""
+    """(fit, held-out) positions into the k shots, a pure function of (k, seed, holdout):
+    ``min(k, round(1 / holdout))`` folds, every shot held out exactly once; none for k < 2."""
     if k < 2:
         return []
     order = np.random.default_rng([seed, 11]).permutation(k).tolist()
-    if k < CROSS_VALIDATE_BELOW:
-        n = min(k, MAX_FOLDS)
-        held = [order[i::n] for i in range(n)]
-        return [(sorted(set(order) - set(h)), sorted(h)) for h in held]
-    v = min(k - 1, max(1, int(round(holdout * k))))
-    return [(sorted(order[v:]), sorted(order[:v]))]
+    n = min(k, max(2, int(round(1 / holdout))))
+    held = [order[i::n] for i in range(n)]
+    return [(sorted(set(order) - set(h)), sorted(h)) for h in held]
 
 
 def score(metrics: dict) -> float:
@@ -134,18 +114,15 @@ class Subset:
 
 
 def default_embeddings(prompts, sfm):
-    """(spatial, semantic or None): the zero-shot prompts of a prompt set's SFM, grid and
+    """(spatial, semantic or None): the zero-shot prompts of a method state's SFM, grid and
     vocabulary (``default_prompts``)."""
-    return default_prompts(sfm, None if prompts.semantic is None else prompts.class_names,
-                           prompts.cfg.n_prompts)
+    return default_prompts(sfm, None if prompts.agnostic else prompts.class_names,
+                           prompts.options.n_prompts)
 
 
 def restore_defaults(prompts, sfm) -> None:
-    """Make ``prompts`` give exactly the default embeddings (the zero-shot prompts)."""
-    spatial, semantic = default_embeddings(prompts, sfm)
-    prompts.spatial = FusedPrompt(spatial, "frozen")
-    if semantic is not None:
-        prompts.semantic = FusedPrompt(semantic, "frozen")
+    """Make ``prompts`` (a method state) decode exactly as the default embeddings do."""
+    prompts.restore_defaults(sfm)
 
 
 def _scores(stats: PerImage, weights: np.ndarray) -> np.ndarray:
@@ -184,22 +161,27 @@ class Tracker:
                  eval_batch: int = 50):
         from ..evaluation.evaluate import evaluate_many
 
+        from ..methods.base import adapted_sfm
+
         self.prompts, self.every, self.steps = prompts, every, steps
-        self._evaluate = lambda sp, se: evaluate_many(sfm, [(sp, se)], held_out, cache,
-                                                      batch=eval_batch, per_image=True)[0]
+        # candidates decode as their method does (e.g. an adapted decoder); the defaults as
+        # the frozen SFM does
+        self._evaluate = lambda sp, se, plain=False: evaluate_many(
+            sfm if plain else adapted_sfm(sfm, prompts), [(sp, se)], held_out, cache,
+            batch=eval_batch, per_image=True)[0]
         self.images: dict[int, np.ndarray] = {}   # step -> image_scores
         self.pooled: dict[int, np.ndarray] = {}   # step -> pooled_scores
         self.default, self.default_images, self.default_pooled = \
-            self._score(*default_embeddings(prompts, sfm))
+            self._score(*default_embeddings(prompts, sfm), plain=True)
         self.curve: list[dict] = []
         self.states: dict[int, dict] = {}
 
     @torch.no_grad()
-    def _score(self, spatial, semantic) -> tuple[dict, np.ndarray, np.ndarray]:
+    def _score(self, spatial, semantic, plain=False) -> tuple[dict, np.ndarray, np.ndarray]:
         # every rank scores every held-out image itself (the prompts are the same on all
         # ranks after the all-reduce), so the per-image test sees whole, unsynced records
         with local_only():
-            m = self._evaluate(spatial, semantic)
+            m = self._evaluate(spatial, semantic, plain)
         records = m.pop("per_image")
         return ({"score": round(score(m), 4), **{k: m.get(k) for k in METRICS}},
                 image_scores(records), pooled_scores(records))
@@ -215,59 +197,75 @@ class Tracker:
         self.states[done] = copy.deepcopy(self.prompts.state_dict())
 
 
-def critical_value(alpha: float, m: int) -> float:
-    """One-sided normal critical value at level ``alpha / m`` (Bonferroni over m candidates)."""
-    from scipy.stats import norm
+def sign_flips(n: int) -> np.ndarray:
+    """(F, n) sign vectors of the permutation test: all 2^n up to ``EXACT_UP_TO`` images, else
+    the identity and ``N_FLIPS`` seeded random ones."""
+    if n <= EXACT_UP_TO:
+        codes = np.arange(2 ** n, dtype=np.int64)[:, None] >> np.arange(n)
+        return 1.0 - 2.0 * (codes & 1)
+    rng = np.random.default_rng([FLIP_SEED, n])
+    return np.vstack([np.ones((1, n)), rng.choice([-1.0, 1.0], size=(N_FLIPS, n))])
 
-    return float(norm.ppf(1 - alpha / m))
 
+def maxt_pvalues(d: np.ndarray) -> np.ndarray:
+    """Westfall-Young single-step max-T adjusted p-values of m candidates: ``d`` (n images,
+    m candidates) paired differences, T_j the paired t statistic of column j (studentized, so
+    one candidate with a huge spread does not drown the others); p_j = share of sign vectors
+    e with max_j' T_j'(e * d) >= T_j(d), the identity among them."""
+    n, m = d.shape
+    if n < 2:
+        return np.ones(m)
+    flips = sign_flips(n)
+    sums = flips @ d                                        # (F, m): sum_i e_i d_ij
+    squares = (d ** 2).sum(0)                               # e_i^2 = 1: the same for every e
+    scale = 1e-9 * max(1.0, float(np.abs(d).max()))
 
-def paired_test(d: np.ndarray, m: int, cfg: SelectionConfig) -> dict:
-    """The paired test of one candidate (module docstring): ``d`` its per-image differences
-    (NaN: left out), ``m`` the number of candidates looked at."""
-    d = d[np.isfinite(d)]
-    n = len(d)
-    if n == 0:
-        return {"n_images": 0, "n_candidates": m, "passed": False}
-    mean = float(d.mean())
-    sd = float(d.std(ddof=1)) if n > 1 else 0.0
-    se = max(sd, cfg.min_sd) / math.sqrt(n)
-    c = critical_value(cfg.alpha, m)
-    passed = mean > 0 and mean - c * se > 0
-    return {"n_images": n, "n_candidates": m, "mean": round(mean, 4), "sd": round(sd, 4),
-            "se": round(se, 4), "c": round(c, 4), "threshold": round(c * se, 4),
-            "min_delta": round(float(d.min()), 4), "passed": bool(passed)}
+    def t_stat(total):
+        mean = total / n
+        var = np.maximum(squares - n * mean ** 2, 0.0) / (n - 1)
+        return mean / (np.sqrt(var / n) + scale)
+
+    observed = t_stat(d.sum(0))                             # (m,)
+    null_max = t_stat(sums).max(1)                          # (F,)
+    tol = 1e-9 * np.maximum(1.0, np.abs(observed))          # float noise is not a difference
+    return (null_max[:, None] >= observed[None, :] - tol).mean(0)
 
 
 def decide(trackers: list[Tracker], cfg: SelectionConfig | None = None
            ) -> tuple[int | None, list[dict], float, dict]:
     """(selected step or None for the defaults, the mean held-out curve, the defaults' mean
-    score, the paired test of the selected candidate, else of the one with the largest mean
+    score, the test of the selected candidate, else of the one with the largest mean
     difference) over the folds' trackers: the rule of the module docstring."""
     cfg = cfg or SelectionConfig()
     default = float(np.mean([t.default["score"] for t in trackers]))
     steps = [c["step"] for c in trackers[0].curve]
     curve = [{"step": s, "score": round(float(np.mean([t.curve[i]["score"] for t in trackers])), 4)}
              for i, s in enumerate(steps)]
+    if not steps:
+        return None, curve, default, {}
+    # (images, candidates): each held-out image's paired difference at each candidate step;
+    # images without a defined score at some step are left out of the test
+    d = np.stack([finite_mean(np.concatenate([t.images[s] - t.default_images
+                                              for t in trackers]), 1) for s in steps], 1)
+    d = d[np.isfinite(d).all(1)]
+    pvals = maxt_pvalues(d)
     tests = []
-    for s in steps:
-        diff = np.concatenate([t.images[s] - t.default_images for t in trackers])
-        test = {"step": s, **paired_test(finite_mean(diff, 1), len(steps), cfg)}
-        # and not worse on any one task (>= 0 on each metric): with one fold over its held-out
-        # images pooled, with several folds each metric's mean paired difference
-        if len(trackers) == 1:
-            per_metric = trackers[0].pooled[s] - trackers[0].default_pooled
-            test["pooled_deltas"] = {m: round(float(x), 4)
-                                     for m, x in zip(METRICS, per_metric) if np.isfinite(x)}
-        else:
-            per_metric = finite_mean(diff, 0)
-            test["metric_means"] = {m: round(float(x), 4)
-                                    for m, x in zip(METRICS, per_metric) if np.isfinite(x)}
+    for j, s in enumerate(steps):
+        per_metric = np.mean([t.pooled[s] - t.default_pooled for t in trackers], 0)
+        test = {"step": s, "n_images": int(d.shape[0]), "n_candidates": len(steps),
+                "mean": round(float(d[:, j].mean()), 4) if len(d) else None,
+                "p_adjusted": round(float(pvals[j]), 6),
+                "min_delta": round(float(d[:, j].min()), 4) if len(d) else None,
+                "pooled_deltas": {m: round(float(x), 4)
+                                  for m, x in zip(METRICS, per_metric) if np.isfinite(x)}}
         worse = [m for m, x in zip(METRICS, per_metric) if np.isfinite(x) and round(x, 4) < 0]
-        if test["passed"] and worse:
-            test["passed"], test["worse_on"] = False, worse
+        test["passed"] = bool(len(d) and d[:, j].mean() > 0 and pvals[j] <= cfg.alpha
+                              and not worse)
+        if worse:
+            test["worse_on"] = worse
         tests.append(test)
-    ranked = sorted(tests, key=lambda t: (-t.get("mean", -math.inf), t["step"]))
+    ranked = sorted(tests, key=lambda t: (-(t["mean"] if t["mean"] is not None else -math.inf),
+                                          t["step"]))
     passing = [t for t in ranked if t["passed"]]
-    pick = passing[0] if passing else (ranked[0] if ranked else {})
+    pick = passing[0] if passing else ranked[0]
     return (pick["step"] if passing else None), curve, default, pick

@@ -163,13 +163,28 @@ class Interval:
     def excludes_zero(self) -> bool:
         return self.lo > 0 or self.hi < 0
 
+    @property
+    def p(self) -> float:
+        """The two-sided p-value of "Δ = 0" that this interval inverts (the same t with
+        ``df`` degrees of freedom and the same SE): ``p < 1 - level`` exactly when the
+        interval excludes 0. NaN where the interval is; 1 where SE is 0 and Δ is 0."""
+        from scipy import stats
+
+        if not (np.isfinite(self.delta) and np.isfinite(self.se)):
+            return float("nan")
+        if self.se == 0:
+            return 1.0 if self.delta == 0 else 0.0
+        z = abs(self.delta) / self.se
+        tail = stats.norm.sf(z) if np.isinf(self.df) else stats.t.sf(z, self.df)
+        return float(min(1.0, 2 * tail))
+
     def __str__(self) -> str:
         mark = " *" if self.excludes_zero else ""
         return f"{self.delta:+.1f} [{self.lo:+.1f}, {self.hi:+.1f}]{mark}"
 
     def as_dict(self) -> dict:
         return {"delta": self.delta, "lo": self.lo, "hi": self.hi, "se": self.se,
-                "df": self.df, "excludes_zero": self.excludes_zero}
+                "df": self.df, "excludes_zero": self.excludes_zero, "p": self.p}
 
 
 def seed_mean_interval(observed, resampled, level: float = LEVEL) -> Interval:

@@ -73,13 +73,34 @@ class PerImage:
         return int(self.iou.shape[0])
 
     def to_bytes(self) -> bytes:
+        """Compressed, each array in the smallest dtype of its kind that holds it exactly
+        (``from_bytes`` gives the canonical dtypes back: the same values bit for bit)."""
         buf = io.BytesIO()
-        np.savez_compressed(buf, iou=self.iou, pq=self.pq,
-                            **{f"ap_{k}": v for k, v in vars(self.ap).items()})
+        np.savez_compressed(buf, **{k: _compact(v) for k, v in self._arrays().items()})
         return buf.getvalue()
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"iou": self.iou, "pq": self.pq, **{f"ap_{k}": v for k, v in vars(self.ap).items()}}
 
     @staticmethod
     def from_bytes(data: bytes) -> "PerImage":
         z = np.load(io.BytesIO(data))
-        ap = APRecords(**{k[3:]: z[k] for k in z.files if k.startswith("ap_")})
-        return PerImage(z["iou"], z["pq"], ap)
+        ap = APRecords(**{k[3:]: z[k].astype(_CANONICAL[k]) for k in z.files
+                          if k.startswith("ap_")})
+        return PerImage(z["iou"].astype(np.int64), z["pq"].astype(np.float64), ap)
+
+
+_CANONICAL = {"ap_det_image": np.int64, "ap_det_cat": np.int64, "ap_det_score": np.float64,
+              "ap_det_tp": bool, "ap_det_fp": bool, "ap_gt_count": np.int64}
+
+
+def _compact(a: np.ndarray) -> np.ndarray:
+    """``a`` in the narrowest dtype of its kind (int16/int32, float32) that round-trips it
+    exactly; bool and already narrow arrays as they are."""
+    for dtype in {"i": (np.int16, np.int32), "f": (np.float32,)}.get(a.dtype.kind, ()):
+        if np.dtype(dtype).itemsize >= a.dtype.itemsize:
+            break
+        b = a.astype(dtype)
+        if np.array_equal(b.astype(a.dtype), a):
+            return b
+    return a

@@ -28,6 +28,52 @@ def load_cells(run: Path, cfg: StudyConfig) -> list[dict]:
     return rows
 
 
+ARCHIVE = "per_image.npz"   # a study's per-image records, all cells in one committed file
+
+
+def pack_records(run: Path, cfg: StudyConfig) -> Path | None:
+    """Write ``run/per_image.npz``: every cell's per-image records (``cells/*.stats.npz``, the
+    intervals' input) in one file, identical records stored once (a fixed row's seeds share
+    one evaluation), so a committed study's intervals can be recomputed from what is committed
+    (``scripts/recompute_intervals.py``). None when a cell has no records."""
+    blobs: dict[bytes, str] = {}
+    index: dict[str, str] = {}
+    for v, t, seed in cfg.cells():
+        cid = cell_id(v, t, seed)
+        p = run / "cells" / f"{cid}.stats.npz"
+        if not p.exists():
+            return None
+        data = p.read_bytes()
+        index[cid] = blobs.setdefault(data, f"r{len(blobs)}")
+    buf = io.BytesIO()
+    np.savez(buf, index=np.frombuffer(json.dumps(index).encode(), np.uint8),
+             **{key: np.frombuffer(data, np.uint8) for data, key in blobs.items()})
+    from ..io import write_bytes
+    write_bytes(run / ARCHIVE, buf.getvalue())
+    return run / ARCHIVE
+
+
+def record_reader(run: Path):
+    """``read(cell_id) -> bytes | None``: a cell's per-image records from ``cells/`` where the
+    run has them, else from its ``per_image.npz`` archive."""
+    archive = run / ARCHIVE
+    z = index = None
+
+    def read(cid: str) -> bytes | None:
+        nonlocal z, index
+        p = run / "cells" / f"{cid}.stats.npz"
+        if p.exists():
+            return p.read_bytes()
+        if not archive.exists():
+            return None
+        if z is None:
+            z = np.load(archive)
+            index = json.loads(z["index"].tobytes())
+        return z[index[cid]].tobytes() if cid in index else None
+
+    return read
+
+
 def study_intervals(run: Path, cfg: StudyConfig, rows: list[dict]) -> dict | None:
     """95% intervals (``ssprompt.evaluation.bootstrap``: a t-interval over seeds with the
     shared image-sampling variance from image resamples) of every row's Δ to its baseline
@@ -41,15 +87,15 @@ def study_intervals(run: Path, cfg: StudyConfig, rows: list[dict]) -> dict | Non
     by_key = {(r["variant"], r["task"], r["seed"]): r for r in rows}
     values: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     memo: dict[bytes, dict[str, np.ndarray]] = {}   # zero-shot's seeds share one evaluation
+    read = record_reader(run)
     for t in cfg.tasks:
         weights = None
         for v in cfg.variants:
             per_seed = []
             for seed in cfg.seeds:
-                p = run / "cells" / f"{cell_id(v, t, seed)}.stats.npz"
-                if not p.exists():
+                data = read(cell_id(v, t, seed))
+                if data is None:
                     return None
-                data = p.read_bytes()
                 if data not in memo:
                     stats = bs.PerImage.from_bytes(data)
                     if weights is None or weights.shape[1] != len(stats):
@@ -90,6 +136,10 @@ def study_intervals(run: Path, cfg: StudyConfig, rows: list[dict]) -> dict | Non
                 for m in METRICS}
         out["gains"].append(entry)
     out["things_vs_stuff"] = _things_vs_stuff(cfg, values, rows)
+    _mark_zero_inflated(cfg, out, rows)
+    out["multiplicity"] = _verdicts(cfg, out)
+    if cfg.selection.enabled:
+        out["shipped"] = _shipped(cfg, values, observed, by_key)
     for v in cfg.variants:
         out["rows"][v.name] = {}
         for t in cfg.tasks:
@@ -101,6 +151,112 @@ def study_intervals(run: Path, cfg: StudyConfig, rows: list[dict]) -> dict | Non
                                                                     obs)]
     out["seconds"] = round(time.time() - t0, 1)
     return out
+
+
+def _mark_zero_inflated(cfg: StudyConfig, out: dict, rows: list[dict]) -> None:
+    """A Δ involving a row where some seed's selection kept the default prompts (Δ exactly 0
+    there) is a mixture the t-interval does not cover (``evaluation.shipped``): it is marked
+    ``zero_inflated``, its p is not used (no verdict, no equivalence), and the row is reported
+    by its parts under *What ships*."""
+    kept = {(r["variant"], r["task"]) for r in rows
+            if (r.get("selection") or {}).get("selected") == "default"}
+    for e in out["pairs"] + out["gains"]:
+        names = [e["a"], e["b"], e.get("base_a"), e.get("base_b")]
+        for t in cfg.tasks:
+            if any((n, t) in kept for n in names if n):
+                for d in e["tasks"][t].values():
+                    d["zero_inflated"], d["p"] = True, float("nan")
+
+
+def _primary_entries(cfg: StudyConfig, out: dict) -> set[int]:
+    """ids of the interval entries (pairs / gains) that the config's primary family names: a
+    pair [a, b] is a's Δ to b, or, where a and b have different zero-shot baselines, the gain
+    comparison (a - base(a)) - (b - base(b)) (what learning adds at a's grid against b's)."""
+    ids = set()
+    for a, b in cfg.primary:
+        ba, bb = cfg.baseline_of(a), cfg.baseline_of(b)
+        gain = ba is not None and bb is not None and ba != bb
+        for e in out["gains" if gain else "pairs"]:
+            if e["a"] == a and e["b"] == b:
+                ids.add(id(e))
+    return ids
+
+
+def _verdicts(cfg: StudyConfig, out: dict) -> dict:
+    """Holm-adjusted p for the primary family (every task and metric of its pairs), BH
+    q-values for every other Δ (``evaluation.multiplicity``), and TOST equivalence at the
+    config's margin; written into each interval dict (``family``, ``p_holm`` / ``q``,
+    ``equivalent``). Returns the family's summary."""
+    from ..evaluation.multiplicity import ALPHA, bh_qvalues, equivalent, holm
+
+    primary = _primary_entries(cfg, out)
+    fam: dict[str, list[dict]] = {"primary": [], "exploratory": []}
+    for e in out["pairs"] + out["gains"]:
+        kind = "primary" if id(e) in primary else "exploratory"
+        for t in cfg.tasks:
+            for m in METRICS:
+                d = e["tasks"][t][m]
+                d["family"] = kind
+                if cfg.equivalence_margin is not None and not d.get("zero_inflated"):
+                    d["equivalent"] = equivalent(d["delta"], d["se"], d["df"],
+                                                 cfg.equivalence_margin)
+                fam[kind].append(d)
+    for d, p in zip(fam["primary"], holm([d["p"] for d in fam["primary"]])):
+        d["p_holm"] = None if np.isnan(p) else float(p)
+        d["holm_rejects"] = bool(np.isfinite(p) and p < ALPHA)
+    for d, q in zip(fam["exploratory"], bh_qvalues([d["p"] for d in fam["exploratory"]])):
+        d["q"] = None if np.isnan(q) else float(q)
+    n_prim = sum(1 for d in fam["primary"] if np.isfinite(d["p"]))
+    return {"alpha": ALPHA, "primary": [list(x) for x in cfg.primary],
+            "primary_tests": n_prim,
+            "primary_rejected": sum(1 for d in fam["primary"] if d.get("holm_rejects")),
+            "exploratory_tests": sum(1 for d in fam["exploratory"] if np.isfinite(d["p"])),
+            "exploratory_q05": sum(1 for d in fam["exploratory"]
+                                   if d.get("q") is not None and d["q"] < ALPHA),
+            "equivalence_margin": cfg.equivalence_margin}
+
+
+def _shipped(cfg: StudyConfig, values: dict, observed, by_key: dict) -> dict:
+    """The product estimand per trained row, task and metric (``evaluation.shipped``): the
+    share of seeds that shipped learned prompts (Clopper-Pearson), the gain when shipped, the
+    shipped Δ or "not estimable"; with ``report_raw``, the as-trained Δ per seed and the
+    selection's power (the share shipped among seeds whose as-trained Δ, the mean over the
+    metrics, is >= POWER_GAIN points)."""
+    from ..evaluation.shipped import shipped_interval
+
+    out: dict = {}
+    for v in cfg.variants:
+        base = cfg.baseline_of(v.name)
+        if v.fixed or base is None:
+            continue
+        for t in cfg.tasks:
+            cells = [by_key[(v.name, t, s)] for s in cfg.seeds]
+            mask = np.array([(r.get("selection") or {}).get("selected", "default") != "default"
+                             for r in cells])
+            entry: dict = {"shipped_seeds": [int(s) for s, k in zip(cfg.seeds, mask) if k],
+                           "metrics": {}}
+            trained = []
+            for m in METRICS:
+                a, b = observed(v.name, t, m), observed(base, t, m)
+                res = values[(v.name, t)][m] - values[(base, t)][m]
+                entry["metrics"][m] = shipped_interval(a - b, res, mask).as_dict()
+                raw = np.array([np.nan if (r.get("raw") or {}).get(m) is None else r["raw"][m]
+                                for r in cells], float)
+                trained.append(raw - b)
+            trained = np.array(trained)                          # (metrics, seeds)
+            if np.isfinite(trained).any():
+                ok = np.isfinite(trained).any(0)
+                gain = np.full(len(cfg.seeds), np.nan)
+                gain[ok] = np.nanmean(trained[:, ok], 0)
+                entry["as_trained_gain"] = [None if np.isnan(x) else float(x) for x in gain]
+                big = gain >= POWER_GAIN
+                entry["power"] = {"gain_at_least": POWER_GAIN, "seeds": int(big.sum()),
+                                  "shipped": int((big & mask).sum())}
+            out.setdefault(v.name, {})[t] = entry
+    return out
+
+
+POWER_GAIN = 2.0   # points: an as-trained gain selection should ship (its power is reported)
 
 
 def _things_vs_stuff(cfg: StudyConfig, values: dict, rows: list[dict]) -> dict:
@@ -145,17 +301,20 @@ def _things_vs_stuff(cfg: StudyConfig, values: dict, rows: list[dict]) -> dict:
     return out
 
 
-def _raw(r: dict, m: str):
-    """The metric the cell's prompts had at their last training step, before selection (the
-    same as the selected one where selection kept the last step or was off)."""
-    return (r.get("raw") or r).get(m) if r.get("selection") else r.get(m)
+def _as_trained(r: dict, m: str):
+    """The test metric of the cell's prompts as trained on all its shots to the last step: the
+    cell's own metric where selection was off, the refit's last step with ``report_raw``,
+    else None (not measured)."""
+    if not r.get("selection"):
+        return r.get(m)
+    return (r.get("raw") or {}).get(m)
 
 
 def _flat(r: dict) -> dict:
     sel = r.get("selection") or {}
     moved = r.get("z_moved") or {}
     return {**r, "selected": sel.get("selected", ""),
-            **{f"raw_{m}": _raw(r, m) for m in METRICS},
+            **{f"as_trained_{m}": _as_trained(r, m) for m in METRICS},
             **{f"z_moved_{k}": moved.get(k) for k in ("spatial", "semantic")}}
 
 
@@ -164,8 +323,11 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_spl
     """results.csv / results.json / summary.md and the plots of a finished study; with
     ``sfm`` and ``test_split(task)``, also the qualitative figures (they decode images)."""
     rows = load_cells(run, cfg)
+    # the as-trained columns only where they differ from the shipped ones and were measured
+    as_trained = [f"as_trained_{m}" for m in METRICS] if cfg.selection.enabled \
+        and cfg.selection.report_raw else []
     cols = ["variant", "group", "task", "seed", *METRICS, "SQ", "RQ", "PQ_th", "PQ_st",
-            "trained_params", "wall_s", "final_loss", "selected", *(f"raw_{m}" for m in METRICS),
+            "trained_params", "wall_s", "final_loss", "selected", *as_trained,
             "z_moved_spatial", "z_moved_semantic"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
@@ -179,8 +341,8 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_spl
             sel = [r for r in rows if r["variant"] == v.name and r["task"] == t]
             summary.setdefault(v.name, {})[t] = {
                 m: _mean_std([r.get(m) for r in sel]) for m in METRICS}
-            summary[v.name][t]["raw"] = {m: _mean_std([_raw(r, m) for r in sel])
-                                         for m in METRICS}
+            summary[v.name][t]["as_trained"] = {m: _mean_std([_as_trained(r, m) for r in sel])
+                                                for m in METRICS}
             summary[v.name][t]["selected"] = [(r.get("selection") or {}).get("selected")
                                               for r in sel]
             summary[v.name][t]["trained_params"] = sel[0]["trained_params"]
@@ -189,6 +351,7 @@ def aggregate(run: Path, cfg: StudyConfig, wall_s: float | None = None, test_spl
     import resource
     if peak_rss_mb is None:
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process
+    pack_records(run, cfg)
     intervals = study_intervals(run, cfg, rows)
     worse = worse_cells(cfg, rows)
     write_json(run / "results.json", {"config": cfg.raw, "cells": rows, "summary": summary,

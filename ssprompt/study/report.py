@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..evaluation.metrics import METRICS
-from ..engine.selection import CROSS_VALIDATE_BELOW, MAX_FOLDS
 from .config import LARGE_LOSS, StudyConfig
 
 
@@ -20,9 +19,112 @@ def _interval_table(cfg: StudyConfig, intervals: dict, pairs: list[dict]) -> lis
                 if not np.isfinite(d["delta"]) or not np.isfinite(d["lo"]):
                     cells.append("n/a")
                     continue
-                mark = " *" if d["excludes_zero"] else ""
-                cells.append(f"{d['delta']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]{mark}")
+                if d.get("zero_inflated"):     # some seed kept the defaults: see What ships
+                    cells.append(f"{d['delta']:+.1f} (0-inflated)")
+                    continue
+                cells.append(f"{d['delta']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]{_mark(d)}")
         lines.append(f"| {e['a']} − {e['b']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _mark(d: dict) -> str:
+    """``*`` the 95% interval excludes 0 (unadjusted); ``‡`` a primary verdict Holm keeps;
+    ``†`` an exploratory one with BH q < 0.05; ``≡`` equivalent (TOST at the margin)."""
+    mark = " *" if d["excludes_zero"] else ""
+    if d.get("holm_rejects"):
+        mark += "‡"
+    elif d.get("q") is not None and d["q"] < 0.05:
+        mark += "†"
+    if d.get("equivalent"):
+        mark += " ≡"
+    return mark
+
+
+def _primary_table(cfg: StudyConfig, intervals: dict) -> list[str]:
+    """The primary family's verdicts: each Δ with its interval, p, Holm-adjusted p."""
+    fam = intervals.get("multiplicity") or {}
+    if not fam.get("primary"):
+        return []
+    margin = fam.get("equivalence_margin")
+    lines = ["", "## Primary family (Holm)", "",
+             f"The questions named in the config before the run ({fam['primary_tests']} tests: "
+             "every task and metric of "
+             + ", ".join(f"`{a} − {b}`" for a, b in fam["primary"])
+             + "; a pair of rows with different zero-shot grids is their gain comparison). "
+             f"Holm's step-down adjustment keeps the chance of any false claim among them at "
+             f"{fam['alpha']:g}; **{fam['primary_rejected']} of {fam['primary_tests']}** survive. "
+             "Every other Δ in this file is exploratory: its BH q-value is in results.json "
+             f"({fam['exploratory_q05']} of {fam['exploratory_tests']} have q < 0.05, marked †)."
+             + (f" ≡: equivalent within ±{margin:g} points (TOST, 90% interval inside the "
+                "margin, fixed before the run)." if margin else ""), "",
+             "| difference | task | metric | Δ [95%] | p | Holm p | verdict |",
+             "|---|---|---|---:|---:|---:|---|"]
+    entries = [(e, f"{e['a']} − {e['b']}") for e in intervals["pairs"]] + [
+        (e, f"({e['a']} − {e['base_a']}) − ({e['b']} − {e['base_b']})")
+        for e in intervals.get("gains", [])]
+    for e, name in entries:
+        for t in cfg.tasks:
+            for m in METRICS:
+                d = e["tasks"][t][m]
+                if d.get("family") != "primary" or d.get("p_holm") is None:
+                    continue
+                verdict = ("**holds**" if d["holm_rejects"] else
+                           ("equivalent" if d.get("equivalent") else "not shown"))
+                lines.append(f"| {name} | {t} | {m} | {d['delta']:+.1f} [{d['lo']:+.1f}, "
+                             f"{d['hi']:+.1f}] | {d['p']:.2g} | {d['p_holm']:.2g} | "
+                             f"{verdict} |")
+    return lines
+
+
+def _shipped_tables(cfg: StudyConfig, intervals: dict) -> list[str]:
+    """The product estimand per trained row and task: share shipped [Clopper-Pearson], gain
+    when shipped [95%], shipped Δ [95%] or not estimable; selection's power."""
+    from ..evaluation.shipped import SIMULATED_COVERAGE
+
+    shipped = intervals.get("shipped") or {}
+    if not shipped:
+        return []
+    cov = ", ".join(f"{c:.3f} at keep {k:g}" for k, c in sorted(SIMULATED_COVERAGE.items()))
+    lines = ["", "## What ships (the product estimand)", "",
+             "Per row: the share of seeds whose selection shipped learned prompts (exact "
+             "Clopper-Pearson 95%), the Δ to zero-shot over those seeds (95%, as above), and "
+             "the shipped Δ over all seeds (kept ones count 0) = share × gain, with the product "
+             "of the two parts' 97.5% intervals (`ssprompt/evaluation/shipped.py`; simulated "
+             "coverage at 8 seeds among estimable rows "
+             + (cov or "in tests/evaluation/test_shipped.py")
+             + "); *not estimable* with fewer than 2 seeds shipped. Power: among the seeds "
+             "whose as-trained prompts (all shots, last step) gain at least +2 points on test "
+             "(mean of the metrics), the share selection shipped.", "",
+             "| row | task | shipped | " + " | ".join(f"gain when shipped {m}" for m in METRICS)
+             + " | " + " | ".join(f"shipped Δ {m}" for m in METRICS) + " | power |",
+             "|---|---|---|" + "---:|" * (2 * len(METRICS) + 1)]
+    for name, by_task in shipped.items():
+        for t, e in by_task.items():
+            ms = e["metrics"]
+            first = next(iter(ms.values()))
+            share = (f"{first['shipped']}/{first['seeds']} [{first['share_lo']:.2f}, "
+                     f"{first['share_hi']:.2f}]")
+            gains, deltas = [], []
+            for m in METRICS:
+                d = ms[m]
+                g = d.get("gain")
+                if g is None or not np.isfinite(g["delta"]):
+                    gains.append("-")
+                elif not np.isfinite(g["lo"]):
+                    gains.append(f"{g['delta']:+.1f}")
+                else:
+                    gains.append(f"{g['delta']:+.1f} [{g['lo']:+.1f}, {g['hi']:+.1f}]")
+                if not np.isfinite(d["delta"]):
+                    deltas.append("n/a")
+                elif d["estimable"]:
+                    deltas.append(f"{d['delta']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]")
+                else:
+                    deltas.append("not estimable")
+            pw = e.get("power")
+            power = "-" if pw is None else (f"{pw['shipped']}/{pw['seeds']}" if pw["seeds"]
+                                            else "0/0")
+            lines.append(f"| {name} | {t} | {share} | " + " | ".join(gains) + " | "
+                         + " | ".join(deltas) + f" | {power} |")
     return lines
 
 
@@ -175,19 +277,19 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
                      worse: list[dict] | None = None) -> str:
     zs = cfg.baseline
     sel = cfg.selection
-    rule = (f"Every trained variant uses held-out-shot selection (`ssprompt/engine/selection.py`): "
-            f"with k >= {CROSS_VALIDATE_BELOW} shots {sel.holdout:.0%} of them are held out, with "
-            f"2 <= k < {CROSS_VALIDATE_BELOW} every shot is held out once (min(k, {MAX_FOLDS}) "
-            "folds, then a refit on all k up to the selected step), and k = 1 keeps the default "
-            f"prompts. Candidates are scored on each held-out image every {sel.every} steps; a "
-            "variant keeps its default prompts unless a step beats them in a paired per-image "
-            f"test (one-sided, level {sel.alpha:g} divided by the number of checkpoints looked "
-            f"at; per-image SD floored at {sel.min_sd:g} points) and is not worse on any one of "
-            "mIoU, AP50 and PQ (with one fold computed over its held-out images together, with "
-            "several folds as each metric's mean per-image difference). Class prompts learn "
-            "only the classes the fitted shots show; every other class keeps the text "
-            "encoder's embedding."
-            if sel.enabled else "No held-out selection: the last training step is kept.")
+    rule = ("**The product estimand**: every trained variant ships what held-out selection "
+            "chooses (`ssprompt/engine/selection.py`): the k shots are cross-fitted "
+            f"({round(1 / sel.holdout)} folds, every shot held out once; leave-one-out for "
+            f"small k), candidates scored on each held-out image every {sel.every} steps, and a "
+            "step ships only if a sign-flip permutation test (max over all candidate steps, "
+            f"family-wise level {sel.alpha:g}) finds it better than the default prompts and "
+            "it is not worse on any one of mIoU, AP50 and PQ (each over a fold's held-out "
+            "images pooled, mean over folds); it is then refit on all k shots to that step. "
+            "Otherwise the default prompts ship; k = 1 always keeps them."
+            if sel.enabled else
+            "**The method estimand**: every trained variant trains on all k shots with the "
+            "schedule fixed in advance and is scored on test as trained (no held-out "
+            "selection, no fallback to the default prompts).")
     lines = [f"# Study `{cfg.name}`", "",
              f"{len(cfg.variants)} variants x {len(cfg.tasks)} tasks x {len(cfg.seeds)} seeds "
              f"(seeds {cfg.seeds}), {_shots(cfg)}, test images per task: "
@@ -213,8 +315,12 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
         lines += ["", "## Differences with 95% intervals", "",
                   "Δ = mean over seeds of (row − baseline), in points. [95% interval]: "
                   + _method_note(intervals)
-                  + " * = the interval excludes 0; without it, the difference is not "
-                  "detectable with these test images and seeds. "
+                  + " * = the interval excludes 0 (unadjusted); without it, the difference is "
+                  "not detectable with these test images and seeds. ‡ = a primary verdict that "
+                  "survives Holm, † = an exploratory one with BH q < 0.05 (see *Primary "
+                  "family*); claims rest on ‡ only. *0-inflated*: some seed's selection kept "
+                  "the default prompts (Δ = 0 there), a mixture this interval does not cover: "
+                  "see *What ships*. "
                   f"Interval time: {intervals['seconds']:.0f} s.", ""]
         lines += _interval_table(cfg, intervals, intervals["pairs"][:n_base])
         if intervals["pairs"][n_base:]:
@@ -227,6 +333,9 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
             lines += _interval_table(cfg, intervals, [
                 {**e, "a": f"({e['a']} − {e['base_a']})", "b": f"({e['b']} − {e['base_b']})"}
                 for e in intervals["gains"]])
+    if intervals is not None:
+        lines += _primary_table(cfg, intervals)
+        lines += _shipped_tables(cfg, intervals)
     if intervals is not None and intervals.get("things_vs_stuff"):
 
         lines += ["", f"## Things vs stuff: `{cfg.full}`'s IoU gain over "
@@ -256,11 +365,12 @@ def summary_markdown(cfg: StudyConfig, summary: dict, wall_s: float | None,
             picks = [", ".join(str(x) for x in summary[v.name][t]["selected"] if x is not None)
                      or "-" for t in cfg.tasks]
             lines.append(f"| {v.name} | " + " | ".join(picks) + " |")
-        lines += ["", "## The same runs without selection", "",
-                  "Test metrics of the prompts at the last training step (fitted on the same "
-                  "shots minus the held-out ones), i.e. what prompt learning gives when nothing "
-                  "checks it.", ""]
-        lines += _table(cfg, Stats("raw"))
+        if sel.report_raw:
+            lines += ["", "## The same rows as trained (the method estimand)", "",
+                      "Test metrics of the prompts trained on all k shots to the last step "
+                      "(the refit run to its end), i.e. what prompt learning gives when "
+                      "nothing checks it.", ""]
+            lines += _table(cfg, Stats("as_trained"))
     lines += _per_class_tables(cfg, rows) if rows else []
     return "\n".join(lines) + "\n"
 

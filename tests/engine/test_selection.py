@@ -21,7 +21,9 @@ from ssprompt.sfm.features import FeatureCache
 from ssprompt.geometry import letterbox_labels, letterbox_shape, unletterbox
 from ssprompt.lru import LRUCache
 from ssprompt.prompts.promptset import PromptConfig
-from ssprompt.engine.selection import SelectionConfig, critical_value, decide, folds
+from ssprompt.engine.selection import (SelectionConfig, decide, folds, maxt_pvalues,
+                                       sign_flips)
+from ssprompt.errors import UserError
 from ssprompt.engine.train import TrainConfig
 
 METRICS = ("mIoU", "AP50", "PQ", "SQ", "RQ", "PQ_th", "PQ_st")
@@ -49,19 +51,17 @@ def coins_root(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------- selection
-def test_folds_hold_out_disjoint_shots():
-    (fit, held), = folds(16, 0, 0.25)
-    assert len(held) == 4 and len(fit) == 12 and sorted(fit + held) == list(range(16))
-    assert folds(16, 0, 0.25) == [(fit, held)] and folds(16, 1, 0.25) != [(fit, held)]
-    loo = folds(4, 0, 0.25)                       # k <= 4: leave-one-out
-    assert len(loo) == 4 and sorted(h[0] for _, h in loo) == [0, 1, 2, 3]
-    assert all(len(f) == 3 and h[0] not in f for f, h in loo)
-    for k in (5, 8, 15):                          # 4 < k < 16: 4 folds, each shot held out once
+def test_folds_hold_out_every_shot_once():
+    for k in (2, 3, 4, 5, 8, 15, 16, 32):         # cross-fitted: min(k, 4) folds
         cv = folds(k, 0, 0.25)
-        assert len(cv) == 4 and sorted(i for _, h in cv for i in h) == list(range(k))
-        assert all(sorted(f + h) == list(range(k)) for f, h in cv)
-    assert sorted(len(h) for _, h in folds(8, 0, 0.25)) == [2, 2, 2, 2]
-    assert folds(1, 0, 0.25) == []                # nothing to hold out
+        assert len(cv) == min(k, 4) and sorted(i for _, h in cv for i in h) == list(range(k))
+        assert all(sorted(f + h) == list(range(k)) and not set(f) & set(h) for f, h in cv)
+    assert sorted(len(h) for _, h in folds(16, 0, 0.25)) == [4, 4, 4, 4]
+    assert folds(16, 0, 0.25) == folds(16, 0, 0.25) != folds(16, 1, 0.25)
+    assert len(folds(16, 0, 0.5)) == 2                # holdout sets the number of folds
+    assert folds(1, 0, 0.25) == []                    # nothing to hold out
+    with pytest.raises(UserError, match="holdout"):
+        SelectionConfig(holdout=0.9)
 
 
 class _FakeTracker:
@@ -89,67 +89,111 @@ def _mean(per_image):
         return np.nanmean(per_image, 0)
 
 
-HELD = [50.0, 40.0, 60.0, 45.0]       # the defaults' score on four held-out images
+HELD = np.array([50.0, 40.0, 60.0, 45.0, 55.0, 35.0, 65.0, 48.0,
+                 52.0, 42.0, 58.0, 47.0, 53.0, 38.0, 62.0, 44.0])   # 16 shots' default scores
 
 
-def _plus(d):
-    return [h + x for h, x in zip(HELD, d)]
+def _folds(deltas_per_step, held=HELD, n_folds=4):
+    """The k = len(held) shots as ``n_folds`` cross-fitted folds; ``deltas_per_step``: per
+    candidate step, each image's paired difference to the defaults."""
+    out = []
+    for f in range(n_folds):
+        idx = np.arange(len(held))[f::n_folds]
+        out.append(_FakeTracker(held[idx], [held[idx] + np.asarray(d, float)[idx]
+                                            for d in deltas_per_step]))
+    return out
+
+
+def test_decide_keeps_a_consistent_gain_and_picks_the_largest():
+    """Every one of 16 held-out images improves by 2-6 points: the sign-flip test passes at
+    family-wise 0.05 (p = 2^-16 + ...); of two passing steps the larger mean gain ships; a step
+    with a larger mean carried by one image does not."""
+    rng = np.random.default_rng(0)
+    good = rng.uniform(2, 6, 16)
+    better = good + 1
+    lucky = np.full(16, -2.0)
+    lucky[0] = 200.0
+    step, _, _, test = decide(_folds([good, better, lucky]))
+    assert step == 20 and test["passed"] and test["n_images"] == 16
+    assert test["p_adjusted"] <= 0.05 and test["mean"] == pytest.approx(better.mean(), abs=1e-3)
+    assert decide(_folds([lucky]))[0] is None
+    assert decide(_folds([np.zeros(16)]))[0] is None       # a tie is no gain
 
 
 def test_decide_rejects_a_collapse_that_wins_on_average():
-    """Worse on three of four held-out images, far better on one: the mean held-out score
-    beats the defaults (the old rule kept it), the paired per-image test does not."""
-    collapse = _plus([-15, -10, +60, -5])
-    t = _FakeTracker(HELD, [collapse])
-    assert t.curve[0]["score"] > t.default["score"] + 7
-    step, _, _, test = decide([t])
-    assert step is None and test["mean"] == 7.5 and not test["passed"]
-    assert test["mean"] - test["threshold"] < 0 and test["n_images"] == 4
+    """Worse on 12 of 16 held-out images, far better on 4: the mean beats the defaults, the
+    paired sign-flip test does not."""
+    d = np.array([-5.0] * 12 + [40.0] * 4)
+    step, _, _, test = decide(_folds([d]))
+    assert d.mean() > 5 and step is None and test["p_adjusted"] > 0.05
 
 
-def test_decide_rejects_the_best_of_many_noisy_checkpoints():
-    """Ten checkpoints that differ from the defaults by noise only (per-image sd 2): the best
-    one's held-out mean beats the defaults (the old rule kept it); the corrected test keeps
-    the defaults."""
-    rng = np.random.default_rng(0)
-    cands = [_plus(rng.normal(0, 2, 4)) for _ in range(10)]
-    t = _FakeTracker(HELD, cands)
-    assert max(c["score"] for c in t.curve) > t.default["score"] + 1
-    step, _, _, test = decide([t])
-    assert step is None and test["mean"] > 1 and test["n_candidates"] == 10
+def test_few_held_out_images_can_never_ship():
+    """The smallest p of a k-image sign-flip test is 2^-k: k <= 4 shots never ship learned
+    prompts at 0.05, however large the gain (k = 5 can: 1/32)."""
+    for k in (2, 3, 4):
+        held = HELD[:k]
+        step, _, _, test = decide(_folds([np.full(k, 30.0)], held, n_folds=k))
+        assert step is None and test["p_adjusted"] == pytest.approx(1 / 2 ** k)
+    assert decide(_folds([np.full(5, 30.0)], HELD[:5], n_folds=5))[0] == 10
 
 
-def test_decide_keeps_a_consistent_gain():
-    """Every held-out image improves by 6-9 points: accepted. Of two passing steps the larger
-    mean gain wins; a step that is better on average but not per image is passed over."""
-    t = _FakeTracker(HELD, [_plus([6, 8, 7, 9]), _plus([7, 9, 8, 10]), _plus([-20, -20, 90, 0])])
-    step, _, _, test = decide([t])
-    assert step == 20 and test["passed"] and test["step"] == 20 and test["mean"] == 8.5
-    assert test["mean"] - test["threshold"] > 0
-    # leave-one-out folds: one image each, pooled into one paired test
-    folds_ = [_FakeTracker([h], [[h + x]]) for h, x in zip(HELD, [6, 8, 7, 9])]
-    assert decide(folds_)[0] == 10 and decide(folds_)[3]["n_images"] == 4
-    # a tie is no gain (and the old strict-gain rule still holds)
-    assert decide([_FakeTracker(HELD, [HELD])])[0] is None
+def test_false_acceptance_over_all_checkpoints_is_at_most_alpha():
+    """No candidate better than the defaults: 10 checkpoints whose per-image differences are
+    noise symmetric about 0 (normal; heavy-tailed t(2); a random walk over the steps, so the
+    checkpoints are strongly correlated), on the default 16 shots in 4 cross-fitted folds, and
+    on 32 shots (random sign vectors): selection ships learned prompts in at most alpha = 5%
+    of the runs, up to simulation error (the rate of an exact test is <= alpha; 2 SE of 1000
+    runs allowed). The old normal-quantile rule shipped in 10-33%."""
+    rng = np.random.default_rng(1)
+    for k, kinds, reps in ((16, ("normal", "t2", "walk"), 1000), (32, ("normal",), 300)):
+        held = np.resize(HELD, k)
+        for kind in kinds:
+            shipped = 0
+            for _ in range(reps):
+                if kind == "normal":
+                    d = rng.normal(0, 3, (10, k))
+                elif kind == "t2":
+                    d = 3 * rng.standard_t(2, (10, k))
+                else:
+                    d = np.cumsum(rng.normal(0, 1.5, (10, k)), 0)
+                shipped += decide(_folds(list(d), held))[0] is not None
+            rate = shipped / reps
+            print(f"k = {k}, {kind}: false acceptance {rate:.3f} ({reps} runs)")
+            assert rate <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / reps), (k, kind, rate)
+
+
+def test_maxt_pvalues_exact_and_sampled_agree():
+    """Up to 16 images every sign vector is used; above, seeded random ones: the p-values of
+    the same data agree to Monte-Carlo error, and a decision is a pure function of the data."""
+    rng = np.random.default_rng(2)
+    d = rng.normal(1.0, 3, (16, 5))
+    exact = maxt_pvalues(d)
+    assert len(sign_flips(16)) == 2 ** 16 and len(sign_flips(17)) == 20_001
+    sampled = maxt_pvalues(np.vstack([d, d[:1] * 0]))    # 17 images (one zero): sampled
+    assert np.abs(exact - sampled).max() < 0.02
+    assert np.array_equal(maxt_pvalues(d), exact)
 
 
 def test_decide_rejects_a_gain_that_is_a_loss_on_one_task():
     """+20 mIoU and +15 PQ on every held-out image but -3 AP50 (the combined score passes the
-    paired test by far): not worse on any one task fails it; the same step without the AP50
-    loss passes."""
-    t = _FakeTracker(HELD, [_plus([0, 0, 0, 0])])
-    t.images[10] = t.default_images + np.array([20.0, -3.0, 15.0])
-    t.pooled[10] = _mean(t.images[10])
-    step, _, _, test = decide([t])
+    test by far): not worse on any one task fails it; without the AP50 loss it passes."""
+    trackers = _folds([np.zeros(16)])
+    for t in trackers:
+        t.images[10] = t.default_images + np.array([20.0, -3.0, 15.0])
+        t.pooled[10] = _mean(t.images[10])
+    step, _, _, test = decide(trackers)
     assert step is None and not test["passed"] and test["worse_on"] == ["AP50"]
-    assert test["mean"] - test["threshold"] > 0 and test["pooled_deltas"]["AP50"] == -3.0
-    t.images[10] = t.default_images + np.array([20.0, 0.5, 15.0])
-    t.pooled[10] = _mean(t.images[10])
-    assert decide([t])[0] == 10
+    assert test["p_adjusted"] <= 0.05 and test["pooled_deltas"]["AP50"] == -3.0
+    for t in trackers:
+        t.images[10] = t.default_images + np.array([20.0, 0.5, 15.0])
+        t.pooled[10] = _mean(t.images[10])
+    assert decide(trackers)[0] == 10
     # a metric no held-out image defines (NaN) is left out, not counted as a loss
-    t.images[10][:, 1] = t.default_images[:, 1] = np.nan
-    t.pooled[10], t.default_pooled = _mean(t.images[10]), _mean(t.default_images)
-    assert decide([t])[0] == 10
+    for t in trackers:
+        t.images[10][:, 1] = t.default_images[:, 1] = np.nan
+        t.pooled[10], t.default_pooled = _mean(t.images[10]), _mean(t.default_images)
+    assert decide(trackers)[0] == 10
 
 
 def _ap_records(dets: list[list[tuple[float, bool]]]):
@@ -165,13 +209,13 @@ def _ap_records(dets: list[list[tuple[float, bool]]]):
     return PerImage(np.zeros((n, 1, 3), np.int64), np.zeros((n, 1, 4)), ap)
 
 
-def test_decide_judges_each_task_pooled_over_the_held_out_images():
+def test_decide_judges_each_task_pooled_over_each_folds_held_out_images():
     """AP ranks the detections of all images together. A candidate that ranks each image's
     own detections well (per-image AP50 100 everywhere, as the defaults) but whose scores are
     not comparable across images (an image's false positive above another's true positive)
-    loses pooled AP50 (100 -> 83.5): with +10 mIoU per image it passes the paired test and
-    still fails, on AP50; the same gain with the defaults' detections passes. With several
-    folds the check is per image (their prompts differ)."""
+    loses pooled AP50 (100 -> 83.5): with +10 mIoU per image it passes the sign-flip test and
+    still fails, on AP50, pooled within each fold; the same gain with the defaults' detections
+    passes."""
     from ssprompt.engine.selection import image_scores, pooled_scores
 
     default = _ap_records([[(0.9, True)], [(0.8, True)]])
@@ -180,43 +224,15 @@ def test_decide_judges_each_task_pooled_over_the_held_out_images():
     assert pooled_scores(default)[1] == pytest.approx(100.0)
     assert pooled_scores(miscalibrated)[1] == pytest.approx(83.50, abs=0.01)
 
-    t = _FakeTracker([50.0, 40.0, 60.0, 45.0], [_plus([10, 10, 10, 10])])
-    t.default_pooled, t.pooled = pooled_scores(default), {10: pooled_scores(miscalibrated)}
-    step, _, _, test = decide([t])
-    assert step is None and test["worse_on"] == ["AP50"]
-    assert test["mean"] - test["threshold"] > 0
+    trackers = _folds([np.full(16, 10.0)])
+    for t in trackers:
+        t.default_pooled, t.pooled = pooled_scores(default), {10: pooled_scores(miscalibrated)}
+    step, _, _, test = decide(trackers)
+    assert step is None and test["worse_on"] == ["AP50"] and test["p_adjusted"] <= 0.05
     assert test["pooled_deltas"]["AP50"] == pytest.approx(-16.50, abs=0.01)
-    t.pooled = {10: pooled_scores(default)}
-    assert decide([t])[0] == 10
-    # several folds (different prompts each): each metric's mean per-image difference, which
-    # the miscalibrated detections do not lower (per image AP50 100 as the defaults')
-    two = [_FakeTracker([50.0, 40.0], [[60.0, 50.0]]), _FakeTracker([60.0, 45.0], [[70.0, 55.0]])]
-    for f in two:
-        f.default_pooled, f.pooled = pooled_scores(default), {10: pooled_scores(miscalibrated)}
-    step, _, _, test = decide(two)
-    assert step == 10 and "pooled_deltas" not in test and test["metric_means"]["AP50"] == 10.0
-
-
-def test_threshold_grows_with_the_number_of_candidates():
-    """The same per-image gains pass when they are the only candidate and fail when they are
-    the best of many: the critical value is corrected for the checkpoints looked at."""
-    good = _plus([2, 4, 3, 5])
-    thresholds, picks = [], []
-    for m in (1, 10, 1000):
-        t = _FakeTracker(HELD, [good] + [HELD] * (m - 1))
-        step, _, _, test = decide([t])
-        thresholds.append(test["threshold"])
-        picks.append(step)
-    assert thresholds[0] < thresholds[1] < thresholds[2]
-    assert picks == [10, 10, None]
-    assert critical_value(0.05, 10) > critical_value(0.05, 1) > 1
-
-
-def test_two_images_both_must_improve():
-    """With two held-out images (k = 8), a big gain on one cannot carry a loss on the other."""
-    held = [50.0, 40.0]
-    assert decide([_FakeTracker(held, [[80.0, 39.0]])])[0] is None
-    assert decide([_FakeTracker(held, [[58.0, 47.0]])])[0] == 10
+    for t in trackers:
+        t.pooled = {10: pooled_scores(default)}
+    assert decide(trackers)[0] == 10
 
 
 def test_image_scores_equal_each_image_evaluated_alone(committed_ws):
