@@ -186,3 +186,24 @@ def test_study_variants_name_the_peers(tmp_path):
     assert c.variant("coop").prompt.n_ctx == 16 and c.variant("coop").prompt.ctx_init == ""
     assert c.variant("coop-photo").prompt.ctx_init == PHRASE
     assert c.variant("lora").prompt.rank == 2 and not c.variant("lora").fixed
+
+
+def test_sam3_phrase_init_is_the_template_prompt_bit_for_bit(tmp_path):
+    """SAM 3's CLIP text path (a tiny random checkpoint): the context replaces the phrase's
+    token embeddings after the start token; at init the per-token class prompts are exactly
+    ``encode_texts`` of "a photo of a {name}."."""
+    pytest.importorskip("transformers")
+    from sfm.tiny import SAVE
+
+    from ssprompt.sfm import load_sfm
+
+    sfm = load_sfm("sam3", str(SAVE["sam3"](tmp_path, 0)), device="cpu")
+    state = _coop(sfm, ctx_init=PHRASE)
+    with torch.no_grad():
+        assert torch.equal(state()[1], sfm.encode_texts([f"{PHRASE} {n}." for n in NAMES]))
+    random = _coop(sfm)
+    assert random.ctx.shape == (16, sfm.model.text_encoder.get_input_embeddings().weight
+                                .shape[1])
+    (random()[1].sum()).backward()
+    assert float(random.ctx.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in sfm.parameters())
