@@ -161,10 +161,14 @@ def train_many(sfm: PromptableSFM, jobs: list[tuple[MethodState, object, TrainCo
             losses = _own_decodes(sfm, runs, feats, batches, spatial, semantic, targets)
         else:
             sem = None if semantic[0] is None else torch.cat(semantic)
+            args = (feats, torch.cat(spatial), sem) if len(runs) > 1 else \
+                (feats, spatial[0][0], None if sem is None else sem[0])
+            # a backend's own set_losses(decode(..)) that holds less (SAM 3); on the class: a
+            # wrapper that forwards attributes but adapts decode must not reach it
+            own = getattr(type(sfm), "decode_losses", None)
             with autocast(next(iter(feats.tensors.values())).device):
-                out = sfm.decode(feats, torch.cat(spatial), sem) if len(runs) > 1 else \
-                    sfm.decode(feats, spatial[0][0], None if sem is None else sem[0])
-            losses = set_losses(out, targets)
+                out = own(sfm, *args, targets) if own is not None else sfm.decode(*args)
+            losses = out if own is not None else set_losses(out, targets)
         total, parts_all = 0.0, []
         for r, (loss, parts) in zip(runs, losses):
             if r.cfg.anchor:

@@ -66,10 +66,15 @@ backend seam (``base.PromptableSFM``) onto them:
   Learned class prompts go through the same path: they replace the text features of their
   class's forward, and training sees the same C * N pairs (the set loss matches each
   ground-truth segment to a pair; gradients reach each class's prompt through its own
-  forward's masks and scores). That holds C * N masks per image while training (no pruning):
-  for many classes, use fewer queries. A batch of these outputs is split with
-  ``Outputs.images``, which keeps ``semantic_logits`` and ``own_scores``. With ``semantic=None`` the one concept "object" is used (class logits
-  (B, N, 2); class-agnostic evaluation reads objects off the panoptic map, so p > 0.3 decides).
+  forward's masks and scores). Training does not hold those C * N masks:
+  ``engine.train`` calls ``decode_losses``, which equals the set loss of ``decode``'s outputs
+  (loss and gradients to float rounding, tested) but keeps only each pair's two scores, the
+  Hungarian cost rows of a concept chunk at a time, and the masks of the matched pairs
+  (decoded again): memory grows with the matched pairs and one chunk, not C x N (measured in
+  docs/performance.md). A batch of these outputs is split with ``Outputs.images``, which
+  keeps ``semantic_logits`` and ``own_scores``. With ``semantic=None`` the one concept
+  "object" is used (class logits (B, N, 2); class-agnostic evaluation reads objects off the
+  panoptic map, so p > 0.3 decides).
 * Images are preprocessed as ``Sam3ImageProcessor`` does (``sam_common.StretchProcessor``:
   resized to ``image_size`` x ``image_size`` whatever their aspect ratio, no padding, normalised
   with its mean/std, 0.5 / 0.5 unless ``preprocessor_config.json`` says otherwise), and the three
@@ -80,6 +85,7 @@ backend seam (``base.PromptableSFM``) onto them:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +96,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from ..geometry import Stretch
-from .base import Features, Outputs, freeze
+from .base import Features, Outputs, autocast, freeze
 from .sam_common import (
     StretchProcessor,
     TransformersSFM,
@@ -118,6 +124,36 @@ def log1m_product_sigmoid(a: Tensor, b: Tensor) -> Tensor:
     a, b = torch.broadcast_tensors(a, b)
     return (torch.logsumexp(torch.stack([-a, -b, -a - b]), 0) + F.logsigmoid(a)
             + F.logsigmoid(b))
+
+
+class PairLogits:
+    """The class logits (B, P, C + 1) of (concept, query) pairs, never materialised: pair r's
+    row is ``OTHER_CLASS_LOGIT`` but at its concept (log p) and at "no object" (log (1 - p)),
+    as ``Sam3SFM._class_logits`` builds it. ``cross_entropy`` is ``F.cross_entropy`` of those
+    rows (weighted mean) to float rounding, in O(B P) memory instead of O(B P C)."""
+
+    def __init__(self, log_p: Tensor, log_q: Tensor, concept: Tensor, c: int):
+        self.log_p, self.log_q, self.concept, self.c = log_p, log_q, concept, c
+        self.shape = (*log_p.shape, c + 1)
+        self.device = log_p.device
+
+    def materialise(self) -> Tensor:
+        return Sam3SFM._class_logits(self.log_p, self.log_q, self.concept, self.c)
+
+    def cross_entropy(self, start: int, end: int, target: Tensor, weight: Tensor) -> Tensor:
+        """Weighted mean cross-entropy of images ``start:end``'s pairs against ``target``
+        (their (end - start, P) class indices, C = no object)."""
+        lp = self.log_p[start:end].flatten().float()
+        lq = self.log_q[start:end].flatten().float()
+        own = self.concept[start:end].flatten()
+        t = target.flatten()
+        parts = [lp, lq]
+        if self.c > 1:   # the C - 1 other classes' equal logits, as one term
+            parts.append(torch.full_like(lp, OTHER_CLASS_LOGIT + math.log(self.c - 1)))
+        lse = torch.logsumexp(torch.stack(parts), 0)
+        picked = torch.where(t == own, lp, torch.where(t == self.c, lq, OTHER_CLASS_LOGIT))
+        wt = weight[t]
+        return (wt * (lse - picked)).sum() / wt.sum()
 
 
 class Sam3SFM(TransformersSFM):
@@ -208,6 +244,100 @@ class Sam3SFM(TransformersSFM):
         (B, C, T * D) class prompts -> one query per (concept, query) pair: mask logits
         (B, P, h, w) over the square input, class logits (B, P, C + 1), SAM 3's semantic maps
         (B, C, h, w); P = C * N (see the module docstring)."""
+        vision, spatial, text, valid = self._inputs(feats, spatial, semantic)
+        c = text.shape[1]
+        groups = [self._decode_group([v[s:e] for v in vision], spatial[s], text[s:e],
+                                     valid[s:e]) for s, e in self._groups(spatial)]
+        masks, log_p, log_q, concept, maps = (torch.cat(x) for x in zip(*groups))
+        class_logits = self._class_logits(log_p, log_q, concept, c)
+        return Outputs(masks, class_logits, semantic_logits=maps, own_scores=True)
+
+    def decode_losses(self, feats: Features, spatial: Tensor, semantic: Tensor | None,
+                      groups: list[list[tuple[Tensor, Tensor]]], w=None
+                      ) -> list[tuple[Tensor, dict[str, float]]]:
+        """``losses.set_losses(self.decode(feats, spatial, semantic), groups, w)`` (what
+        ``engine.train`` calls instead, with the same arguments) without ever holding the
+        C x N pairs' masks: memory grows with the matched pairs and one concept chunk.
+
+        1. Each concept chunk is decoded as in ``decode`` (checkpointed); its pairs' log p and
+           log (1 - p) are kept (the class loss covers every pair), and their rows of the
+           Hungarian cost (``losses.match_cost``: each row is its own pair's) are computed from
+           the chunk's masks, which are then dropped (the backward recomputes the chunk
+           without its mask branch: no loss reads those masks).
+        2. Each image's pairs are matched to its segments on the whole cost (``assign``).
+        3. The concepts of the matched pairs are decoded again, ``concept_chunk``
+           (image, concept) items per checkpointed forward, and only the matched pairs' masks
+           are kept for the mask loss.
+
+        Loss and gradients equal ``set_losses`` of the full ``decode`` to float rounding (the
+        forward is deterministic, so step 3's masks are step 1's; the gradient is the sum of
+        the two passes' parts). ``max_pairs`` never applies: training sees every pair."""
+        from ..engine.losses import assign, fit_targets, match_cost, matched_set_losses
+
+        device = self._ref.device
+        grad = torch.is_grad_enabled()
+        with autocast(device, self.precision):
+            vision, spatial, text, valid = self._inputs(feats, spatial, semantic)
+        b, c = text.shape[:2]
+        n = spatial.shape[1]
+        targets = [t for g in groups for t in g]                      # per image, batch order
+        if len(targets) != b:
+            raise ValueError(f"decode_losses: {len(targets)} targets for {b} images")
+        w = self._weights(w)
+        fitted, costs = None, [[] for _ in range(b)]
+        log_p, log_q = [], []
+        for s, e in self._groups(spatial):
+            chunks = self._chunks([v[s:e] for v in vision], spatial[s], text[s:e],
+                                  valid[s:e], grad and self._needs_grad(spatial[s], text[s:e]))
+            lp, lq = [], []
+            while True:
+                with autocast(device, self.precision):
+                    chunk = next(chunks, None)
+                if chunk is None:
+                    break
+                (masks, p, q, concept), _ = chunk
+                del chunk                                             # its semantic maps
+                lp.append(p)
+                lq.append(q)
+                if fitted is None:
+                    fitted = fit_targets(groups, tuple(masks.shape[-2:]))
+                    flat = [t for g in fitted for t in g]
+                with torch.no_grad():
+                    cls = self._class_logits(p, q, concept, c)
+                    for j in range(e - s):
+                        labels, soft = flat[s + j]
+                        if labels.numel():
+                            costs[s + j].append(match_cost(masks[j], cls[j], labels, soft, w))
+                del masks, cls                  # no pair's mask outlives its chunk
+            log_p.append(torch.cat(lp, 1))
+            log_q.append(torch.cat(lq, 1))
+        log_p, log_q = torch.cat(log_p), torch.cat(log_q)
+        concept = torch.arange(c, device=log_p.device).repeat_interleave(n).expand(b, -1)
+        class_logits = PairLogits(log_p, log_q, concept, c)             # never (B, P, C + 1)
+        empty = torch.empty(0, dtype=torch.long)
+        matches = [assign(torch.cat(cost)) if cost else (empty, empty) for cost in costs]
+        rows = self._matched_masks(vision, spatial, text, valid, matches, n, grad)
+        pos = {i * c * n + q: k for k, (i, q) in enumerate(
+            (i, q) for i, (qi, _) in enumerate(matches) for q in qi.tolist())}
+
+        def gather(index: Tensor) -> Tensor:     # rows are already in the loss's order
+            at = torch.tensor([pos[i] for i in index.tolist()], dtype=torch.long,
+                              device=rows.device)
+            return rows[at].float()
+
+        return matched_set_losses(class_logits, fitted, matches, gather, w)
+
+    # -- internals -------------------------------------------------------------------------
+    @staticmethod
+    def _weights(w):
+        from ..engine.losses import LossWeights
+
+        return w or LossWeights()
+
+    def _inputs(self, feats: Features, spatial: Tensor, semantic: Tensor | None
+                ) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        """The cached FPN levels, the (B, N, D + 4) queries, the (B, C, T, D) text features and
+        their (B, C, T) valid tokens, checked."""
         ref = self._ref
         b = len(feats)
         vision = [feats.tensors[f"fpn{i}"].to(device=ref.device, dtype=ref.dtype)
@@ -227,15 +357,16 @@ class Sam3SFM(TransformersSFM):
         valid = (text != 0).any(-1)                                   # (B, C, T)
         if not valid.any(-1).all():
             raise ValueError("a class prompt is all zeros (no token to attend to)")
-        groups = [self._decode_group([v[s:e] for v in vision], spatial[s], text[s:e],
-                                     valid[s:e]) for s, e in self._groups(spatial)]
-        masks, log_p, log_q, concept, maps = (torch.cat(x) for x in zip(*groups))
-        own = F.one_hot(concept, c).bool()                            # (B, P, C)
-        class_logits = torch.cat([torch.where(own, log_p[..., None], OTHER_CLASS_LOGIT),
-                                  log_q[..., None]], -1)
-        return Outputs(masks, class_logits, semantic_logits=maps, own_scores=True)
+        return vision, spatial, text, valid
 
-    # -- internals -------------------------------------------------------------------------
+    @staticmethod
+    def _class_logits(log_p: Tensor, log_q: Tensor, concept: Tensor, c: int) -> Tensor:
+        """(.., P) log p, log (1 - p) and concept of pairs -> their (.., P, C + 1) class
+        logits (see the module docstring)."""
+        own = F.one_hot(concept, c).bool()                            # (B, P, C)
+        return torch.cat([torch.where(own, log_p[..., None], OTHER_CLASS_LOGIT),
+                          log_q[..., None]], -1)
+
     def _object(self) -> Tensor:
         """The one concept "object", for class-agnostic decoding."""
         if self._object_text is None or self._object_text.device != self._ref.device:
@@ -261,15 +392,17 @@ class Sam3SFM(TransformersSFM):
                 torch.Size((1, *level.shape[1:])), level.device, level.dtype)
         return self._pos[key]
 
-    def _forward(self, queries: Tensor, text: Tensor, valid: Tensor, repeat: int,
+    def _forward(self, queries: Tensor, text: Tensor, valid: Tensor, repeat: int | Tensor,
                  *vision: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One ``Sam3Model.forward`` on cached features (each image repeated ``repeat`` times,
-        one per concept) with ``queries`` swapped in for SAM 3's object queries: its masks,
-        logits, presence logits and semantic map."""
+        one per concept; or the images at the index ``repeat``, one per text) with ``queries``
+        swapped in for SAM 3's object queries: its masks, logits, presence logits and semantic
+        map."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
         from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
-        levels = [v.repeat_interleave(repeat, 0) for v in vision]
+        levels = [v.repeat_interleave(repeat, 0) if isinstance(repeat, int) else v[repeat]
+                  for v in vision]
         pos = [self._position(v).expand(v.shape[0], -1, -1, -1) for v in levels]
         embeds = Sam3VisionEncoderOutput(fpn_hidden_states=(*levels, levels[-1]),
                                          fpn_position_encoding=(*pos, pos[-1]))
@@ -282,18 +415,19 @@ class Sam3SFM(TransformersSFM):
                     "attention_mask": valid.long()})
         return out.pred_masks, out.pred_logits, out.presence_logits, out.semantic_seg
 
-    def _decode_group(self, vision: list[Tensor], queries: Tensor, text: Tensor, valid: Tensor
-                      ) -> tuple[Tensor, ...]:
-        """g images sharing ``queries`` (N, D + 4), C concepts each -> their (concept, query)
-        pairs, concept-major: masks (g, P, h, w), log p and log (1 - p) (g, P), concept (g, P),
-        and the semantic maps (g, C, h, w); P = C * N, or the ``max_pairs`` best pairs (in
-        pair order) when not training."""
+    @staticmethod
+    def _needs_grad(queries: Tensor, text: Tensor) -> bool:
+        return queries.requires_grad or text.requires_grad
+
+    def _chunks(self, vision: list[Tensor], queries: Tensor, text: Tensor, valid: Tensor,
+                grad: bool):
+        """g images sharing ``queries`` (N, D + 4), C concepts each, ``concept_chunk``
+        (image, concept) pairs per forward (checkpointed if ``grad``) -> per forward, its
+        (concept, query) pairs, concept-major: masks (g, kk * N, h, w), log p and
+        log (1 - p) (g, kk * N), concept (g, kk * N); and its semantic maps (g, kk, h, w)."""
         g, c = text.shape[:2]
         n = queries.shape[0]
         k = max(1, self.concept_chunk // g)                 # concepts per forward
-        grad = torch.is_grad_enabled() and (queries.requires_grad or text.requires_grad)
-        pairs: list[list[Tensor]] = [[], [], [], []]
-        maps = []
         for c0 in range(0, c, k):
             t = text[:, c0:c0 + k]
             kk = t.shape[1]
@@ -305,14 +439,68 @@ class Sam3SFM(TransformersSFM):
             logit, presence = logit.reshape(g, kk * n), presence.repeat_interleave(n, 1)
             presence = presence.reshape(g, kk * n)
             concept = torch.arange(c0, c0 + kk, device=logit.device).repeat_interleave(n)
-            chunk = (masks.reshape(g, kk * n, h, w), F.logsigmoid(logit) + F.logsigmoid(presence),
-                     log1m_product_sigmoid(logit, presence), concept.expand(g, -1))
+            chunk = ((masks.reshape(g, kk * n, h, w), F.logsigmoid(logit) + F.logsigmoid(presence),
+                      log1m_product_sigmoid(logit, presence), concept.expand(g, -1)),
+                     semantic.reshape(g, kk, *semantic.shape[-2:]))
+            del masks, semantic
+            yield chunk
+            del chunk    # the caller decides what outlives a chunk (decode_losses: no mask)
+
+    def _decode_group(self, vision: list[Tensor], queries: Tensor, text: Tensor, valid: Tensor
+                      ) -> tuple[Tensor, ...]:
+        """g images sharing ``queries`` (N, D + 4), C concepts each -> their (concept, query)
+        pairs, concept-major: masks (g, P, h, w), log p and log (1 - p) (g, P), concept (g, P),
+        and the semantic maps (g, C, h, w); P = C * N, or the ``max_pairs`` best pairs (in
+        pair order) when not training."""
+        grad = torch.is_grad_enabled() and self._needs_grad(queries, text)
+        pairs: list[list[Tensor]] = [[], [], [], []]
+        maps = []
+        for chunk, semantic in self._chunks(vision, queries, text, valid, grad):
             for part, x in zip(pairs, chunk):
                 part.append(x)
-            maps.append(semantic.reshape(g, kk, *semantic.shape[-2:]))
+            maps.append(semantic)
             if not grad and sum(x.shape[1] for x in pairs[1]) > self.max_pairs:
                 pairs = [[x] for x in self._best_pairs([torch.cat(p, 1) for p in pairs])]
         return (*(torch.cat(p, 1) for p in pairs), torch.cat(maps, 1))
+
+    def _matched_masks(self, vision: list[Tensor], spatial: Tensor, text: Tensor,
+                       valid: Tensor, matches: list[tuple[Tensor, Tensor]], n: int,
+                       grad: bool) -> Tensor:
+        """The mask logits (M, h * w) of every image's matched pairs (``matches[i][0]``: pair
+        indices c * N + q), in batch and match order: the matched (image, concept) items
+        decoded again, ``concept_chunk`` per forward (checkpointed if ``grad``), only the
+        matched rows of each forward kept."""
+        device = self._ref.device
+        rows: list[Tensor] = []
+        for s, e in self._groups(spatial):
+            queries = spatial[s]
+            pairs = [(i, q // n, q % n) for i in range(s, e) for q in matches[i][0].tolist()]
+            items = sorted({(i, cc) for i, cc, _ in pairs})
+            if not items:
+                continue
+            slot = {item: j for j, item in enumerate(items)}
+            want = [(slot[(i, cc)], q) for i, cc, q in pairs]     # (item, query), match order
+            kept, order = [], {}
+            step = max(1, self.concept_chunk)
+            for j0 in range(0, len(items), step):
+                part = items[j0:j0 + step]
+                img = torch.tensor([i for i, _ in part], device=device)
+                con = torch.tensor([cc for _, cc in part], device=device)
+                args = (queries, text[img, con], valid[img, con], img, *vision)
+                with autocast(device, self.precision):
+                    masks = (checkpoint(self._forward, *args, use_reentrant=False)
+                             if grad and self._needs_grad(queries, text)
+                             else self._forward(*args))[0]
+                sel = [(j, q) for j, q in want if j0 <= j < j0 + len(part)]
+                for key in sel:
+                    order[key] = len(order)
+                idx = torch.tensor([(j - j0) * n + q for j, q in sel], device=device)
+                kept.append(masks.flatten(0, 1)[idx].flatten(1))
+                del masks
+            rows.append(torch.cat(kept)[torch.tensor([order[k] for k in want], device=device)])
+        if not rows:
+            return vision[0].new_zeros(0, 0)
+        return torch.cat(rows)
 
     def _best_pairs(self, pairs: list[Tensor]) -> list[Tensor]:
         """The ``max_pairs`` pairs of each image with the highest p, in pair order."""
