@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="3 repeats instead of 7; skip studies")
     ap.add_argument("--only", choices=["train_batching", "study_floor", "study_workers",
-                                       "study_group", "cli_speed", "memory"],
+                                       "study_group", "cli_speed", "memory", "selection"],
                     help="measure this one part and update it in bench/results.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         elif a.only == "memory":          # predict at 0.75-12 MP, SAM 3 at C <= 150: ~3 min
             from bench.memory import bench_memory
             res[a.only] = bench_memory()
+        elif a.only == "selection":       # false acceptance (simulated), power on results/shots
+            from bench.selection import bench_selection
+            res[a.only] = bench_selection()
         else:
             res[a.only] = bench_train_batching(repeats)
         tmp = OUT.with_suffix(".tmp")
@@ -196,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     res["cli_speed"] = bench_cli_speed()
     from bench.memory import bench_memory
     res["memory"] = bench_memory()
+    from bench.selection import bench_selection
+    res["selection"] = bench_selection()
     from bench.eval_speed import bench_eval as bench_eval_speed
     res["eval_speed"] = bench_eval_speed(a.quick)   # old code too with $SSPROMPT_BENCH_OLD
     peak = matmul_peak_flops()
@@ -241,6 +246,9 @@ def render(r: dict) -> str:
     if r.get("memory"):
         from bench.memory import render as render_memory
         lines += render_memory(r["memory"])
+    if r.get("selection"):
+        from bench.selection import render as render_selection
+        lines += render_selection(r["selection"])
     e = r["eval"]
     lines.append(f"| evaluation, with image encoder | {e['img_per_s_with_encoder']:.0f} img/s | >= 50 |")
     lines.append(f"| evaluation, cached features | {e['img_per_s_cached_features']:.0f} img/s | |")

@@ -157,7 +157,8 @@ def test_study_with_set_runs_and_its_prompts_files_describe_themselves(tmp_path)
     r = ssprompt("study", "--quick", "--device", "cpu", "--out", out, "--set", "tasks=[stuff]",
                  "--set", "n_test=2", "--set", "shots=2", "--set", "train.steps=2",
                  "--set", "variants=[{name: zero-shot, kind: zero_shot, role: baseline}, "
-                          "{name: ssprompt, kind: weighted, n_prompts: 25}]")
+                          "{name: ssprompt, kind: weighted, n_prompts: 25}]",
+                 "--set", "comparisons=[]", "--set", "primary=[]")   # they named other rows
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["tasks"] == ["stuff"] and cfg["train"]["steps"] == 2 and len(cfg["variants"]) == 2

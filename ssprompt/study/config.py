@@ -71,8 +71,19 @@ class StudyConfig:
     test_from: int = 0          # scene tasks: the test split's first scene index (fresh scenes)
 
     def cell_config(self) -> dict:
-        """The config without the keys that only say how cells are reported."""
-        return {k: v for k, v in self.raw.items() if k not in REPORT_KEYS}
+        """What the cells compute, as parsed (every default filled in, each variant's method
+        options resolved): two configs that differ only in how they are written or reported
+        (``REPORT_KEYS``, comments, a default written out) give the same dict."""
+        from dataclasses import asdict
+
+        from ..prompts.promptset import config_dict
+
+        return {"tasks": self.tasks, "seeds": self.seeds, "n_test": self.n_test,
+                "test_from": self.test_from, "train": self.train,
+                "selection": asdict(self.selection),
+                "variants": [{"name": v.name, "options": config_dict(v.prompt),
+                              "train": v.train, "shots": self.shots_of(v)}
+                             for v in self.variants]}
 
     def shots_of(self, v: Variant) -> int:
         return v.shots if v.shots is not None else self.shots

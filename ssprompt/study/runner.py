@@ -107,15 +107,12 @@ def run_study(config: str | None, out: str | None, quick: bool = False, force: b
 
 
 def _cell_config(stored: Path) -> dict | None:
-    """The stored config's cell-affecting keys (``StudyConfig.cell_config``); None if
-    unreadable."""
-    from .config import REPORT_KEYS
+    """The stored config's ``StudyConfig.cell_config``; None if unreadable or no longer
+    valid."""
     try:
-        raw = yaml.safe_load(stored.read_text())
-    except (OSError, yaml.YAMLError):
+        return load_config(stored).cell_config()
+    except (OSError, UserError, yaml.YAMLError):
         return None
-    return {k: v for k, v in raw.items() if k not in REPORT_KEYS} if isinstance(raw, dict) \
-        else None
 
 
 def torch_threads() -> int:
