@@ -189,7 +189,7 @@ def _prompts(sfm, kind: str, n: int, c: int, device):
 
 def _step_fn(sfm, kind: str, feats_fn, n: int, c: int, b: int, device):
     """A closure doing one prompt-learning step; ``feats_fn()`` gives the image features."""
-    from ssprompt.engine.losses import set_loss
+    from ssprompt.sfm.losses import set_loss
     from ssprompt.sfm.base import autocast
 
     prompts = _prompts(sfm, kind, n, c, device)

@@ -25,7 +25,7 @@ def _setup(n: int = 100, n_classes: int | None = None, batch: int = 8):
     from ssprompt.data.scenes import SceneSplit
     from ssprompt.sfm.features import FeatureCache
     from ssprompt.geometry import to_batch
-    from ssprompt.engine.losses import set_loss
+    from ssprompt.sfm.losses import set_loss
     from ssprompt.prompts.promptset import PromptConfig, PromptSet
     from ssprompt.sfm import load_sfm
 

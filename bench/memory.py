@@ -90,7 +90,7 @@ def _child_sam3(c: int, px: int = 112) -> dict:
 
     torch.set_num_threads(1)
     from bench.backends import _prompts, _targets
-    from ssprompt.engine.losses import set_losses
+    from ssprompt.sfm.losses import set_losses
 
     sfm, note = _build_sam3(px)
     images = torch.rand(1, 3, sfm.image_size, sfm.image_size)

@@ -14,7 +14,6 @@ alone, at a fraction of the wall time.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -27,7 +26,7 @@ from ..geometry import geometry_of
 from ..methods.base import MethodState
 from ..sfm.base import Features, PromptableSFM, autocast
 from ..sfm.features import FeatureCache
-from .losses import set_losses
+from ..sfm.losses import set_losses
 
 
 class NonFiniteLoss(UserError):
@@ -88,12 +87,6 @@ class _Run:
         idx, self.order = self.order[:self.batch], self.order[self.batch:]
         rank, world = rank_world()
         return idx[rank::world] or idx[:1]  # torchrun: each rank takes its share of the batch
-
-
-def lr_scale(step: int, steps: int, warmup: int) -> float:
-    """The learning-rate factor at optimiser step ``step`` (0-based) of a ``steps``-step run:
-    linear warmup over ``warmup`` steps times a cosine decay over all ``steps``."""
-    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 def train_prompts(sfm: PromptableSFM, prompts: MethodState, dataset, cfg: TrainConfig,

@@ -12,10 +12,19 @@ inputs, every state tensor, JSON metadata naming the method and its options).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from ..sfm.base import Features, Outputs, PromptableSFM
+
+
+def lr_scale(step: int, steps: int, warmup: int) -> float:
+    """The learning-rate factor at optimiser step ``step`` (0-based) of a ``steps``-step run:
+    linear warmup over ``warmup`` steps times a cosine decay over all ``steps`` (the default
+    schedule of ``MethodState.lr_at``)."""
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 class MethodState(nn.Module):
@@ -84,8 +93,7 @@ class MethodState(nn.Module):
     def lr_at(self, step: int, steps: int, cfg) -> float:
         """The learning rate at optimiser step ``step`` (0-based) of a ``steps``-step run; each
         group's is this times its ``lr_mult``. Default: ``cfg.lr`` times linear warm-up over
-        ``cfg.warmup`` steps times cosine decay (``engine.train.lr_scale``)."""
-        from ..engine.train import lr_scale
+        ``cfg.warmup`` steps times cosine decay (``lr_scale``)."""
 
         return cfg.lr * lr_scale(step, steps, cfg.warmup)
 

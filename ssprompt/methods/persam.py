@@ -156,7 +156,7 @@ def _define():
     import torch.nn.functional as F
     from torch import nn
 
-    from ..engine.losses import _fit
+    from ..sfm.losses import _fit
     from ..prompts.promptset import default_prompts
     from ..sfm.base import Outputs, default_n_prompts
     from ..sfm.sam_common import IOU_EPS

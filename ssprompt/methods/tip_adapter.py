@@ -14,7 +14,7 @@ zero-shot logits. Here:
   ``decode``.
 * **Keys are the shots' matched queries.** ``prepare`` decodes the support shots with the
   default prompts, Hungarian-matches the queries to the ground-truth segments (the set loss's
-  matcher, ``engine.losses.hungarian_match``), and keeps each matched query's feature as a key,
+  matcher, ``sfm.losses.hungarian_match``), and keeps each matched query's feature as a key,
   its segment's class as the value. The cache term is added to the C class logits of every
   query; the "no object" logit is left as it is. The term sums over keys as Tip-Adapter does.
 * **alpha and beta are chosen on the shots, never on test**: by leave-one-image-out, each shot
@@ -51,7 +51,7 @@ from ..errors import UserError
 from .options import Options, opt
 
 TIP_START = (1.17, 1.0)        # Tip-Adapter's alpha, beta before any search
-NO_OBJECT_WEIGHT = 0.1         # the set loss's no-object weight (engine.losses.LossWeights)
+NO_OBJECT_WEIGHT = 0.1         # the set loss's no-object weight (sfm.losses.LossWeights)
 FINE_TUNE_EPS, FINE_TUNE_DECAY = 1e-4, 0.01
 
 
@@ -166,7 +166,7 @@ def _define():
     import torch
     from torch import nn
 
-    from ..engine.losses import LossWeights, _fit, hungarian_match
+    from ..sfm.losses import LossWeights, _fit, hungarian_match
     from ..prompts.promptset import default_prompts
     from ..sfm.base import default_n_prompts
     from .base import MethodState

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.scenes import CLASS_NAMES, TASKS, make_scene
-from ..engine.losses import set_loss
+from ..sfm.losses import set_loss
 from ..prompts.layout import jittered_layout
 from ..sfm.embedded import EmbeddedSFM
 

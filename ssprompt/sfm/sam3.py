@@ -272,7 +272,7 @@ class Sam3SFM(TransformersSFM):
         Loss and gradients equal ``set_losses`` of the full ``decode`` to float rounding (the
         forward is deterministic, so step 3's masks are step 1's; the gradient is the sum of
         the two passes' parts). ``max_pairs`` never applies: training sees every pair."""
-        from ..engine.losses import assign, fit_targets, match_cost, matched_set_losses
+        from .losses import assign, fit_targets, match_cost, matched_set_losses
 
         device = self._ref.device
         grad = torch.is_grad_enabled()
@@ -330,7 +330,7 @@ class Sam3SFM(TransformersSFM):
     # -- internals -------------------------------------------------------------------------
     @staticmethod
     def _weights(w):
-        from ..engine.losses import LossWeights
+        from .losses import LossWeights
 
         return w or LossWeights()
 

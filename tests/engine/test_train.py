@@ -22,7 +22,7 @@ def assert_no_results(out) -> None:
 
 
 def test_non_finite_loss_stops_training(tiny, tmp_path, monkeypatch, capsys):
-    import ssprompt.engine.losses
+    import ssprompt.sfm.losses
     import ssprompt.engine.train
     from ssprompt.cli import main
 
@@ -30,7 +30,7 @@ def test_non_finite_loss_stops_training(tiny, tmp_path, monkeypatch, capsys):
         return [(out.mask_logits.sum() * float("nan"), {"cls": 0.0, "bce": 0.0, "dice": 0.0})
                 for _ in groups]
 
-    monkeypatch.setattr(ssprompt.engine.losses, "set_losses", nan_losses)
+    monkeypatch.setattr(ssprompt.sfm.losses, "set_losses", nan_losses)
     monkeypatch.setattr(ssprompt.engine.train, "set_losses", nan_losses)
     out = tmp_path / "o"
     rc = main(["train", "--task", "shift", "--steps", "2", "--shots", "2", "--n-test", "2",

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from ssprompt.engine.losses import LossWeights, set_losses  # noqa: E402
+from ssprompt.sfm.losses import LossWeights, set_losses  # noqa: E402
 from ssprompt.prompts.layout import grid_layout  # noqa: E402
 from ssprompt.prompts.promptset import PromptConfig, PromptSet  # noqa: E402
 from ssprompt.sfm import load_sfm  # noqa: E402

@@ -61,6 +61,33 @@ def test_quick_study_writes_every_output(full_run):
     assert d["lo"] <= d["delta"] <= d["hi"]
 
 
+def test_committed_files_recompute_every_interval(full_run, tmp_path):
+    """What a study commits (config, results.json, summary.md, per_image.npz; no cells/) is
+    enough to recompute every interval, and the recompute script finds them equal; a changed
+    interval or a damaged record is reported."""
+    import json
+    import shutil
+
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    for name in ("config.yaml", "results.json", "summary.md", "per_image.npz"):
+        shutil.copy(full_run / name, committed / name)
+    script = [sys.executable, str(ROOT / "scripts" / "recompute_intervals.py")]
+    r = subprocess.run([*script, str(committed)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "every interval reproduced" in r.stdout
+    res = json.loads((committed / "results.json").read_text())
+    # the primary family is Holm-adjusted, the rest has q-values
+    d = res["intervals"]["pairs"][0]["tasks"]["shift"]["mIoU"]
+    assert d["family"] == "exploratory" and ("q" in d or d.get("zero_inflated"))
+    assert res["intervals"]["multiplicity"]["primary"] == [["ssprompt", "zero-shot"],
+                                                           ["ssprompt-N25", "ssprompt"]]
+    d["hi"] += 0.5
+    (committed / "results.json").write_text(json.dumps(res))
+    r = subprocess.run([*script, str(committed)], capture_output=True, text=True)
+    assert r.returncode == 1 and "recomputed" in r.stdout
+
+
 def test_shots_sweep(tmp_path):
     """``shots: [k, ...]`` runs each learned variant once per k (NAME-kK, k shots each), the
     fixed ones once, and plots metric vs k."""
