@@ -203,7 +203,7 @@ def plot_shots(run: Path, cfg, intervals: dict) -> None:
     plt = _plt()
     rows = intervals["rows"]
     fig, axes = plt.subplots(len(METRICS), len(cfg.tasks),
-                             figsize=(4 * len(cfg.tasks), 3 * len(METRICS)), squeeze=False)
+                             figsize=(max(7, 4 * len(cfg.tasks)), 3 * len(METRICS)), squeeze=False)
     for j, t in enumerate(cfg.tasks):
         for i, m in enumerate(METRICS):
             ax = axes[i][j]

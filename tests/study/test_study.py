@@ -54,8 +54,10 @@ def test_quick_study_writes_every_output(full_run):
     assert "points below their zero-shot baseline" in summary   # the loss check always reports
     import json
     iv = json.loads((full_run / "results.json").read_text())["intervals"]
-    assert [e["a"] for e in iv["pairs"]] == [v.name for v in cfg.variants[1:]]
-    base = {e["a"]: e["b"] for e in iv["pairs"]}   # each N row against its own grid's zero-shot
+    # every row's Δ to its baseline first, then the configured comparisons
+    assert [e["a"] for e in iv["pairs"]] == [v.name for v in cfg.variants[1:]] + [
+        a for a, _ in cfg.comparisons]
+    base = {e["a"]: e["b"] for e in iv["pairs"][:len(cfg.variants) - 1]}  # own grid's zero-shot
     assert base["ssprompt-N25"] == "zero-shot-N25" and base["zero-shot-N25"] == "zero-shot"
     d = iv["pairs"][0]["tasks"]["shift"]["mIoU"]
     assert d["lo"] <= d["delta"] <= d["hi"]
