@@ -88,7 +88,8 @@ def main(argv: list[str]) -> int:
         problems = check(Path(arg))
         for p in problems:
             print(p)
-        print(f"{arg}: {'every interval reproduced' if not problems else f'{len(problems)} differ'}")
+        verdict = f"{len(problems)} differ" if problems else "every interval reproduced"
+        print(f"{arg}: {verdict}")
         bad += bool(problems)
     return 1 if bad else 0
 

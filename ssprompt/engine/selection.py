@@ -17,27 +17,29 @@ Step j passes when
 
 * its **sign-flip permutation test** passes at family-wise level ``alpha`` over all m candidate
   steps: T_j, the paired t statistic of (d_1j .. d_kj), is compared with the distribution of
-  max_j' T_j'(e_1 d_1j' .. e_k d_kj') over the 2^k sign vectors e (exact up to k = 16, 20,000 seeded random ones above), the max over
-  the candidates taken inside (Westfall-Young single-step max-T): adjusted p_j = P(max >= T_j)
-  <= alpha. Under "no candidate is better than the defaults" (each image's differences
-  symmetric about 0) the chance that *any* step passes is at most alpha, whatever the number
-  of images, the spread, or how correlated the checkpoints are; no floor on the spread, no
-  normal quantile (which was anti-conservative at 4 held-out images). The smallest p a k-image
-  test can give is 2^-k, so k <= 4 shots can never ship learned prompts at alpha = 0.05;
+  max_j' T_j'(e_1 d_1j' .. e_k d_kj') over the 2^k sign vectors e (exact up to k = 16, 20,000
+  seeded random ones above), the max over the candidates taken inside (Westfall-Young single-
+  step max-T): adjusted p_j = P(max >= T_j) <= alpha. Under "no candidate is better than the
+  defaults" (each image's differences symmetric about 0) the chance that *any* step passes is at
+  most alpha, whatever the number of images, the spread, or how correlated the checkpoints are;
+  no floor on the spread, no normal quantile (which was anti-conservative at 4 held-out images).
+  The smallest p a k-image test can give is 2^-k, so k <= 4 shots can never ship learned prompts
+  at alpha = 0.05;
 * T_j > 0, and it is **not worse on any one task**: for each of mIoU, AP50 and PQ, the mean
   over folds of that metric on the fold's held-out images *pooled* (AP ranks the detections of
   all the fold's images together, as test does: per image it cannot see one image's false
   positives outscoring another's true positives) minus the defaults' is >= 0.
 
-Of the passing steps the one with the largest T_j ships (ties: the earlier); if none passes,
-the defaults ship. The shipped prompts are trained again on all k shots with the same
-``steps``-step schedule (warmup, cosine decay) and taken after the selected step
-(``train_many`` with a snapshot), so the refit follows the validated trajectory. With
-``report_raw`` that refit runs to the last step, and those prompts, the *as-trained* ones, are
-scored on test too (``raw`` in the cell: the method's number beside the product's).
+Of the passing steps the one with the largest mean difference ships (ties: the earlier); if none
+passes, the defaults ship. The shipped prompts are trained again on all k shots with the same
+``steps``-step schedule (warmup, cosine decay) and taken after the selected step (``train_many``
+with a snapshot), so the refit follows the validated trajectory. With ``report_raw`` that refit
+runs to the last step, and those prompts, the *as-trained* ones, are scored on test too (``raw``
+in the cell: the method's number beside the product's).
 
-What it cannot catch: a loss the held-out shots do not show (results/shots/heldout_vs_test.md:
-a learned-only cell gained on its 4 held-out images and lost 7.3 AP50 on test).
+What it cannot catch: a loss the held-out shots do not show (results/shots/heldout_vs_test.md,
+round 3: a learned-only cell gained on its 4 held-out images and lost 7.3 AP50 on test; round
+4's sweep shipped 3 learned-only cells 7-16 AP50 below zero-shot, and no SSPrompt cell).
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ from ..errors import UserError
 from ..evaluation.bootstrap import METRIC_FNS
 from ..evaluation.metrics import METRICS
 from ..evaluation.records import PerImage
-from ..prompts.fusion import FusedPrompt
 from ..prompts.promptset import default_prompts
 
 EXACT_UP_TO = 16        # held-out images: every sign vector below this many, seeded draws above
