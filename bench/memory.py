@@ -162,14 +162,17 @@ def render(m: dict) -> list[str]:
                          f"{'<= 4 GB' if str(mp) == '12' else ''} |")
     for c, v in [*m.get("sam3_step", {}).items(), *m.get("sam3_step_larger", {}).items()]:
         old = v.get("old", {})
-        was = (f" (old code: +{old['peak_mb'] - old['before_mb']:.0f} MB, "
-               f"{old['step_s']:.1f} s)") if "peak_mb" in old else ""
+        was = (f" (old code: +{old['peak_mb'] - old['before_mb']:.0f} MB"
+               + (f", {old['step_s']:.1f} s" if "step_s" in old else "") + ")") \
+            if "peak_mb" in old else ""
         if "peak_mb" in v:
-            lines.append(f"| sam3 (reduced, {v['px']} px, masks {v['mask'][0]} x "
-                         f"{v['mask'][1]}) training step, C = {c}, {v['queries']} queries: "
+            px, mask = v.get("px", 112), v.get("mask", (32, 32))   # older results: defaults
+            lines.append(f"| sam3 (reduced, {px} px, masks {mask[0]} x "
+                         f"{mask[1]}) training step, C = {c}, {v['queries']} queries: "
                          f"peak RSS above the loaded process ({v['before_mb']:.0f} MB), step "
-                         f"time | +{v['peak_mb'] - v['before_mb']:.0f} MB, {v['step_s']:.1f} s"
-                         f"{was} | |")
+                         f"time | +{v['peak_mb'] - v['before_mb']:.0f} MB"
+                         + (f", {v['step_s']:.1f} s" if "step_s" in v else "")
+                         + f"{was} | |")
     return lines
 
 
