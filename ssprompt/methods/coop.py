@@ -47,6 +47,7 @@ class is defined on first use.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -101,15 +102,10 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / steps))
 
 
-_STATE = None
-
-
+@functools.cache
 def state_class():
     """The CoOp state class (defined on first use: torch is imported here, not at import)."""
-    global _STATE
-    if _STATE is None:
-        _STATE = _define()
-    return _STATE
+    return _define()
 
 
 def build(sfm, class_names, options, generator=None, is_thing=None):

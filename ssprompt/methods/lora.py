@@ -42,6 +42,7 @@ class is defined on first use.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -110,15 +111,10 @@ def lora_targets(sfm) -> list[tuple[str, str, list[tuple[int, int]]]]:
     return out
 
 
-_STATE = None
-
-
+@functools.cache
 def state_class():
     """The LoRA state class (defined on first use: torch is imported here, not at import)."""
-    global _STATE
-    if _STATE is None:
-        _STATE = _define()
-    return _STATE
+    return _define()
 
 
 def build(sfm, class_names, options, generator=None, is_thing=None):

@@ -49,6 +49,7 @@ class is defined on first use.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -136,15 +137,10 @@ def _is_point_prompt_sfm(sfm) -> bool:
     return isinstance(sfm, PointPromptSFM)
 
 
-_STATE = None
-
-
+@functools.cache
 def state_class():
     """The PerSAM state class (defined on first use: torch is imported here, not at import)."""
-    global _STATE
-    if _STATE is None:
-        _STATE = _define()
-    return _STATE
+    return _define()
 
 
 def build(sfm, class_names, options, generator=None, is_thing=None):
@@ -156,9 +152,9 @@ def _define():
     import torch.nn.functional as F
     from torch import nn
 
-    from ..sfm.losses import _fit
     from ..prompts.promptset import default_prompts
     from ..sfm.base import Outputs, default_n_prompts
+    from ..sfm.losses import _fit
     from ..sfm.sam_common import IOU_EPS
     from .base import MethodState
 

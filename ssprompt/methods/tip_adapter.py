@@ -45,6 +45,7 @@ class is defined on first use.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -147,15 +148,10 @@ def loo_choice(feats_, logits_, targets_, keys, values, owner, alphas, betas):
     return best[0], best[1], scores
 
 
-_STATE = None
-
-
+@functools.cache
 def state_class():
     """The Tip-Adapter state class (defined on first use: torch is imported here)."""
-    global _STATE
-    if _STATE is None:
-        _STATE = _define()
-    return _STATE
+    return _define()
 
 
 def build(sfm, class_names, options, generator=None, is_thing=None):
@@ -166,9 +162,9 @@ def _define():
     import torch
     from torch import nn
 
-    from ..sfm.losses import LossWeights, _fit, hungarian_match
     from ..prompts.promptset import default_prompts
     from ..sfm.base import default_n_prompts
+    from ..sfm.losses import LossWeights, _fit, hungarian_match
     from .base import MethodState
     from .persam import encoder_map
 
