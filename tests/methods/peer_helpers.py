@@ -1,6 +1,6 @@
-"""What the peer tests (test_tip_adapter, test_persam) share: the packaged embedded SFM, a few
-shots of task ``novel``, a few test images' features, and the save / load / predict round
-trip through ``learn_prompts``, ``Predictor`` and ``ssprompt predict``."""
+"""What the peer tests (test_tip_adapter, test_persam) share besides conftest.py's fixtures:
+zero-shot outputs, fitted states, a guard against reading test scenes, and the save / load /
+predict round trip through ``learn_prompts``, ``Predictor`` and ``ssprompt predict``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ import torch
 
 from ssprompt.methods import make_options
 from ssprompt.methods.base import build_state
+from ssprompt.prompts.promptset import default_prompts
+
+
+def zero_shot(sfm, names, feats):
+    with torch.no_grad():
+        return sfm.decode(feats, *default_prompts(sfm, names))
 
 
 def prepared(sfm, shots, kind: str, steps: int = 1, **values):

@@ -154,9 +154,9 @@ def test_lr0_equals_the_template_prompt_and_training_moves_it(tmp_path):
 
 
 def test_cli_train_kind_coop_then_predict(tmp_path):
+    from cli_helpers import ssprompt
     from PIL import Image
 
-    from cli_helpers import ssprompt
     from ssprompt.data import open_dataset
 
     out = tmp_path / "run"

@@ -145,9 +145,8 @@ def test_trains_saves_loads_and_predicts(tmp_path):
     assert got.semantic.shape == zero.semantic.shape
     assert _unchanged(sfm, snap)
     # the CLI, once
-    from PIL import Image
-
     from cli_helpers import ssprompt
+    from PIL import Image
 
     (tmp_path / "imgs").mkdir()
     Image.fromarray(image).save(tmp_path / "imgs" / "img.png")

@@ -12,10 +12,24 @@ import pytest
 import torch
 
 from ssprompt.errors import UserError
-from ssprompt.methods import (KINDS, METHODS, Options, add_method_flags, get_method,
-                              make_options, method_keywords, option_fields, register_method)
-from ssprompt.methods.base import (MethodState, adapted_sfm, build_state, identity_at_init,
-                                   load_state)
+from ssprompt.methods import (
+    KINDS,
+    METHODS,
+    Options,
+    add_method_flags,
+    get_method,
+    make_options,
+    method_keywords,
+    option_fields,
+    register_method,
+)
+from ssprompt.methods.base import (
+    MethodState,
+    adapted_sfm,
+    build_state,
+    identity_at_init,
+    load_state,
+)
 from ssprompt.prompts.promptset import PromptSet, load_prompts, save_prompts
 from ssprompt.sfm.base import encode_images
 

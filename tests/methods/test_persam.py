@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from methods.peer_helpers import no_test_scenes, prepared, round_trip, same_outputs
 
+from methods.peer_helpers import no_test_scenes, prepared, round_trip, same_outputs, zero_shot
 from ssprompt.errors import UserError
 from ssprompt.geometry import geometry_of
 from ssprompt.methods import make_options
@@ -17,38 +17,6 @@ from ssprompt.methods.base import adapted_sfm, build_state, identity_at_init
 from ssprompt.methods.persam import PERSAM_F_INIT, encoder_map
 from ssprompt.prompts.promptset import default_prompts
 from ssprompt.sfm.base import encode_images
-
-
-@pytest.fixture(scope="module")
-def sfm():
-    from ssprompt import load_sfm
-
-    return load_sfm(device="cpu")
-
-
-@pytest.fixture(scope="module")
-def shots():
-    from ssprompt.data.scenes import SceneSplit
-
-    return SceneSplit("novel", "train", shots=4, seed=0)
-
-
-@pytest.fixture(scope="module")
-def test_images():
-    from ssprompt.data.scenes import SceneSplit
-
-    test = SceneSplit("novel", "test", n=3)
-    return [test[i].image for i in range(3)]
-
-
-@pytest.fixture(scope="module")
-def feats(sfm, test_images):
-    return encode_images(sfm, test_images)
-
-
-def zero_shot(sfm, names, feats):
-    with torch.no_grad():
-        return sfm.decode(feats, *default_prompts(sfm, names))
 
 
 def decoded(sfm, state, feats):

@@ -7,47 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from methods.peer_helpers import no_test_scenes, prepared, round_trip, same_outputs
 
+from methods.peer_helpers import no_test_scenes, prepared, round_trip, same_outputs, zero_shot
 from ssprompt.errors import UserError
 from ssprompt.geometry import geometry_of
 from ssprompt.methods import make_options
 from ssprompt.methods.base import adapted_sfm, build_state, identity_at_init
 from ssprompt.methods.tip_adapter import loo_choice
-from ssprompt.prompts.promptset import default_prompts
-from ssprompt.sfm.base import encode_images
-
-
-@pytest.fixture(scope="module")
-def sfm():
-    from ssprompt import load_sfm
-
-    return load_sfm(device="cpu")
-
-
-@pytest.fixture(scope="module")
-def shots():
-    from ssprompt.data.scenes import SceneSplit
-
-    return SceneSplit("novel", "train", shots=4, seed=0)
-
-
-@pytest.fixture(scope="module")
-def test_images():
-    from ssprompt.data.scenes import SceneSplit
-
-    test = SceneSplit("novel", "test", n=3)
-    return [test[i].image for i in range(3)]
-
-
-@pytest.fixture(scope="module")
-def feats(sfm, test_images):
-    return encode_images(sfm, test_images)
-
-
-def zero_shot(sfm, names, feats):
-    with torch.no_grad():
-        return sfm.decode(feats, *default_prompts(sfm, names))
 
 
 def test_alpha_zero_is_zero_shot_bit_for_bit(sfm, shots, feats):
@@ -166,9 +132,9 @@ def test_prepared_on_sam3(tmp_path):
     """Fitted to blob shots, Tip-Adapter decodes SAM 3's (concept, query) pairs: only the class
     columns move (the conformance suite covers the unprepared state on every backend)."""
     pytest.importorskip("transformers")
-    from methods.test_persam import blob_shots
     from sfm.tiny import SAVE
 
+    from methods.test_persam import blob_shots
     from ssprompt.sfm import load_sfm
 
     sam3 = load_sfm("sam3", str(SAVE["sam3"](tmp_path / "sam3", 0)), device="cpu")
