@@ -19,7 +19,7 @@ from ..methods.base import MethodState, adapted_sfm, build_state
 from ..prompts.promptset import PromptConfig, config_dict
 from ..sfm.base import PromptableSFM
 from ..sfm.features import FeatureCache
-from .selection import SelectionConfig, Subset, Tracker, decide, folds, restore_defaults
+from .selection import SelectionConfig, Subset, Tracker, decide, folds
 from .train import TrainConfig, train_many
 
 
@@ -196,7 +196,7 @@ def _select(ws: Workspace, cells: list[_Cell], progress: bool) -> list[tuple]:
         if cell.train is None:
             continue
         if not cell.jobs:        # k = 1: nothing to validate on
-            restore_defaults(cell.prompts, ws.sfm)
+            cell.prompts.restore_defaults(ws.sfm)
             out[i][0] = {"selected": "default", "reason": "no held-out shot"}
             continue
         if not cell.trackers:    # selection switched off: the prompts as trained
@@ -213,7 +213,7 @@ def _select(ws: Workspace, cells: list[_Cell], progress: bool) -> list[tuple]:
                      "selected": "default" if step is None else step,
                      "refit": step is not None}
         if step is None:
-            restore_defaults(cell.prompts, ws.sfm)
+            cell.prompts.restore_defaults(ws.sfm)
         if step is not None or sel.report_raw:
             refits.append((i, step, cell.make()))
     if not refits:

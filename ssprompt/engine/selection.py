@@ -121,11 +121,6 @@ def default_embeddings(prompts, sfm):
                            prompts.options.n_prompts)
 
 
-def restore_defaults(prompts, sfm) -> None:
-    """Make ``prompts`` (a method state) decode exactly as the default embeddings do."""
-    prompts.restore_defaults(sfm)
-
-
 def _scores(stats: PerImage, weights: np.ndarray) -> np.ndarray:
     """(rows of ``weights``, len(METRICS)): mIoU, AP50 and PQ (percent; NaN where undefined)
     of each weighting of the images, recomputed from their per-image records."""
